@@ -1,0 +1,210 @@
+"""Loading presets, applying ``--set key=value`` overrides, and (de)serialising configs.
+
+Every path into a :class:`~configs.schema.Config` (a preset file, a command-line override,
+a ``config.json`` written beside a checkpoint) goes through :func:`from_dict` /
+:func:`apply_overrides` and then :func:`configs.validate.validate`, so a wrong key, a
+wrong type and an inconsistent combination all fail the same way: one
+:class:`ConfigError` naming the dotted key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import json
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from configs.schema import Config
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported before any compute."""
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _describe(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _unknown_key(key: str, cls: type) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys here: {', '.join(names)}")
+
+
+def check_value(key: str, tp: Any, value: Any) -> Any:
+    """Return ``value`` if it has type ``tp`` (ints are accepted for floats), else raise."""
+    if get_origin(tp) is Literal:
+        if value in get_args(tp) and type(value) is type(get_args(tp)[0]):
+            return value
+        raise ConfigError(f"config key '{key}' = {value!r} is not valid; expected {_describe(tp)}")
+    if tp is float and type(value) is int:
+        return float(value)
+    if tp in (int, float, bool, str) and type(value) is tp:
+        return value
+    raise ConfigError(
+        f"config key '{key}' = {value!r} has type {type(value).__name__}; expected {_describe(tp)}"
+    )
+
+
+def parse_scalar(key: str, tp: Any, text: str) -> Any:
+    """Parse a command-line string into the field's type."""
+    if get_origin(tp) is Literal:
+        choices = get_args(tp)
+        for choice in choices:
+            if str(choice) == text:
+                return choice
+        raise ConfigError(f"config key '{key}' = {text!r} is not valid; expected {_describe(tp)}")
+    try:
+        if tp is bool:
+            lowered = text.lower()
+            if lowered in ("true", "1", "yes"):
+                return True
+            if lowered in ("false", "0", "no"):
+                return False
+            raise ValueError(text)
+        if tp is int:
+            return int(text)
+        if tp is float:
+            return float(text)
+        if tp is str:
+            return text
+    except ValueError:
+        pass
+    raise ConfigError(f"config key '{key}' = {text!r} cannot be read as {_describe(tp)}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix or cls.__name__}' must be a mapping, got {data!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(dotted, cls)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, dotted + ".")
+        else:
+            kwargs[key] = check_value(dotted, tp, value)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def check_types(cfg: Any, prefix: str = "") -> None:
+    """Check the type of every field of a config built in Python (e.g. by a preset)."""
+    for f in dataclasses.fields(cfg):
+        tp = _hints(type(cfg))[f.name]
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, tp):
+                raise ConfigError(f"config key '{prefix}{f.name}' must be a {tp.__name__}, got {value!r}")
+            check_types(value, f"{prefix}{f.name}.")
+        else:
+            check_value(f"{prefix}{f.name}", tp, value)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` strings, e.g. ``model.num_layers=4``."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.num_layers=4")
+        key, text = item.split("=", 1)
+        cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip())
+    return cfg
+
+
+def _set(node: Any, parts: list[str], text: str, full: str) -> Any:
+    hints = _hints(type(node))
+    head = parts[0]
+    if head not in hints:
+        raise _unknown_key(full, type(node))
+    tp = hints[head]
+    if dataclasses.is_dataclass(tp):
+        if len(parts) == 1:
+            names = ", ".join(f.name for f in dataclasses.fields(tp))
+            raise ConfigError(f"config key '{full}' is a section; set one of its keys: {names}")
+        return dataclasses.replace(node, **{head: _set(getattr(node, head), parts[1:], text, full)})
+    if len(parts) > 1:
+        raise ConfigError(f"config key '{full}': '{head}' is a value, not a section")
+    return dataclasses.replace(node, **{head: parse_scalar(full, tp, text)})
+
+
+def load_preset(path: str | os.PathLike) -> Config:
+    """Import a preset file (or a bare preset name in ``configs/``) and call ``get_config()``."""
+    p = Path(path)
+    if not p.suffix and not p.exists():
+        p = Path(__file__).parent / f"{p.name}.py"
+    if not p.is_file():
+        presets = sorted(q.stem for q in Path(__file__).parent.glob("*.py") if _is_preset(q))
+        raise ConfigError(f"config file '{path}' not found; presets: {', '.join(presets)}")
+    spec = importlib.util.spec_from_file_location(f"moela_preset_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_config", None)):
+        raise ConfigError(f"config file '{path}' must define get_config() returning a configs.Config")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"get_config() in '{path}' returned {type(cfg).__name__}, expected configs.Config")
+    return cfg
+
+
+def _is_preset(p: Path) -> bool:
+    return not p.stem.startswith("_") and p.stem not in ("schema", "loader", "validate")
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Preset + overrides, type-checked and validated: the one way tools get a config."""
+    from configs.validate import validate
+
+    cfg = apply_overrides(load_preset(path), list(overrides))
+    check_types(cfg)
+    validate(cfg)
+    return cfg
+
+
+def save_json(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Config:
+    from configs.validate import validate
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read config '{path}': {e}") from None
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def add_cli_args(parser) -> None:
+    """The shared ``--config`` / ``--set`` flags of every entry point."""
+    parser.add_argument("--config", required=True, help="preset file, e.g. configs/tiny.py (or a name: tiny)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one field, e.g. --set model.num_layers=4 (repeatable)",
+    )
+

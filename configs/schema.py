@@ -1,0 +1,211 @@
+"""The typed configuration schema: one small frozen dataclass per component.
+
+A preset (``configs/<name>.py``) builds a :class:`Config` in ``get_config()``; the command
+line changes single fields with ``--set section.field=value`` (see ``configs.loader``).
+Every field is checked for type and every cross-field rule in ``configs.validate`` before
+any compute, so a mistake fails with one message naming the key.
+
+Each layer receives only its own section: attention layers get :class:`AttentionConfig`
+and :class:`RopeConfig`, MoE layers get :class:`MoEConfig`, and what all layers share
+(width, dtypes, init scale, norm epsilon) travels as :class:`LayerContext`, derived from
+:class:`ModelConfig` rather than stored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding; ``scaling="yarn"`` is DeepSeek-V2/V3's YaRN.
+
+    ``mscale``/``mscale_all_dim`` follow DeepSeek's definition: cos/sin are multiplied by
+    mscale(factor, mscale) / mscale(factor, mscale_all_dim) and the softmax scale by
+    mscale(factor, mscale_all_dim)**2 (when ``mscale_all_dim`` is non-zero).
+    """
+
+    theta: float = 10000.0
+    scaling: Literal["none", "yarn"] = "none"
+    factor: float = 1.0
+    original_max_position: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True  # YaRN: round the correction range to whole dimensions
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Self-attention. ``kind="mla"`` is Multi-head Latent Attention; ``"gqa"`` is grouped
+    query attention (``num_kv_heads=1`` is MQA) kept for ablations.
+
+    ``impl`` selects the kernel backend of ``kernels.attention``.
+    """
+
+    kind: Literal["mla", "gqa"] = "mla"
+    num_heads: int = 4
+    impl: Literal["auto", "xla"] = "auto"
+    # MLA
+    q_lora_rank: int = 0  # 0: queries are projected directly from the residual stream
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    # GQA
+    num_kv_heads: int = 4
+    head_dim: int = 16
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.kind == "mla" else self.head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.kind == "mla" else self.head_dim
+
+    @property
+    def out_head_dim(self) -> int:
+        return self.v_head_dim if self.kind == "mla" else self.head_dim
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeek MoE: routed experts (top-k over group-limited scores) plus shared experts.
+
+    ``num_experts=0`` makes every layer dense. Selection uses scores + the
+    aux-loss-free correction bias; combine weights use the unbiased scores.
+    ``group_score`` is how a group is ranked: DeepSeek-V3 sums its top-2 (biased)
+    scores, DeepSeek-V2 takes the maximum.
+    """
+
+    num_experts: int = 0
+    experts_per_token: int = 2
+    num_shared_experts: int = 1
+    d_ff: int = 64
+    n_group: int = 1
+    topk_group: int = 1
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing step (training)
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (alpha)
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """What every layer shares; derived from :class:`ModelConfig` (``ModelConfig.ctx``)."""
+
+    d_model: int
+    param_dtype: DType
+    compute_dtype: DType
+    init_std: float
+    norm_eps: float
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 512
+    d_model: int = 64
+    num_layers: int = 2
+    first_k_dense: int = 1  # the first k layers use the dense MLP, the rest MoE
+    d_ff: int = 128  # dense MLP hidden size
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "float32"
+    max_seq_len: int = 256
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def ctx(self) -> LayerContext:
+        return LayerContext(self.d_model, self.param_dtype, self.compute_dtype, self.init_std, self.norm_eps)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers if self.moe.num_experts == 0 else self.first_k_dense
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 means "all remaining devices"."""
+
+    data: int = -1
+    tensor: int = 1
+    sequence: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    steps: int = 100
+    global_batch_size: int = 8
+    seq_len: int = 128
+    microbatches: int = 1
+    learning_rate: float = 3e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    z_loss: float = 0.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    out_dir: str = "runs/default"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "moela_text"  # a tfds name; moela_text is the embedded local-text builder
+    text_field: str = "text"
+    data_dir: str = ""  # tfds data dir; empty: ~/tensorflow_datasets
+    text_glob: str = ""  # moela_text source files; empty: the running Python's stdlib
+    tokenizer_model: str = ""  # a sentencepiece .model; empty: train one on the train split
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    page_size: int = 16
+    num_pages: int = 256
+    max_batch: int = 8
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    cache_dtype: DType = "float32"
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "unnamed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+def replace(obj, **changes):
+    """``dataclasses.replace`` re-exported so presets need one import."""
+    return dataclasses.replace(obj, **changes)
