@@ -154,7 +154,7 @@ def _set(node: Any, parts: list[str], text: str, full: str) -> Any:
 def load_preset(path: str | os.PathLike) -> Config:
     """Import a preset file (or a bare preset name in ``configs/``) and call ``get_config()``."""
     p = Path(path)
-    if not p.suffix and not p.exists():
+    if not p.suffix and not p.is_file():
         p = Path(__file__).parent / f"{p.name}.py"
     if not p.is_file():
         presets = sorted(q.stem for q in Path(__file__).parent.glob("*.py") if _is_preset(q))

@@ -106,7 +106,8 @@ class Decoder(nnx.Module):
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
-    return Decoder(cfg, rngs=nnx.Rngs(seed))
+    """A randomly initialised model, built inside one jitted call (eager init is many small ops)."""
+    return nnx.jit(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)))()
 
 
 def abstract_model(cfg: ModelConfig) -> Decoder:

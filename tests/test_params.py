@@ -1,0 +1,50 @@
+"""Parameter counts from configs, checked against published figures and a hand count."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from configs import load
+from model.params import count_params
+
+
+def test_bench_shape_is_72_9m_total_45_4m_active():
+    c = count_params(load("bench").model)
+    # by hand: embeddings 2*32000*512; per layer MLA 721,216 (+ norms); 1 dense MLP 3*512*1536;
+    # 5 MoE layers of router 16*512, 16 experts 3*512*256 and 1 shared expert 3*512*256
+    assert c["total"] == 72_925_568
+    assert c["active"] == 45_400_448
+    assert c["embedding"] == c["lm_head"] == 32000 * 512
+    assert c["routed_experts"] == 5 * 16 * 3 * 512 * 256
+
+
+def test_deepseek_v3_is_671b_total_37b_active():
+    c = count_params(load("deepseek_v3").model)
+    assert round(c["total"] / 1e9) == 671  # DeepSeek-V3 report: 671B total (MTP module excluded)
+    assert round(c["active"] / 1e9) in (37, 38) and 37.0e9 < c["active"] < 38.0e9  # "37B activated"
+
+
+def test_deepseek_v2_lite_is_15_7b_total():
+    c = count_params(load("deepseek_v2_lite").model)
+    assert round(c["total"] / 1e8) == 157  # 15.7B total
+    assert round(c["active_non_embedding"] / 1e8) in (24, 25)  # "2.4B activated" (without the input table)
+
+
+def test_tied_embeddings_drop_the_head_and_dense_models_are_all_active():
+    tied = count_params(load("tiny", ["model.tie_embeddings=true"]).model)
+    assert tied["lm_head"] == 0
+    dense = count_params(load("tiny", ["model.moe.num_experts=0"]).model)
+    assert dense["active"] == dense["total"] and dense["routed_experts"] == 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "deepseek_v3"])
+def test_cli_last_line_is_json_with_total_and_active(preset):
+    out = subprocess.run([sys.executable, "-m", "model.params", "--config", f"configs/{preset}.py"],
+                         capture_output=True, text=True, check=True)
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert last["total"] == count_params(load(preset).model)["total"] and "active" in last
+    assert "total" in out.stdout.splitlines()[1] or "embedding" in out.stdout
