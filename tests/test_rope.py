@@ -31,7 +31,7 @@ YARN_CASES = [
     pytest.param(10000.0, 4.0, 4096, 32.0, 1.0, 1.0, 0.0, False, 64, id="factor4-no-truncate"),
     pytest.param(1e6, 32.0, 8192, 32.0, 1.0, 1.0, 1.0, False, 128, id="factor32-theta1e6-no-truncate"),
     pytest.param(10000.0, 4.0, 4096, 4.0, 4.0, 1.0, 0.0, False, 32, id="equal-betas-empty-ramp"),
-    pytest.param(100.0, 4.0, 131072, 32.0, 1.0, 1.0, 0.0, True, 16, id="theta100-high-clamped"),
+    pytest.param(100.0, 4.0, 131072, 1024.0, 1.0, 1.0, 0.0, True, 16, id="theta100-high-clamped"),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Parallelism: mesh axes and the logical-axis rules that map model names onto them."""
