@@ -111,9 +111,12 @@ class MoE(nnx.Module):
         return y_btd, stats
 
     def sequence_aux_loss(self, scores_me, ids_mk, valid_m, b, t):
-        """DeepSeek-V3's sequence-wise balance loss: alpha · sum_i f_i · P_i per sequence, averaged.
+        """DeepSeek-V3's sequence-wise balance loss: alpha · sum_i f_i · P_i per sequence, averaged
+        over the rows that hold any token.
 
-        f_i = E/(k·T) · #(tokens of the sequence routed to i); P_i = mean_t s_i,t / sum_j s_j,t.
+        f_i = E/(k·T) · #(tokens of the sequence routed to i); P_i = mean_t s_i,t / sum_j s_j,t, with
+        T the row's non-padding tokens. A "sequence" is a batch row: documents packed into one row
+        share its statistics (cheap and static-shaped; the balance target is the same).
         """
         cfg = self.cfg
         if cfg.seq_aux_loss_coef == 0:
@@ -125,4 +128,6 @@ class MoE(nnx.Module):
         f_be = e / k * jnp.sum(counts_bte * valid_bt[..., None], axis=1) / n_valid_b[:, None]
         probs_bte = (scores_me / jnp.sum(scores_me, axis=-1, keepdims=True)).reshape(b, t, e)
         p_be = jnp.sum(probs_bte * valid_bt[..., None], axis=1) / n_valid_b[:, None]
-        return cfg.seq_aux_loss_coef * jnp.mean(jnp.sum(f_be * p_be, axis=-1))
+        has_tokens_b = (jnp.sum(valid_bt, axis=1) > 0).astype(jnp.float32)  # all-padding rows do not count
+        per_row = jnp.sum(f_be * p_be, axis=-1) * has_tokens_b
+        return cfg.seq_aux_loss_coef * jnp.sum(per_row) / jnp.maximum(jnp.sum(has_tokens_b), 1.0)

@@ -21,13 +21,19 @@ def tiny(*overrides):
     return load("tiny", list(overrides)).model
 
 
+@nnx.jit
+def run(model, *args):
+    """One compiled forward (eager dispatch of a scanned model is slow)."""
+    return model(*args)
+
+
 def tokens(b=2, t=16, vocab=1024, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (b, t)), jnp.int32)
 
 
 def test_forward_shapes_dtypes_and_expert_load():
     cfg = tiny()
-    logits, aux = init_model(cfg)(tokens())
+    logits, aux = run(init_model(cfg), tokens())
     assert logits.shape == (2, 16, cfg.vocab_size) and logits.dtype == jnp.float32
     assert aux["expert_load"].shape == (cfg.num_moe_layers, cfg.moe.num_experts)
     np.testing.assert_array_equal(aux["expert_load"].sum(-1), 2 * 16 * cfg.moe.experts_per_token)
@@ -47,8 +53,8 @@ def test_causal_no_future_leak(overrides):
     model = init_model(tiny(*overrides))
     a, b = tokens(1, 12, seed=1), tokens(1, 12, seed=2)
     mixed = a.at[:, 7:].set(b[:, 7:])
-    la, _ = model(a)
-    lm, _ = model(mixed)
+    la, _ = run(model, a)
+    lm, _ = run(model, mixed)
     np.testing.assert_allclose(la[:, :7], lm[:, :7], atol=1e-6)
     assert float(jnp.abs(la[:, 7:] - lm[:, 7:]).max()) > 1e-4
 
@@ -60,10 +66,10 @@ def test_packed_row_equals_documents_run_separately():
     packed = jnp.concatenate([d1, d2, d3], axis=1)
     segments = jnp.asarray([[1] * 5 + [2] * 7 + [3] * 4], jnp.int32)
     positions = jnp.asarray([list(range(5)) + list(range(7)) + list(range(4))], jnp.int32)
-    logits, aux = model(packed, positions, segments)
+    logits, aux = run(model, packed, positions, segments)
     start = 0
     for doc in (d1, d2, d3):
-        alone, _ = model(doc)
+        alone, _ = run(model, doc)
         np.testing.assert_allclose(logits[:, start:start + doc.shape[1]], alone, atol=2e-5)
         start += doc.shape[1]
 
@@ -71,7 +77,7 @@ def test_packed_row_equals_documents_run_separately():
 def test_padding_segment_zero_is_excluded_from_expert_load():
     model = init_model(tiny())
     segments = jnp.asarray([[1] * 10 + [0] * 6], jnp.int32)
-    _, aux = model(tokens(1, 16), None, segments)
+    _, aux = run(model, tokens(1, 16), None, segments)
     np.testing.assert_array_equal(aux["expert_load"].sum(-1), 10 * 2)
 
 
@@ -79,9 +85,9 @@ def test_tied_embeddings_share_the_table():
     model = init_model(tiny("model.tie_embeddings=true"))
     assert model.lm_head is None
     x = tokens(1, 4)
-    logits, _ = model(x)
+    logits, _ = run(model, x)
     model.embed.table[...] = model.embed.table[...] * 2.0
-    logits2, _ = model(x)
+    logits2, _ = run(model, x)
     assert float(jnp.abs(logits2 - logits).max()) > 1e-3
 
 
@@ -90,8 +96,8 @@ def test_bfloat16_compute_tracks_float32():
     tokens, so only the mean error is tight there."""
     x = tokens(2, 16)
     for extra, bound in ((["model.moe.num_experts=0"], "max"), ([], "mean")):
-        l32, _ = init_model(tiny(*extra))(x)
-        l16, _ = init_model(tiny(*extra, "model.compute_dtype=bfloat16"))(x)
+        l32, _ = run(init_model(tiny(*extra)), x)
+        l16, _ = run(init_model(tiny(*extra, "model.compute_dtype=bfloat16")), x)
         assert l16.dtype == jnp.float32
         err = jnp.abs(l16 - l32)
         scale = float(jnp.abs(l32).max())
@@ -110,7 +116,7 @@ def test_remat_policies_keep_gradients(policy):
 
     def grads(cfg):
         model = init_model(cfg)
-        return nnx.grad(lambda m: jnp.mean(m(x)[0] ** 2))(model)
+        return nnx.jit(nnx.grad(lambda m: jnp.mean(m(x)[0] ** 2)))(model)
 
     ref, got = grads(tiny()), grads(tiny(f"model.remat={policy}"))
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ref, nnx.Param)),
@@ -149,7 +155,7 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     cfg2, restored = load_model(tmp_path / "run")
     assert cfg2 == cfg
     x = tokens(2, 8)
-    np.testing.assert_array_equal(model(x)[0], restored(x)[0])
+    np.testing.assert_array_equal(run(model, x)[0], run(restored, x)[0])
     with pytest.raises(CheckpointError, match="config.json is missing"):
         load_model(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="available: \\[0\\]"):

@@ -98,7 +98,8 @@ def ref_moe(x_btd, moe: MoE, segment_ids=None):
 
 
 def ref_seq_aux_loss(ids, scores, valid_bt, cfg: MoEConfig):
-    """DeepSeek-V3 eq. 17-20, per sequence over its non-padding tokens, averaged over sequences."""
+    """DeepSeek-V3 eq. 17-20, per sequence over its non-padding tokens, averaged over the
+    sequences that hold any token."""
     b, t = valid_bt.shape
     e, k = cfg.num_experts, cfg.experts_per_token
     ids = ids.reshape(b, t, k)
@@ -107,6 +108,8 @@ def ref_seq_aux_loss(ids, scores, valid_bt, cfg: MoEConfig):
     for bi in range(b):
         toks = [ti for ti in range(t) if valid_bt[bi, ti]]
         n = len(toks)
+        if n == 0:
+            continue
         f = np.zeros(e)
         p = np.zeros(e)
         for ti in toks:
@@ -304,6 +307,12 @@ def test_sequence_aux_loss_is_per_sequence():
     _, stats, _ = forward(moe, x, jnp.asarray(SEGMENTS))
     _, stats_swapped, _ = forward(moe, x[::-1], jnp.asarray(SEGMENTS[::-1]))
     np.testing.assert_allclose(float(stats_swapped["aux_loss"]), float(stats["aux_loss"]), rtol=1e-6)
+    # a row of pure padding neither adds to nor dilutes the average
+    padded = np.asarray(SEGMENTS).copy()
+    padded[0] = 0
+    _, stats_pad, _ = forward(moe, x, jnp.asarray(padded))
+    _, stats_rest, _ = forward(moe, x[1:], jnp.asarray(SEGMENTS[1:]))
+    np.testing.assert_allclose(float(stats_pad["aux_loss"]), float(stats_rest["aux_loss"]), rtol=1e-6)
     x_same = x.at[2].set(jnp.broadcast_to(x[2, :1], x[2].shape))  # every token of sequence 2 alike
     _, stats_same, _ = forward(moe, x_same, jnp.asarray(SEGMENTS))
     assert float(stats_same["aux_loss"]) > float(stats["aux_loss"])
