@@ -13,7 +13,6 @@ and :class:`RopeConfig`, MoE layers get :class:`MoEConfig`, and what all layers 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -205,7 +204,3 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
 
-
-def replace(obj, **changes):
-    """``dataclasses.replace`` re-exported so presets need one import."""
-    return dataclasses.replace(obj, **changes)

@@ -299,8 +299,12 @@ def iter_tensors(src: Path):
             yield name, w
 
 
-def import_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None, log=print) -> Config:
+def import_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None, log=print,
+                      overwrite: bool = False) -> Config:
     src, out = Path(src), Path(out)
+    if (out / "config.json").exists() and not overwrite:
+        raise UnsupportedCheckpoint(f"'{out}' already holds a moela checkpoint; choose another OUT_DIR "
+                                    "or pass --overwrite to replace it")
     try:
         hf = json.loads((src / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -329,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="moela checkpoint dir to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="parameter dtype (default: the checkpoint's: bfloat16 for bf16/fp8, else float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing moela checkpoint in OUT_DIR")
     args = parser.parse_args(argv)
     try:
-        import_checkpoint(args.src, args.out, args.dtype)
+        import_checkpoint(args.src, args.out, args.dtype, overwrite=args.overwrite)
     except (UnsupportedCheckpoint, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

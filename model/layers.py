@@ -16,26 +16,23 @@ def dtype(name: str):
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype_name: str) -> nnx.Param:
-    """A truncated-normal parameter with its logical axis names attached as sharding metadata.
-
-    ``std == 0`` gives zeros and ``std < 0`` gives ones (norm scales).
-    """
+    """A truncated-normal (±2σ) parameter with its logical axis names attached as sharding metadata."""
     assert len(shape) == len(axes), (shape, axes)
-    dt = dtype(dtype_name)
-    if std > 0:
-        value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
-    elif std == 0:
-        value = jnp.zeros(shape, jnp.float32)
-    else:
-        value = jnp.ones(shape, jnp.float32)
-    return nnx.Param(value.astype(dt), out_sharding=axes, eager_sharding=False)
+    value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)
+    return nnx.Param(value.astype(dtype(dtype_name)), out_sharding=axes, eager_sharding=False)
+
+
+def ones_param(shape: tuple[int, ...], axes: tuple[str, ...], dtype_name: str) -> nnx.Param:
+    """A parameter initialised to ones (norm scales), with logical axis names."""
+    return nnx.Param(jnp.ones(shape, dtype(dtype_name)), out_sharding=axes, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, computed in float32 and returned in the input dtype."""
 
     def __init__(self, dim: int, ctx: LayerContext, *, axis_name: str = "norm", rngs: nnx.Rngs):
-        self.scale = param(rngs, (dim,), (axis_name,), -1.0, ctx.param_dtype)
+        del rngs  # deterministic init; the argument keeps every layer's constructor alike
+        self.scale = ones_param((dim,), (axis_name,), ctx.param_dtype)
         self.eps = ctx.norm_eps
 
     def __call__(self, x):

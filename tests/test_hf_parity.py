@@ -123,6 +123,10 @@ def test_logits_cli_matches_transformers(tmp_path):
     hf_model.save_pretrained(tmp_path / "hf")
     run = [sys.executable, "-m", "model.hf_import", str(tmp_path / "hf"), str(tmp_path / "moela")]
     subprocess.run(run, check=True, capture_output=True)
+    again = subprocess.run(run, capture_output=True, text=True)  # never overwrite silently
+    assert again.returncode == 2 and "already holds a moela checkpoint" in again.stderr
+    missing = subprocess.run(run[:3] + [str(tmp_path / "nowhere"), str(tmp_path / "x")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
     tokens = np.random.default_rng(0).integers(0, BASE["vocab_size"], (2, 11)).astype(np.int32)
     np.save(tmp_path / "in.npy", tokens)
     cmd = [sys.executable, "-m", "model.logits", "--checkpoint", str(tmp_path / "moela"),
