@@ -95,6 +95,8 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step (training)
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (alpha)
+    impl: Literal["auto", "ragged_dot", "blocked"] = "auto"  # grouped matmul (model.experts)
+    block_rows: int = 128  # rows per block of the "blocked" grouped matmul
 
 
 @dataclass(frozen=True)

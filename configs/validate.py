@@ -57,7 +57,8 @@ def validate(cfg: Config) -> Config:
                  f"model.rope.beta_slow = {r.beta_slow}")
 
     if e.num_experts > 0:
-        _positive(e, "model.moe", "experts_per_token", "d_ff", "n_group", "topk_group", "routed_scaling_factor")
+        _positive(e, "model.moe", "experts_per_token", "d_ff", "n_group", "topk_group", "routed_scaling_factor",
+                  "block_rows")
         _require(e.num_shared_experts >= 0, "config key 'model.moe.num_shared_experts' must be >= 0")
         _require(
             e.experts_per_token <= e.num_experts,

@@ -8,7 +8,8 @@ times ``routed_scaling_factor``). With ``n_group > 1`` only experts in the best
 ``topk_group`` groups are eligible.
 
 Experts run dropless: the M = tokens·k (token, expert) pairs are sorted by expert and each
-expert's rows go through its SwiGLU via ``jax.lax.ragged_dot`` (a grouped matmul on TPU/GPU).
+expert's rows go through its SwiGLU as a grouped matmul (``model.experts``: ``jax.lax.ragged_dot``
+on TPU/GPU, a blocked scan on CPU; ``moe.impl`` chooses).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import LayerContext, MoEConfig
+from model.experts import GROUPED_SWIGLU, resolve
 from model.layers import SwiGLU, dtype, param
 
 
@@ -65,6 +67,7 @@ class RoutedExperts(nnx.Module):
         self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
         self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std, pd)
         self.compute_dtype = dtype(ctx.compute_dtype)
+        self.impl, self.block = cfg.impl, cfg.block_rows
 
     def __call__(self, x_md, weights_mk, ids_mk):
         """Dropless: every (token, expert) pair is computed. Returns y [M, D]."""
@@ -76,9 +79,9 @@ class RoutedExperts(nnx.Module):
         rows = order // k  # token of each sorted pair
         group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
         x_sorted = jnp.take(x_md.astype(cd), rows, axis=0)
-        gate = jax.lax.ragged_dot(x_sorted, self.w_gate[...].astype(cd), group_sizes)
-        up = jax.lax.ragged_dot(x_sorted, self.w_up[...].astype(cd), group_sizes)
-        y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, self.w_down[...].astype(cd), group_sizes)
+        grouped = GROUPED_SWIGLU[resolve(self.impl)]
+        y_sorted = grouped(x_sorted, self.w_gate[...].astype(cd), self.w_up[...].astype(cd),
+                           self.w_down[...].astype(cd), group_sizes, self.block)
         y_sorted = y_sorted * jnp.take(weights_mk.reshape(-1), order)[:, None].astype(cd)
         y_md = jnp.zeros((m, y_sorted.shape[-1]), cd).at[rows].add(y_sorted)
         return y_md

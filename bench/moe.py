@@ -1,0 +1,75 @@
+"""Grouped expert matmul on this backend: ragged_dot against the blocked scan.
+
+    python bench/moe.py [--tokens 4096] [--config configs/bench.py] [--repeats 5]
+
+One MoE layer of the config (routing included), forward and forward+backward, jitted;
+alternating implementations, median of repeats. A 2048^3 float32 calibration matmul runs
+before and after so a noisy host shows in the output. One JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dataclasses  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import load  # noqa: E402
+from model.moe import MoE  # noqa: E402
+
+
+def timed(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def calibrate() -> float:
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    return 2 * 2048**3 / timed(mm, a, repeats=3) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/bench.py")
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    cfg = load(args.config).model
+    x = jax.random.normal(jax.random.key(0), (1, args.tokens, cfg.d_model), jnp.float32)
+    gflops_before = calibrate()
+    results = {}
+    for rnd in range(2):  # alternate A/B twice
+        for impl in ("ragged_dot", "blocked"):
+            moe = MoE(dataclasses.replace(cfg.moe, impl=impl), cfg.ctx, rngs=nnx.Rngs(0))
+            fwd = nnx.jit(lambda m, v: m(v)[0])
+            bwd = nnx.jit(nnx.grad(lambda m, v: jnp.sum(m(v)[0] ** 2)))
+            results.setdefault((impl, "forward"), []).append(timed(fwd, moe, x, repeats=args.repeats))
+            results.setdefault((impl, "forward_backward"), []).append(timed(bwd, moe, x, repeats=args.repeats))
+    gflops_after = calibrate()
+    for (impl, kind), samples in results.items():
+        print(json.dumps({
+            "bench": "moe_grouped_matmul", "config": args.config, "impl": impl, "pass": kind,
+            "tokens": args.tokens, "experts": cfg.moe.num_experts, "top_k": cfg.moe.experts_per_token,
+            "d_model": cfg.d_model, "d_ff": cfg.moe.d_ff, "median_ms": round(1e3 * statistics.median(samples), 2),
+            "calibration_gflops": [round(gflops_before), round(gflops_after)], "backend": jax.default_backend(),
+        }))
+
+
+if __name__ == "__main__":
+    main()
