@@ -21,8 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from configs import ConfigError, load
-from configs.loader import add_cli_args
+from configs.loader import config_from_cli
 from model.params import count_params, human
 from model.transformer import init_model
 
@@ -41,13 +40,7 @@ def grad_step(model, tokens_bt):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n\n")[0])
-    add_cli_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        cfg = load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _, cfg = config_from_cli(parser, argv)
     counts = count_params(cfg.model)
     print(f"config {cfg.name}: {human(counts['total'])} parameters, {human(counts['active'])} active per token "
           f"({cfg.model.num_layers} layers, {cfg.model.attention.kind} attention, "

@@ -14,6 +14,7 @@ import difflib
 import importlib.util
 import json
 import os
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -208,3 +209,16 @@ def add_cli_args(parser) -> None:
         help="override one field, e.g. --set model.num_layers=4 (repeatable)",
     )
 
+
+def config_from_cli(parser, argv: list[str] | None = None):
+    """Add the config flags, parse ``argv`` and load the config: (args, Config).
+
+    A config mistake prints one ``error:`` line and exits with status 2, before any compute.
+    """
+    add_cli_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return args, load(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -84,7 +84,8 @@ def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
     n_group = int(hf.get("n_group") or 1) if topk_method != "greedy" else 1
     topk_group = int(hf.get("topk_group") or 1) if topk_method != "greedy" else 1
     if dtype is None:
-        dtype = "bfloat16" if str(hf.get("torch_dtype", hf.get("dtype"))) in ("bfloat16", "float8_e4m3fn") else "float32"
+        stored = str(hf.get("torch_dtype", hf.get("dtype")))
+        dtype = "bfloat16" if stored in ("bfloat16", "float8_e4m3fn") else "float32"
     model = ModelConfig(
         vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), num_layers=int(hf["num_hidden_layers"]),
         first_k_dense=min(int(hf.get("first_k_dense_replace") or 0), int(hf["num_hidden_layers"])),
@@ -135,7 +136,8 @@ def _q(w: np.ndarray, cfg: ModelConfig, interleaved: bool) -> np.ndarray:
     a = cfg.attention
     q = _heads(w, a.num_heads)
     if interleaved:
-        perm = np.concatenate([np.arange(a.qk_nope_head_dim), a.qk_nope_head_dim + rope_permutation(a.qk_rope_head_dim)])
+        nope = a.qk_nope_head_dim
+        perm = np.concatenate([np.arange(nope), nope + rope_permutation(a.qk_rope_head_dim)])
         q = q[..., perm]
     return q
 
@@ -170,7 +172,8 @@ def block_rules(interleaved: bool) -> list[tuple[re.Pattern, Callable | None]]:
         (r"self_attn\.kv_a_proj_with_mqa\.weight", lambda w, cfg: _kv_a(w, cfg, interleaved)),
         (r"self_attn\.kv_a_layernorm\.weight", lambda w, cfg: {"attn.kv_norm.scale": w}),
         (r"self_attn\.kv_b_proj\.weight", _kv_b),
-        (r"self_attn\.o_proj\.weight", lambda w, cfg: {"attn.wo": w.T.reshape(cfg.attention.num_heads, -1, w.shape[0])}),
+        (r"self_attn\.o_proj\.weight",
+         lambda w, cfg: {"attn.wo": w.T.reshape(cfg.attention.num_heads, -1, w.shape[0])}),
         (r"mlp\.(gate|up|down)_proj\.weight", None),  # dense MLP, handled by name below
         (r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", None),
         (r"mlp\.gate\.weight", t("ffn.router.w")),

@@ -18,7 +18,7 @@ import sys
 
 from flax import nnx
 
-from configs import ConfigError, load
+from configs.loader import config_from_cli
 from configs.schema import ModelConfig
 from model.transformer import abstract_model
 
@@ -71,14 +71,7 @@ def human(n: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.params", description="parameter counts of a config")
-    parser.add_argument("--config", required=True, help="preset file, e.g. configs/deepseek_v3.py")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _, cfg = config_from_cli(parser, argv)
     counts = count_params(cfg.model)
     print(f"{cfg.name}: {cfg.model.num_layers} layers ({cfg.model.num_dense_layers} dense, "
           f"{cfg.model.num_moe_layers} MoE), d_model {cfg.model.d_model}, {cfg.model.attention.kind} attention")

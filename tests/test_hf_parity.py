@@ -26,6 +26,7 @@ from model.hf_import import UnsupportedCheckpoint, config_from_hf, import_checkp
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 16,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 PLAIN = {"rope_type": "default", "rope_theta": 10000.0}
+YARN_V2 = dict(YARN, mscale=0.707, mscale_all_dim=0.707)
 
 BASE = dict(vocab_size=160, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
@@ -39,7 +40,7 @@ CASES = {
                                   first_k_dense_replace=2),
     "qlora_plain_dense2": dict(q_lora_rank=24, rope_parameters=PLAIN, n_group=1, topk_group=1,
                                first_k_dense_replace=2),
-    "direct_q_yarn_groups_dense1": dict(q_lora_rank=None, rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
+    "direct_q_yarn_groups_dense1": dict(q_lora_rank=None, rope_parameters=YARN_V2,
                                         n_group=2, topk_group=1, first_k_dense_replace=1, num_experts_per_tok=3),
 }
 
@@ -109,7 +110,7 @@ def test_deepseek_v3_logits_match_transformers(case, tmp_path):
 
 
 def test_deepseek_v2_softmax_group_limited_logits_match(tmp_path):
-    overrides = dict(q_lora_rank=None, rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707),
+    overrides = dict(q_lora_rank=None, rope_parameters=YARN_V2,
                      n_group=4, topk_group=2, topk_method="group_limited_greedy", first_k_dense_replace=1,
                      norm_topk_prob=False, routed_scaling_factor=1.0)
     hf_model = build_hf("v2", overrides, seed=7)
