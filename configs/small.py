@@ -1,4 +1,4 @@
-"""small: a ~15M-parameter MLA + MoE decoder, minutes on a CPU, the first real experiment."""
+"""small: an 8M-parameter MLA + MoE decoder, minutes on a CPU, the first real experiment."""
 
 from configs.schema import AttentionConfig, Config, ModelConfig, MoEConfig, TrainConfig
 
