@@ -183,6 +183,8 @@ class DataConfig:
     text_glob: str = ""  # moela_text source files; empty: the running Python's stdlib
     tokenizer_model: str = ""  # a sentencepiece .model; empty: train one on the train split
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    validation_split: str = "validation"
+    max_documents: int = 0  # tokenise at most this many documents per split; 0 = all
 
 
 @dataclass(frozen=True)

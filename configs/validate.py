@@ -99,6 +99,8 @@ def validate(cfg: Config) -> Config:
         f"config key 'train.seq_len' = {t.seq_len} exceeds model.max_seq_len = {m.max_seq_len}",
     )
 
+    _require(cfg.data.max_documents >= 0, f"config key 'data.max_documents' = {cfg.data.max_documents} must be "
+             ">= 0 (0 = all)")
     for name in ("data", "tensor", "sequence"):
         size = getattr(cfg.mesh, name)
         _require(size == -1 or size >= 1, f"config key 'mesh.{name}' = {size} must be >= 1, or -1 (fill)")

@@ -1,0 +1,133 @@
+"""From a config to deterministic global batches.
+
+``prepare`` opens the split, gets the tokenizer (loaded, cached, or trained on the training
+split), tokenises every document once (cached next to the dataset as ``.npz``) and packs
+the stream into rows. ``Batches`` then maps a step to rows: the rows of epoch e are
+permuted by a generator seeded with (seed, e), and global row g = step·B + i is
+``perm(g // R)[g % R]``. The global batch is therefore a pure function of (seed, step):
+resuming at step k replays exactly what an uninterrupted run saw, and each process reads
+only its own contiguous slice of the B rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from configs.schema import Config
+from data import tokenizer as spm_tokenizer
+from data.packing import Rows, pack
+from data.sources import document, open_split
+from data.text_builder import DataError
+
+TOKENS_FORMAT = 1  # bump when the cached token-stream layout changes
+
+
+def _progress(prefix: str, done: int, total: int, start: float, unit: str = "docs") -> None:
+    rate = done / max(time.perf_counter() - start, 1e-9)
+    sys.stderr.write(f"\r{prefix}: {done}/{total} {unit} ({rate:,.0f} {unit}/s)")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def get_tokenizer(cfg: Config) -> spm_tokenizer.Tokenizer:
+    """``data.tokenizer_model`` if set, else the one cached beside the dataset (trained if absent)."""
+    if cfg.data.tokenizer_model:
+        tok = spm_tokenizer.load(cfg.data.tokenizer_model)
+    else:
+        source, directory = open_split(cfg.data, "train")
+        path = spm_tokenizer.cached_path(directory, cfg.model.vocab_size, cfg.data.tokenizer_type)
+        if path.is_file():
+            tok = spm_tokenizer.load(path)
+        else:
+            def lines():
+                for i in range(len(source)):
+                    yield from document(source[i], cfg.data.text_field).splitlines()
+
+            start = time.perf_counter()
+            tok = spm_tokenizer.train(lines(), path, cfg.model.vocab_size, cfg.data.tokenizer_type)
+            print(f"trained a {cfg.data.tokenizer_type} tokenizer ({tok.vocab_size} pieces) in "
+                  f"{time.perf_counter() - start:.1f}s: {path}", file=sys.stderr)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise DataError(f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is "
+                        f"{cfg.model.vocab_size}; set model.vocab_size >= {tok.vocab_size}")
+    return tok
+
+
+def token_stream(cfg: Config, split: str, tok: spm_tokenizer.Tokenizer) -> tuple[np.ndarray, ...]:
+    """(inputs, targets, doc ids) of a whole split, tokenised once and cached."""
+    source, directory = open_split(cfg.data, split)
+    digest = hashlib.sha256(Path(tok.path).read_bytes()).hexdigest()[:12]
+    limit = cfg.data.max_documents or len(source)
+    count = min(limit, len(source))
+    cache = directory / f"tokens_v{TOKENS_FORMAT}_{split}_{digest}_{count}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            return z["inputs"], z["targets"], z["doc_ids"]
+    inputs, targets, doc_ids = [], [], []
+    start = time.perf_counter()
+    for i in range(count):
+        ids = [tok.bos_id] + tok.encode(document(source[i], cfg.data.text_field)) + [tok.eos_id]
+        arr = np.asarray(ids, np.int32)
+        inputs.append(arr[:-1])
+        targets.append(arr[1:])
+        doc_ids.append(np.full(len(arr) - 1, i, np.int32))
+        if (i + 1) % 250 == 0 or i + 1 == count:
+            _progress(f"tokenising {cfg.data.dataset}/{split}", i + 1, count, start)
+    stream = tuple(np.concatenate(a) if a else np.zeros((0,), np.int32) for a in (inputs, targets, doc_ids))
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, inputs=stream[0], targets=stream[1], doc_ids=stream[2])
+    tmp.replace(cache)
+    return stream
+
+
+def prepare(cfg: Config, split: str) -> tuple[Rows, spm_tokenizer.Tokenizer]:
+    tok = get_tokenizer(cfg)
+    inputs, targets, doc_ids = token_stream(cfg, split, tok)
+    if len(inputs) == 0:
+        raise DataError(f"split '{split}' of '{cfg.data.dataset}' holds no text")
+    return pack(inputs, targets, doc_ids, cfg.train.seq_len, tok.pad_id), tok
+
+
+class Batches:
+    """Deterministic batches over packed rows: ``local(step)`` is this process's slice of step's batch."""
+
+    def __init__(self, rows: Rows, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
+        if global_batch % process_count:
+            raise DataError(f"train.global_batch_size {global_batch} must be divisible by the "
+                            f"{process_count} processes")
+        self.rows, self.global_batch, self.seed = rows, global_batch, seed
+        self.process_index, self.process_count = process_index, process_count
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """Row indices of the global batch at ``step`` (a pure function of seed and step)."""
+        g = step * self.global_batch + np.arange(self.global_batch)
+        n = len(self.rows)
+        return np.asarray([self._perm(int(e))[r] for e, r in zip(g // n, g % n)], np.int64)
+
+    def local(self, step: int) -> dict[str, np.ndarray]:
+        per = self.global_batch // self.process_count
+        idx = self.indices(step)[self.process_index * per:(self.process_index + 1) * per]
+        rows = self.rows.take(idx)
+        return {"inputs": rows.inputs, "targets": rows.targets, "segment_ids": rows.segment_ids,
+                "positions": rows.positions, "loss_mask": rows.loss_mask}
+
+
+def unigram_entropy(targets: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats/token) of the split's token frequencies: the loss of a model that ignores context."""
+    counts = np.bincount(targets, minlength=vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

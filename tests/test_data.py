@@ -1,0 +1,124 @@
+"""Data layer: the local-text tfds builder, the sentencepiece tokenizer, packing, deterministic batches."""
+
+from __future__ import annotations
+
+import json as json_module
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import load
+from data import tokenizer as spm_tokenizer
+from data.packing import pack_documents, stream
+from data.pipeline import Batches, prepare, unigram_entropy
+from data.sources import document, open_split
+from data.text_builder import DataError, build, split_files
+
+CORPUS_SRC = Path(json_module.__file__).parent  # a few stdlib files: the same text on every machine
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    for i, f in enumerate(sorted(CORPUS_SRC.glob("*.py"))):
+        (root / "sub").mkdir(exist_ok=True)
+        shutil.copy(f, (root / "sub" if i % 2 else root) / f.name.replace(".py", ".txt"))
+    return root
+
+
+def cfg_for(corpus: Path, data_dir: Path, *extra):
+    return load("tiny", [f"data.text_glob={corpus}/**/*.txt", f"data.data_dir={data_dir}",
+                         "model.vocab_size=512", "train.seq_len=64", *extra])
+
+
+def test_builder_reads_every_file_once_with_a_stable_split(corpus, tmp_path):
+    builder = build(f"{corpus}/**/*.txt", str(tmp_path))
+    sources = builder.as_data_source()
+    got = {document(r, "path"): document(r, "text") for s in ("train", "validation") for r in sources[s]}
+    files = sorted(corpus.rglob("*.txt"))
+    assert sorted(got) == sorted(str(f.relative_to(corpus)) for f in files)
+    for f in files:
+        assert got[str(f.relative_to(corpus))] == f.read_text()
+    assert len(sources["validation"]) >= 1 and len(sources["train"]) >= 1
+    # same split whatever the order files are found in
+    names = [str(f) for f in files]
+    assert split_files(names, str(corpus), 2) == split_files(names[::-1], str(corpus), 2)
+    # prepared once, then reused
+    again = build(f"{corpus}/**/*.txt", str(tmp_path))
+    assert again.data_dir == builder.data_dir
+
+
+def test_bad_sources_fail_clearly(tmp_path):
+    with pytest.raises(DataError, match="matches no files"):
+        build(f"{tmp_path}/nothing/*.txt", str(tmp_path))
+    cfg = load("tiny", ["data.dataset=no_such_dataset_xyz", f"data.data_dir={tmp_path}"])
+    with pytest.raises(DataError, match="not a known tfds dataset"):
+        open_split(cfg.data, "train")
+
+
+def test_tokenizer_trains_round_trips_and_has_explicit_ids(corpus, tmp_path):
+    cfg = cfg_for(corpus, tmp_path)
+    rows, tok = prepare(cfg, "train")
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (spm_tokenizer.PAD, spm_tokenizer.BOS, spm_tokenizer.EOS)
+    assert tok.vocab_size == 512
+    text = "def f(x):\n    return {'é': x ** 2}  # ünïcödé ✓\n\n\tdone\n"
+    assert tok.decode(tok.encode(text)) == text
+    # cached beside the dataset and reloaded, not retrained
+    assert Path(tok.path).parent == open_split(cfg.data, "train")[1]
+    rows2, tok2 = prepare(cfg, "train")
+    assert tok2.path == tok.path and np.array_equal(rows2.inputs, rows.inputs)
+    with pytest.raises(DataError, match="has 512 pieces but model.vocab_size is 300"):
+        prepare(cfg_for(corpus, tmp_path, "model.vocab_size=300", f"data.tokenizer_model={tok.path}"), "train")
+    with pytest.raises(DataError, match="not found"):
+        spm_tokenizer.load(tmp_path / "missing.model")
+
+
+def test_packing_by_hand():
+    rows = pack_documents([[5, 6, 7], [8, 9], [10, 11, 12, 13, 14, 15, 16]], 6, eos_id=3, bos_id=2)
+    np.testing.assert_array_equal(rows.inputs, [[2, 5, 6, 7, 2, 8], [9, 2, 10, 11, 12, 13], [14, 15, 16, 0, 0, 0]])
+    np.testing.assert_array_equal(rows.targets, [[5, 6, 7, 3, 8, 9], [3, 10, 11, 12, 13, 14], [15, 16, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(rows.segment_ids, [[1, 1, 1, 1, 2, 2], [1, 2, 2, 2, 2, 2], [1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(rows.positions, [[0, 1, 2, 3, 0, 1], [0, 0, 1, 2, 3, 4], [0, 1, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(rows.loss_mask[2], [1, 1, 1, 0, 0, 0])
+
+
+def test_packing_keeps_every_pair_in_order_and_restarts_positions():
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(4, 100, rng.integers(0, 40))) for _ in range(50)]
+    rows = pack_documents(docs, 16, eos_id=3)
+    x, y, _ = stream(docs, eos_id=3)
+    real = rows.segment_ids > 0
+    np.testing.assert_array_equal(rows.inputs[real], x)
+    np.testing.assert_array_equal(rows.targets[real], y)
+    # within a segment positions count 0, 1, 2, ...; a new segment starts at 0
+    for r in range(len(rows)):
+        for s in set(rows.segment_ids[r]) - {0}:
+            np.testing.assert_array_equal(rows.positions[r][rows.segment_ids[r] == s],
+                                          np.arange((rows.segment_ids[r] == s).sum()))
+    assert (rows.segment_ids == 0).sum() < 16  # padding only in the last row
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
+    n = len(rows)
+    a, b = Batches(rows, 4, seed=1), Batches(rows, 4, seed=1)
+    for step in (0, 3, 17, 5):
+        np.testing.assert_array_equal(a.indices(step), b.indices(step))
+        np.testing.assert_array_equal(a.local(step)["inputs"], rows.inputs[a.indices(step)])
+    assert not np.array_equal(Batches(rows, 4, seed=2).indices(0), a.indices(0))
+    # one epoch visits every row exactly once, across step boundaries
+    steps = -(-n // 4)
+    seen = np.concatenate([a.indices(s) for s in range(steps)])[:n]
+    assert sorted(seen) == list(range(n))
+    # each of 2 processes reads its half; together they are the global batch
+    halves = [Batches(rows, 4, seed=1, process_index=p, process_count=2).local(9)["inputs"] for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), a.local(9)["inputs"])
+    with pytest.raises(DataError, match="divisible"):
+        Batches(rows, 5, seed=1, process_count=2)
+
+
+def test_unigram_entropy():
+    assert unigram_entropy(np.arange(8) % 4, 16) == pytest.approx(np.log(4))
+    assert unigram_entropy(np.zeros(10, np.int64), 16) == pytest.approx(0.0)
