@@ -49,9 +49,9 @@ def source_config(text_glob: str = "", validation_percent: int = 2) -> TextSourc
     if not text_glob:
         root, _ = stdlib_files()
         tag = "py" + "".join(sysconfig.get_python_version().split("."))
-        return TextSourceConfig(name=f"{STDLIB_NAME}_{tag}_val{validation_percent}", patterns=(os.path.join(root, "**", "*.py"),),
-                                root=root, validation_percent=validation_percent,
-                                description="Python standard library sources")
+        return TextSourceConfig(name=f"{STDLIB_NAME}_{tag}_val{validation_percent}",
+                                patterns=(os.path.join(root, "**", "*.py"),), root=root,
+                                validation_percent=validation_percent, description="Python standard library sources")
     patterns = tuple(str(Path(p.strip()).expanduser().absolute()) for p in text_glob.split(",") if p.strip())
     root = os.path.commonpath([os.path.dirname(p.split("*")[0]) for p in patterns])
     digest = f"{zlib.crc32('|'.join(patterns).encode()):08x}"
