@@ -165,12 +165,16 @@ class TrainConfig:
     b2: float = 0.95
     eps: float = 1e-8
     weight_decay: float = 0.1
+    decay_embeddings: bool = False
     grad_clip: float = 1.0
     z_loss: float = 0.0
     eval_every: int = 50
     eval_batches: int = 4
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
+    keep_best: bool = False  # also keep the checkpoint with the lowest eval loss
+    async_checkpoints: bool = True
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = from the device table (CPU: measured)
     log_every: int = 10
     out_dir: str = "runs/default"
 

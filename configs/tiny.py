@@ -17,5 +17,6 @@ def get_config() -> Config:
                 n_group=2, topk_group=1, routed_scaling_factor=2.5,
             ),
         ),
-        train=TrainConfig(steps=200, global_batch_size=8, seq_len=128, learning_rate=3e-3, out_dir="runs/tiny"),
+        train=TrainConfig(steps=300, global_batch_size=8, seq_len=128, learning_rate=3e-3, warmup_steps=20,
+                          eval_every=100, checkpoint_every=100, log_every=10, out_dir="runs/tiny"),
     )

@@ -105,6 +105,15 @@ class Decoder(nnx.Module):
         return logits_btn, aux
 
 
+def update_router_bias(model: Decoder, load_le, rate: float) -> None:
+    """DeepSeek-V3's aux-loss-free balancing, after each optimiser step:
+    bias_e += rate * sign(mean load - load_e), per MoE layer. ``load_le`` is [L_moe, E]."""
+    if model.moe_blocks is None:
+        return
+    bias = model.moe_blocks.ffn.router.bias
+    bias[...] = bias[...] + rate * jnp.sign(jnp.mean(load_le, axis=-1, keepdims=True) - load_le)
+
+
 def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:
     """A randomly initialised model, built inside one jitted call (eager init is many small ops)."""
     return nnx.jit(lambda: Decoder(cfg, rngs=nnx.Rngs(seed)))()

@@ -1,0 +1,221 @@
+"""The training loop: learning, exact gradients, accumulation, exact resume after SIGKILL and
+SIGTERM, checkpoint fallback, the NaN stop, and clear errors for bad data configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import load
+from data.pipeline import Batches, prepare
+from model.checkpoint import load_model
+from model.transformer import init_model
+from training.step import loss_terms, make_train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS_SRC = Path(json.__file__).parent
+TIMING = {"tokens_per_s", "step_time_s", "model_tflops_per_s", "mfu"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train_corpus")
+    for f in sorted(CORPUS_SRC.glob("*.py")):
+        shutil.copy(f, root / f.name.replace(".py", ".txt"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tfds")
+
+
+def overrides(corpus: Path, data_dir: Path, out: Path, **train) -> list[str]:
+    base = {"steps": 12, "global_batch_size": 4, "seq_len": 32, "log_every": 1, "eval_every": 4,
+            "eval_batches": 2, "checkpoint_every": 3, "keep_checkpoints": 10, "warmup_steps": 2,
+            "out_dir": str(out), **train}
+    return [f"data.text_glob={corpus}/*.txt", f"data.data_dir={data_dir}", "model.vocab_size=512",
+            "model.moe.bias_update_rate=0.01", "model.moe.seq_aux_loss_coef=0.001"] + \
+           [f"train.{k}={v}" for k, v in base.items()]
+
+
+def train_cmd(args: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--config", "configs/tiny.py"] + \
+        [x for a in args for x in ("--set", a)]
+
+
+def run_train(args, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(args), cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def final_params(out: Path) -> dict:
+    _, model = load_model(out)
+    return {"/".join(map(str, k)): np.asarray(v[...]) for k, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def metric_lines(out: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in lines]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    pa, pb = final_params(a), final_params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)  # bit-identical
+    assert metric_lines(a) == metric_lines(b)
+
+
+@pytest.fixture(scope="module")
+def reference_run(corpus, data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    done = run_train(overrides(corpus, data_dir, out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_loss_goes_down_and_the_run_is_readable(reference_run):
+    losses = [r["loss"] for r in metric_lines(reference_run) if "loss" in r]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.5
+    evals = [r["eval_loss"] for r in metric_lines(reference_run) if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+    assert (reference_run / "tokenizer.model").is_file() and (reference_run / "config.json").is_file()
+    assert sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit()) == \
+        [2, 5, 8, 11]
+
+
+def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
+    out = tmp_path / "run"
+    args = overrides(corpus, data_dir, out)
+    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "checkpoints" / "5").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "2").exists()
+    again = run_train(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    assert_same_run(reference_run, out)
+
+
+def test_sigterm_saves_then_resume_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
+    out = tmp_path / "run"
+    args = overrides(corpus, data_dir, out)
+    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=240)
+    if proc.returncode == 143:
+        assert "SIGTERM: saved step" in stdout
+    else:  # the signal came after the last step: the run simply finished
+        assert proc.returncode == 0
+    again = run_train(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_run(reference_run, out)
+
+
+def test_corrupt_latest_checkpoint_falls_back(corpus, data_dir, tmp_path, reference_run):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    shutil.rmtree(out / "checkpoints" / "11")
+    for f in (out / "checkpoints" / "8" / "params").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    again = run_train(overrides(corpus, data_dir, out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "checkpoint step 8 cannot be restored" in again.stderr and "resumed from" in again.stdout
+    assert_same_run(reference_run, out)
+
+
+def test_nan_stops_without_a_nan_checkpoint(corpus, data_dir, tmp_path):
+    out = tmp_path / "run"
+    done = run_train(overrides(corpus, data_dir, out, learning_rate=1e12, checkpoint_every=1, grad_clip=0,
+                               warmup_steps=0))
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "loss is nan" in done.stderr or "loss is inf" in done.stderr
+    if (out / "checkpoints").exists() and any(p.name.isdigit() for p in (out / "checkpoints").iterdir()):
+        for name, value in final_params(out).items():
+            assert np.isfinite(value).all(), name
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (["data.dataset=no_such_dataset_xyz"], "not a known tfds dataset"),
+    (["data.text_glob=/nonexistent/folder/*.txt"], "matches no files"),
+])
+def test_bad_data_configs_fail_fast(bad, needle, tmp_path):
+    done = run_train([f"train.out_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path}"] + bad)
+    assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
+
+
+# ------------------------------------------------------------------ in-process numerics
+
+
+@pytest.fixture(scope="module")
+def micro(corpus, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("micro")
+    cfg = load("tiny", overrides(corpus, data_dir, out, global_batch_size=8, seq_len=16) +
+               ["model.d_model=32", "model.num_layers=2", "model.moe.d_ff=16", "model.d_ff=32"])
+    rows, _ = prepare(cfg, "train")
+    batch = jax.tree.map(jnp.asarray, Batches(rows, 8, seed=0).local(0))
+    return cfg, batch
+
+
+def test_gradient_accumulation_equals_one_big_batch(micro):
+    cfg, batch = micro
+    results = []
+    for m in (1, 4):
+        c = load("tiny", []).__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
+            **{**cfg.train.__dict__, "microbatches": m})})
+        graphdef, params, rest = nnx.split(init_model(c.model, seed=1), nnx.Param, ...)
+        tx = optax.sgd(1.0)  # the update is minus the gradient
+        step = make_train_step(graphdef, c, tx)
+        new_params, _, _, metrics = step(jax.tree.map(jnp.copy, params), rest, tx.init(params), batch)
+        grads = jax.tree.map(lambda a, b: a - b, params, new_params)
+        results.append((grads, metrics))
+    (g1, m1), (g4, m4) = results
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(m1["expert_load"], m4["expert_load"])
+
+
+def test_gradients_match_finite_differences(micro):
+    cfg, batch = micro
+    graphdef, params, rest = nnx.split(init_model(cfg.model, seed=2), nnx.Param, ...)
+
+    def loss(p):
+        ce, _, _ = loss_terms(graphdef, p, rest, batch)
+        return ce / jnp.sum(batch["loss_mask"])
+
+    grads = jax.jit(jax.grad(loss))(params)
+    rng = np.random.default_rng(0)
+    def unit(tree):
+        norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
+        return jax.tree.map(lambda x: x / norm, tree)
+
+    # half along the gradient (a derivative well above float32 noise), half a random direction
+    noise = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params)
+    direction = unit(jax.tree.map(jnp.add, unit(grads), unit(noise)))
+    h = 1e-2
+    f = jax.jit(lambda s: loss(jax.tree.map(lambda p, d: p + s * d, params, direction)))
+    numeric = (float(f(h)) - float(f(-h))) / (2 * h)
+    analytic = float(sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))))
+    assert abs(analytic) > 1e-3
+    assert numeric == pytest.approx(analytic, rel=2e-2)

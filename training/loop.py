@@ -1,0 +1,160 @@
+"""The training loop: data, model, optimiser, checkpoints, evaluation, metrics, preemption.
+
+``run(cfg)`` trains from scratch, or resumes from the newest readable checkpoint in
+``train.out_dir`` with no flag, and returns a summary dict. SIGTERM saves a checkpoint and
+stops (exit code 143 from train.py); a non-finite loss stops the run before anything of
+that step is saved.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from configs import Config, ConfigError, load_json, save_json
+from data.pipeline import Batches, prepare, unigram_entropy
+from model.layers import dtype
+from model.transformer import init_model
+from scaling.flops import CONVENTION, training_flops_per_token
+from training.checkpoints import Checkpointer, abstract_like
+from training.metrics import MetricsLog, peak_flops
+from training.optim import learning_rate, optimizer
+from training.step import make_eval_step, make_train_step
+
+PREEMPTED = 143  # 128 + SIGTERM
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """A run directory belongs to one model: refuse to resume a different one into it."""
+    path = run_dir / "config.json"
+    if path.exists():
+        try:
+            previous = load_json(path)
+        except ConfigError as e:
+            raise ConfigError(f"'{path}' is unreadable ({e}); choose another train.out_dir") from None
+        if previous.model != cfg.model:
+            raise ConfigError(f"train.out_dir '{run_dir}' holds a run of a different model; choose another "
+                              "train.out_dir (or delete the old run)")
+
+
+def _evaluate(eval_step, params, rest, rows, cfg: Config) -> dict:
+    b = cfg.train.global_batch_size
+    n = min(len(rows), cfg.train.eval_batches * b)
+    ce, tokens = 0.0, 0.0
+    for start in range(0, n, b):
+        idx = np.arange(start, min(start + b, n))
+        r = rows.take(idx)
+        batch = {"inputs": r.inputs, "targets": r.targets, "segment_ids": r.segment_ids,
+                 "positions": r.positions, "loss_mask": r.loss_mask}
+        c, t = eval_step(params, rest, jax.tree.map(jnp.asarray, batch))
+        ce, tokens = ce + float(c), tokens + float(t)
+    loss = ce / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
+
+
+def run(cfg: Config, log=print) -> dict:
+    t = cfg.train
+    run_dir = Path(t.out_dir)
+    primary = jax.process_index() == 0
+    _check_run_dir(run_dir, cfg)
+    train_rows, tok = prepare(cfg, "train")
+    val_rows, _ = prepare(cfg, cfg.data.validation_split)
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, run_dir / "config.json")
+        if not (run_dir / "tokenizer.model").exists():
+            shutil.copy(tok.path, run_dir / "tokenizer.model")
+
+    model = init_model(cfg.model, seed=t.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optimizer(t)
+    opt_state = tx.init(params)
+    ckpt = Checkpointer(run_dir, t)
+    start_step = 0
+    restored = ckpt.restore_latest(nnx.merge_state(params, rest), abstract_like(opt_state), log=log)
+    if restored is not None:
+        step, model_dict, opt_state, _ = restored
+        state = nnx.merge_state(params, rest)
+        state.replace_by_pure_dict(model_dict)
+        _, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
+        start_step = step + 1
+        log(f"resumed from {run_dir}/checkpoints/{step}")
+    metrics_log = MetricsLog(run_dir, start_step - 1 if restored else None, primary)
+
+    batches = Batches(train_rows, t.global_batch_size, t.seed, jax.process_index(), jax.process_count())
+    train_step, eval_step = make_train_step(graphdef, cfg, tx), make_eval_step(graphdef)
+    lr = learning_rate(t)
+    flops = training_flops_per_token(cfg.model, t.seq_len)
+    peak, peak_source = peak_flops(t.peak_flops, dtype(cfg.model.compute_dtype))
+    entropy = unigram_entropy(val_rows.targets[val_rows.segment_ids > 0], tok.vocab_size)
+    log(f"{cfg.name}: {len(train_rows)} train rows x {t.seq_len} tokens, {t.global_batch_size} rows a step; "
+        f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source})")
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    history, last_eval, exit_code = [], {}, 0
+    bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, disable=not primary,
+               desc=cfg.name, file=sys.stderr, dynamic_ncols=True)
+    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    step = start_step - 1
+    try:
+        for step in bar:
+            batch = jax.tree.map(jnp.asarray, batches.local(step))
+            params, rest, opt_state, m = train_step(params, rest, opt_state, batch)
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping without saving this step "
+                                    f"(last checkpoint: {max(ckpt.mngr.all_steps(), default=None)}). "
+                                    "Lower train.learning_rate or check the data.")
+            window_tokens += float(m["tokens"])
+            window_steps += 1
+            last = step == t.steps - 1
+            if step % t.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                load = np.asarray(m["expert_load"])
+                record = {"step": step, "loss": round(loss, 6), "lr": float(lr(step)),
+                          "grad_norm": round(float(m["grad_norm"]), 6), "tokens_per_s": round(tps, 1),
+                          "step_time_s": round(elapsed / window_steps, 4),
+                          "model_tflops_per_s": round(flops["total"] * tps / 1e12, 4),
+                          "mfu": round(flops["total"] * tps / (peak * jax.device_count()), 4)}
+                if cfg.model.num_moe_layers:
+                    record["expert_load_max_over_mean"] = round(float((load.max(-1) / load.mean(-1)).max()), 4)
+                    record["aux_loss"] = round(float(m["aux_loss"]), 6)
+                history.append((step, loss))
+                metrics_log.write(record)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+            if step % t.eval_every == 0 or last:
+                last_eval = _evaluate(eval_step, params, rest, val_rows, cfg)
+                metrics_log.write({"step": step, **{k: round(v, 6) for k, v in last_eval.items()}})
+            preempted = stop["signal"] is not None
+            if (step + 1) % t.checkpoint_every == 0 or last or preempted:
+                ckpt.save(step, nnx.merge_state(params, rest), opt_state,
+                          {"step": step, "eval_loss": last_eval.get("eval_loss")})
+            if preempted:
+                ckpt.wait()
+                log(f"SIGTERM: saved step {step} to {run_dir}; restart the same command to resume")
+                exit_code = PREEMPTED
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+    return {"run_dir": str(run_dir), "start_step": start_step, "last_step": step, "exit_code": exit_code,
+            "history": history, "unigram_entropy": entropy, **last_eval,
+            "flops_per_token": flops["total"], "flops_convention": CONVENTION}
