@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if "eval_loss" in summary:
         print(f"validation loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f}); "
               f"unigram entropy of the validation tokens {summary['unigram_entropy']:.4f}")
-    print(f"run directory: {summary['run_dir']}")
+    print(f"run directory: {summary['run_dir']} (metrics.jsonl, loss.png, tensorboard/, checkpoints/)")
     summary.pop("history")
     print(json.dumps(summary))
     return summary["exit_code"]

@@ -92,7 +92,9 @@ def test_loss_goes_down_and_the_run_is_readable(reference_run):
     assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.5
     evals = [r["eval_loss"] for r in metric_lines(reference_run) if "eval_loss" in r]
     assert evals[-1] < evals[0]
-    assert (reference_run / "tokenizer.model").is_file() and (reference_run / "config.json").is_file()
+    for name in ("tokenizer.model", "config.json", "loss.png"):
+        assert (reference_run / name).is_file(), name
+    assert any((reference_run / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit()) == \
         [2, 5, 8, 11]
 

@@ -155,6 +155,7 @@ def run(cfg: Config, log=print) -> dict:
         bar.close()
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
+        metrics_log.close()
     return {"run_dir": str(run_dir), "start_step": start_step, "last_step": step, "exit_code": exit_code,
             "history": history, "unigram_entropy": entropy, **last_eval,
             "flops_per_token": flops["total"], "flops_convention": CONVENTION}

@@ -44,16 +44,21 @@ def peak_flops(configured: float, compute_dtype) -> tuple[float, str]:
 
 
 class MetricsLog:
-    """``RUN/metrics.jsonl``, one JSON object per line, written by process 0 only.
+    """``RUN/metrics.jsonl`` (one JSON object per line) and TensorBoard scalars in
+    ``RUN/tensorboard``, written by process 0 only.
 
-    On resume, lines of steps after the restored checkpoint are dropped: those steps are
-    recomputed, bit-identically, and logged again.
+    On resume, lines and events of steps after the restored checkpoint are dropped: those
+    steps are recomputed, bit-identically, and logged again.
     """
 
     def __init__(self, run_dir: Path, resume_step: int | None, enabled: bool):
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self.enabled = enabled
-        if enabled and self.path.exists():
+        self.tensorboard = None
+        if not enabled:
+            return
+        if self.path.exists():
             kept = []
             for line in self.path.read_text().splitlines():
                 try:
@@ -63,8 +68,47 @@ class MetricsLog:
                 if resume_step is not None and record.get("step", -1) <= resume_step:
                     kept.append(line)
             self.path.write_text("".join(k + "\n" for k in kept))
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                         purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            plot_losses(self.path, self.run_dir / "loss.png")
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> None:
+    """Train and validation loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(*zip(*train), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(metrics_path).parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
