@@ -8,6 +8,7 @@ that step is saved.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import signal
@@ -71,13 +72,17 @@ def run(cfg: Config, log=print) -> dict:
     run_dir = Path(t.out_dir)
     primary = jax.process_index() == 0
     _check_run_dir(run_dir, cfg)
+    saved_tokenizer = run_dir / "tokenizer.model"
+    if saved_tokenizer.is_file() and not cfg.data.tokenizer_model:
+        # a resumed run keeps the tokenizer it started with, wherever it resumes
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_model=str(saved_tokenizer)))
     train_rows, tok = prepare(cfg, "train")
     val_rows, _ = prepare(cfg, cfg.data.validation_split)
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not saved_tokenizer.exists():
+            shutil.copy(tok.path, saved_tokenizer)
         save_json(cfg, run_dir / "config.json")
-        if not (run_dir / "tokenizer.model").exists():
-            shutil.copy(tok.path, run_dir / "tokenizer.model")
 
     model = init_model(cfg.model, seed=t.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
