@@ -1,0 +1,144 @@
+"""Training-step throughput on the ``bench`` preset: moela (float32 and bfloat16 compute)
+against transformers' DeepseekV3 of the identical shape (PyTorch, CPU), run alternately.
+
+    python bench/train.py [--batch 8] [--seq 256] [--steps 5] [--rounds 2] [--no-torch]
+
+One full step each (forward, backward, AdamW update) on synthetic tokens. A float32 and a
+bfloat16 (f32 accumulation) matmul ceiling is measured before and after, so a noisy host
+shows. Prints one JSON line per (implementation, dtype) with the median step time over all
+rounds, tokens/s, model TFLOP/s (``scaling.flops``), MFU against the measured ceiling of
+that dtype, compile time, and moela's ratio to transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import load  # noqa: E402
+from model.transformer import init_model  # noqa: E402
+from scaling.flops import training_flops_per_token  # noqa: E402
+from training.metrics import measure_matmul_flops  # noqa: E402
+from training.optim import optimizer  # noqa: E402
+from training.step import make_train_step  # noqa: E402
+
+
+def moela_stepper(cfg, batch_np):
+    graphdef, params, rest = nnx.split(init_model(cfg.model, seed=0), nnx.Param, ...)
+    tx = optimizer(cfg.train)
+    state = {"params": params, "rest": rest, "opt": tx.init(params)}
+    step = make_train_step(graphdef, cfg, tx)
+    batch = jax.tree.map(jnp.asarray, batch_np)
+
+    def run():
+        state["params"], state["rest"], state["opt"], m = step(state["params"], state["rest"], state["opt"], batch)
+        jax.block_until_ready(m["loss"])
+
+    t0 = time.perf_counter()
+    run()
+    return run, time.perf_counter() - t0
+
+
+def torch_stepper(cfg, batch_np):
+    import torch
+    import transformers
+
+    m, a, e = cfg.model, cfg.model.attention, cfg.model.moe
+    hf_cfg = transformers.DeepseekV3Config(
+        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, moe_intermediate_size=e.d_ff,
+        num_hidden_layers=m.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
+        n_shared_experts=e.num_shared_experts, n_routed_experts=e.num_experts, kv_lora_rank=a.kv_lora_rank,
+        q_lora_rank=a.q_lora_rank or None, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
+        qk_nope_head_dim=a.qk_nope_head_dim, n_group=e.n_group, topk_group=e.topk_group,
+        num_experts_per_tok=e.experts_per_token, first_k_dense_replace=m.first_k_dense,
+        routed_scaling_factor=e.routed_scaling_factor, max_position_embeddings=m.max_seq_len,
+        tie_word_embeddings=m.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    torch.set_num_threads(2)
+    model = transformers.DeepseekV3ForCausalLM(hf_cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    inputs = torch.tensor(batch_np["inputs"], dtype=torch.long)
+    labels = torch.tensor(batch_np["targets"], dtype=torch.long)
+
+    def run():
+        logits = model(inputs, attention_mask=torch.ones_like(inputs)).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    run()
+    return run, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="configs/bench.py")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--no-torch", action="store_true")
+    args = parser.parse_args()
+    base = load(args.config, [f"train.global_batch_size={args.batch}", f"train.seq_len={args.seq}"])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, base.model.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "segment_ids": np.ones((args.batch, args.seq), np.int32),
+             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy(),
+             "loss_mask": np.ones((args.batch, args.seq), np.float32)}
+    ceilings = {"float32": [measure_matmul_flops(jnp.float32, 2048)],
+                "bfloat16": [measure_matmul_flops(jnp.bfloat16, 2048)]}
+    runners = {}
+    for dt in ("float32", "bfloat16"):
+        cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, compute_dtype=dt))
+        runners[("moela", dt)] = moela_stepper(cfg, batch)
+    if not args.no_torch:
+        try:
+            runners[("transformers", "float32")] = torch_stepper(base, batch)
+        except ImportError as e:
+            print(json.dumps({"bench": "train_step", "skipped": "transformers", "reason": str(e)}))
+    samples: dict = {key: [] for key in runners}
+    for _ in range(args.rounds):
+        for key, (run, _) in runners.items():
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                run()
+                samples[key].append(time.perf_counter() - t0)
+    ceilings["float32"].append(measure_matmul_flops(jnp.float32, 2048))
+    ceilings["bfloat16"].append(measure_matmul_flops(jnp.bfloat16, 2048))
+    flops = training_flops_per_token(base.model, args.seq)["total"]
+    tokens_per_step = args.batch * args.seq
+    medians = {key: statistics.median(v) for key, v in samples.items()}
+    for (impl, dt), step_s in medians.items():
+        tps = tokens_per_step / step_s
+        ceiling = max(ceilings[dt])
+        record = {
+            "bench": "train_step", "config": args.config, "impl": impl, "dtype": dt, "batch": args.batch,
+            "seq": args.seq, "step_s_median": round(step_s, 4), "tokens_per_s": round(tps, 1),
+            "model_tflops_per_s": round(flops * tps / 1e12, 4),
+            "mfu_vs_measured_ceiling": round(flops * tps / ceiling, 4),
+            "ceiling_gflops_before_after": [round(c / 1e9) for c in ceilings[dt]],
+            "first_step_s (compile)": round(runners[(impl, dt)][1], 2), "samples": len(samples[(impl, dt)]),
+        }
+        if impl == "moela" and ("transformers", "float32") in medians:
+            record["speedup_vs_transformers_float32"] = round(medians[("transformers", "float32")] / step_s, 3)
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
