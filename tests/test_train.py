@@ -221,3 +221,23 @@ def test_gradients_match_finite_differences(micro):
     analytic = float(sum(jnp.sum(g * d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction))))
     assert abs(analytic) > 1e-3
     assert numeric == pytest.approx(analytic, rel=2e-2)
+
+
+@pytest.mark.parametrize("extra", [
+    ["model.moe.num_experts=0"],
+    ["model.attention.kind=gqa", "model.attention.num_kv_heads=2", "model.tie_embeddings=true"],
+])
+def test_train_step_runs_for_dense_and_gqa_models(micro, extra):
+    _, batch = micro
+    cfg = load("tiny", extra + ["model.vocab_size=512", "model.d_model=32", "train.global_batch_size=8",
+                                "train.seq_len=16"])
+    graphdef, params, rest = nnx.split(init_model(cfg.model), nnx.Param, ...)
+    tx = optax.adamw(1e-2)
+    step = make_train_step(graphdef, cfg, tx)
+    losses = []
+    state = (params, rest, tx.init(params))
+    for _ in range(5):
+        p, r, o, m = step(*state, batch)
+        state = (p, r, o)
+        losses.append(float(m["loss"]))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
