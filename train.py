@@ -3,7 +3,7 @@
 Trains on ``data.dataset`` (by default the embedded local-text corpus, built on first use),
 evaluates, checkpoints to ``train.out_dir`` and resumes from there on restart with no flag.
 Prints a progress bar, one summary and, as the last line, a JSON object. Exit codes:
-0 done, 1 non-finite loss, 2 bad config or data, 143 stopped by SIGTERM after saving.
+0 done, 1 non-finite loss, 2 bad config, data or checkpoints, 143 stopped by SIGTERM after saving.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 from configs import ConfigError
 from configs.loader import config_from_cli
 from data.text_builder import DataError
+from model.checkpoint import CheckpointError
 from model.params import count_params, human
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"config {cfg.name}: {human(counts['total'])} parameters, {human(counts['active'])} active per token")
     try:
         summary = run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:

@@ -241,3 +241,19 @@ def test_train_step_runs_for_dense_and_gqa_models(micro, extra):
         state = (p, r, o)
         losses.append(float(m["loss"]))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_checkpointer_keeps_the_last_k_and_the_best(tmp_path):
+    from configs.schema import TrainConfig
+    from training.checkpoints import Checkpointer
+
+    state = nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    ckpt = Checkpointer(tmp_path, TrainConfig(keep_checkpoints=2, keep_best=True, async_checkpoints=False))
+    for step, loss in enumerate([5.0, 1.0, 3.0, 4.0, 6.0, 7.0]):
+        ckpt.save(step, state, {"m": jnp.zeros(3)}, {"step": step, "eval_loss": loss})
+    ckpt.close()
+    assert sorted(ckpt.mngr.all_steps()) == [1, 4, 5]
+    again = Checkpointer(tmp_path, TrainConfig(keep_checkpoints=2, keep_best=True))
+    step, _, opt, meta = again.restore_latest(state, {"m": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    assert step == 5 and meta["eval_loss"] == 7.0 and again.eval_losses[1] == 1.0
+    again.close()

@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from configs.schema import TrainConfig
-from model.checkpoint import CHECKPOINTS, PARAMS
+from model.checkpoint import CHECKPOINTS, PARAMS, CheckpointError
 
 
 class Checkpointer:
@@ -73,7 +73,7 @@ class Checkpointer:
                 self.eval_losses[int(key)] = value
             return step, restored[PARAMS], restored["opt_state"], restored["meta"]
         if steps:
-            raise RuntimeError(f"none of the checkpoints {steps} under '{self.mngr.directory}' can be restored; "
+            raise CheckpointError(f"none of the checkpoints {steps} under '{self.mngr.directory}' can be restored; "
                                "move the directory away to start afresh")
         return None
 

@@ -111,7 +111,7 @@ def run(cfg: Config, log=print) -> dict:
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    history, last_eval, exit_code = [], {}, 0
+    history, last_eval, exit_code, eval_step_done = [], {}, 0, None
     bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, disable=not primary,
                desc=cfg.name, file=sys.stderr, dynamic_ncols=True)
     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
@@ -144,13 +144,15 @@ def run(cfg: Config, log=print) -> dict:
                 metrics_log.write(record)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
                 window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
-            if step % t.eval_every == 0 or last:
-                last_eval = _evaluate(eval_step, params, rest, val_rows, cfg)
-                metrics_log.write({"step": step, **{k: round(v, 6) for k, v in last_eval.items()}})
             preempted = stop["signal"] is not None
-            if (step + 1) % t.checkpoint_every == 0 or last or preempted:
-                ckpt.save(step, nnx.merge_state(params, rest), opt_state,
-                          {"step": step, "eval_loss": last_eval.get("eval_loss")})
+            save = (step + 1) % t.checkpoint_every == 0 or last or preempted
+            if step % t.eval_every == 0 or last or (save and t.keep_best):
+                last_eval = _evaluate(eval_step, params, rest, val_rows, cfg)
+                eval_step_done = step
+                metrics_log.write({"step": step, **{k: round(v, 6) for k, v in last_eval.items()}})
+            if save:
+                fresh = last_eval.get("eval_loss") if eval_step_done == step else None
+                ckpt.save(step, nnx.merge_state(params, rest), opt_state, {"step": step, "eval_loss": fresh})
             if preempted:
                 ckpt.wait()
                 log(f"SIGTERM: saved step {step} to {run_dir}; restart the same command to resume")
