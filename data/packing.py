@@ -32,6 +32,11 @@ class Rows:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    def as_batch(self) -> dict[str, np.ndarray]:
+        """The arrays a training or evaluation step takes."""
+        return {"inputs": self.inputs, "targets": self.targets, "segment_ids": self.segment_ids,
+                "positions": self.positions, "loss_mask": self.loss_mask}
+
     def take(self, index) -> "Rows":
         return Rows(self.inputs[index], self.targets[index], self.segment_ids[index], self.positions[index])
 

@@ -21,6 +21,7 @@ import numpy as np
 from configs.schema import Config
 from data import tokenizer as spm_tokenizer
 from data.packing import Rows, pack
+from data.packing import stream as packing_stream
 from data.sources import document, open_split
 from data.text_builder import DataError
 
@@ -69,17 +70,15 @@ def token_stream(cfg: Config, split: str, tok: spm_tokenizer.Tokenizer) -> tuple
     if cache.is_file():
         with np.load(cache) as z:
             return z["inputs"], z["targets"], z["doc_ids"]
-    inputs, targets, doc_ids = [], [], []
     start = time.perf_counter()
-    for i in range(count):
-        ids = [tok.bos_id] + tok.encode(document(source[i], cfg.data.text_field)) + [tok.eos_id]
-        arr = np.asarray(ids, np.int32)
-        inputs.append(arr[:-1])
-        targets.append(arr[1:])
-        doc_ids.append(np.full(len(arr) - 1, i, np.int32))
-        if (i + 1) % 250 == 0 or i + 1 == count:
-            _progress(f"tokenising {cfg.data.dataset}/{split}", i + 1, count, start)
-    stream = tuple(np.concatenate(a) if a else np.zeros((0,), np.int32) for a in (inputs, targets, doc_ids))
+
+    def encoded():
+        for i in range(count):
+            yield tok.encode(document(source[i], cfg.data.text_field))
+            if (i + 1) % 250 == 0 or i + 1 == count:
+                _progress(f"tokenising {cfg.data.dataset}/{split}", i + 1, count, start)
+
+    stream = packing_stream(encoded(), tok.eos_id, tok.bos_id)
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, inputs=stream[0], targets=stream[1], doc_ids=stream[2])
     tmp.replace(cache)
@@ -121,9 +120,7 @@ class Batches:
     def local(self, step: int) -> dict[str, np.ndarray]:
         per = self.global_batch // self.process_count
         idx = self.indices(step)[self.process_index * per:(self.process_index + 1) * per]
-        rows = self.rows.take(idx)
-        return {"inputs": rows.inputs, "targets": rows.targets, "segment_ids": rows.segment_ids,
-                "positions": rows.positions, "loss_mask": rows.loss_mask}
+        return self.rows.take(idx).as_batch()
 
 
 def unigram_entropy(targets: np.ndarray, vocab_size: int) -> float:

@@ -58,10 +58,7 @@ def _evaluate(eval_step, params, rest, rows, cfg: Config) -> dict:
     ce, tokens = 0.0, 0.0
     for start in range(0, n, b):
         idx = np.arange(start, min(start + b, n))
-        r = rows.take(idx)
-        batch = {"inputs": r.inputs, "targets": r.targets, "segment_ids": r.segment_ids,
-                 "positions": r.positions, "loss_mask": r.loss_mask}
-        c, t = eval_step(params, rest, jax.tree.map(jnp.asarray, batch))
+        c, t = eval_step(params, rest, jax.tree.map(jnp.asarray, rows.take(idx).as_batch()))
         ce, tokens = ce + float(c), tokens + float(t)
     loss = ce / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
