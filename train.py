@@ -8,15 +8,22 @@ Prints a progress bar, one summary and, as the last line, a JSON object. Exit co
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from configs import ConfigError
-from configs.loader import config_from_cli
-from data.text_builder import DataError
-from model.checkpoint import CheckpointError
-from model.params import count_params, human
+if __name__ == "__main__":  # before JAX is imported: malloc settings are read at process start
+    from parallel.host import fast_allocator
+
+    fast_allocator()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+from configs import ConfigError  # noqa: E402
+from configs.loader import config_from_cli  # noqa: E402
+from data.text_builder import DataError  # noqa: E402
+from model.checkpoint import CheckpointError  # noqa: E402
+from model.params import count_params, human  # noqa: E402
+from parallel.host import active_allocator  # noqa: E402
 
 
 def sparkline(values: list[float], width: int = 40) -> str:
@@ -35,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     from training.loop import NonFiniteLoss, run  # after the config is known good: jax start-up is slow
 
     counts = count_params(cfg.model)
-    print(f"config {cfg.name}: {human(counts['total'])} parameters, {human(counts['active'])} active per token")
+    print(f"config {cfg.name}: {human(counts['total'])} parameters, {human(counts['active'])} active per token; "
+          f"host allocator: {active_allocator()}")
     try:
         summary = run(cfg)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -22,6 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from parallel.host import active_allocator, fast_allocator  # noqa: E402
+
+fast_allocator()  # both implementations run in this process, under the same allocator
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -134,6 +138,7 @@ def main() -> None:
             "mfu_vs_measured_ceiling": round(flops * tps / ceiling, 4),
             "ceiling_gflops_before_after": [round(c / 1e9) for c in ceilings[dt]],
             "first_step_s (compile)": round(runners[(impl, dt)][1], 2), "samples": len(samples[(impl, dt)]),
+            "allocator": active_allocator(),
         }
         if impl == "moela" and ("transformers", "float32") in medians:
             record["speedup_vs_transformers_float32"] = round(medians[("transformers", "float32")] / step_s, 3)

@@ -168,6 +168,7 @@ class TrainConfig:
     decay_embeddings: bool = False
     grad_clip: float = 1.0
     z_loss: float = 0.0
+    loss_chunk_tokens: int = 1024  # rows of logits formed at once by the chunked output-layer loss
     eval_every: int = 50
     eval_batches: int = 4
     checkpoint_every: int = 50

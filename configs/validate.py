@@ -88,7 +88,8 @@ def validate(cfg: Config) -> Config:
         _require(e.seq_aux_loss_coef >= 0, "config key 'model.moe.seq_aux_loss_coef' must be >= 0")
 
     t = cfg.train
-    _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate")
+    _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate",
+              "loss_chunk_tokens")
     _require(
         t.global_batch_size % t.microbatches == 0,
         f"config key 'train.microbatches' = {t.microbatches} must divide train.global_batch_size = "

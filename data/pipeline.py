@@ -6,7 +6,9 @@ the stream into rows. ``Batches`` then maps a step to rows: the rows of epoch e 
 permuted by a generator seeded with (seed, e), and global row g = step·B + i is
 ``perm(g // R)[g % R]``. The global batch is therefore a pure function of (seed, step):
 resuming at step k replays exactly what an uninterrupted run saw, and each process reads
-only its own contiguous slice of the B rows.
+only its own contiguous slice of the B rows (``process_span`` finds it from the batch
+sharding; ``to_global`` assembles the global ``jax.Array`` with
+``jax.make_array_from_process_local_data``).
 """
 
 from __future__ import annotations
@@ -94,14 +96,10 @@ def prepare(cfg: Config, split: str) -> tuple[Rows, spm_tokenizer.Tokenizer]:
 
 
 class Batches:
-    """Deterministic batches over packed rows: ``local(step)`` is this process's slice of step's batch."""
+    """Deterministic batches over packed rows: ``local(step, span)`` is one process's slice of step's batch."""
 
-    def __init__(self, rows: Rows, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1):
-        if global_batch % process_count:
-            raise DataError(f"train.global_batch_size {global_batch} must be divisible by the "
-                            f"{process_count} processes")
+    def __init__(self, rows: Rows, global_batch: int, seed: int):
         self.rows, self.global_batch, self.seed = rows, global_batch, seed
-        self.process_index, self.process_count = process_index, process_count
         self._perms: dict[int, np.ndarray] = {}
 
     def _perm(self, epoch: int) -> np.ndarray:
@@ -117,10 +115,45 @@ class Batches:
         n = len(self.rows)
         return np.asarray([self._perm(int(e))[r] for e, r in zip(g // n, g % n)], np.int64)
 
-    def local(self, step: int) -> dict[str, np.ndarray]:
-        per = self.global_batch // self.process_count
-        idx = self.indices(step)[self.process_index * per:(self.process_index + 1) * per]
-        return self.rows.take(idx).as_batch()
+    def local(self, step: int, span: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+        """Rows [start, stop) of step's global batch (default: all of it); see ``process_span``."""
+        start, stop = span or (0, self.global_batch)
+        return self.rows.take(self.indices(step)[start:stop]).as_batch()
+
+
+def eval_batch(rows: Rows, start: int, batch: int, span: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Rows start .. start+batch-1 of a split, always ``batch`` rows: past the end, rows are
+    repeated with segment id 0 (no loss). Returns the slice ``span`` of that batch."""
+    idx = np.arange(start, start + batch)
+    picked = rows.take(np.minimum(idx, len(rows) - 1))
+    picked.segment_ids[idx >= len(rows)] = 0
+    return picked.take(slice(*span)).as_batch()
+
+
+def process_span(sharding, shape: tuple[int, ...]) -> tuple[int, int]:
+    """[start, stop) of the rows of a global batch of ``shape`` this process's devices hold under ``sharding``.
+
+    Each process loads only those rows; they must be contiguous (``jax.make_mesh`` keeps a
+    host's devices together along ``data``)."""
+    global_batch = shape[0]
+    covered = sorted({(sl[0].start or 0, global_batch if sl[0].stop is None else sl[0].stop)
+                      for sl in sharding.addressable_devices_indices_map(shape).values()})
+    start, stop = covered[0][0], max(end for _, end in covered)
+    reached = start
+    for lo, hi in covered:
+        if lo > reached:
+            raise DataError(f"this process's devices hold non-contiguous batch rows {covered}; "
+                            "build the mesh with parallel.mesh.build_mesh")
+        reached = max(reached, hi)
+    return start, stop
+
+
+def to_global(local: dict[str, np.ndarray], sharding, global_batch: int) -> dict:
+    """The global batch as ``jax.Array``s from this process's rows (see ``process_span``)."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
+            for k, v in local.items()}
 
 
 def unigram_entropy(targets: np.ndarray, vocab_size: int) -> float:

@@ -88,6 +88,19 @@ class Decoder(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.vocab_size, cfg.ctx, rngs=rngs)
 
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None) -> tuple[jax.Array, dict[str, Any]]:
+        x_btd, aux = self.features(tokens_bt, positions_bt, segment_ids_bt)
+        logits_btn = self.embed.attend(x_btd) if self.lm_head is None else self.lm_head(x_btd)
+        return logits_btn, aux
+
+    def output_weight(self) -> tuple[jax.Array, str]:
+        """The output projection and its layout: (W [D, N], "dn"), or the tied table ([N, D], "nd")."""
+        return (self.embed.table[...], "nd") if self.lm_head is None else (self.lm_head.w[...], "dn")
+
+    def features(self, tokens_bt, positions_bt=None, segment_ids_bt=None) -> tuple[jax.Array, dict[str, Any]]:
+        """The final-normed hidden states [B, T, D] the LM head reads, and ``aux``.
+
+        Training feeds them to ``training.losses.head_loss`` with ``output_weight()``, which never
+        forms the whole batch's logits."""
         cfg = self.cfg
         b, t = tokens_bt.shape
         if positions_bt is None:
@@ -100,9 +113,7 @@ class Decoder(nnx.Module):
         if self.moe_blocks is not None:
             x_btd, stats = scan_blocks(self.moe_blocks, x_btd, cos, sin, segment_ids_bt, cfg.remat)
             aux = {"expert_load": stats["load"], "aux_loss": jnp.sum(stats["aux_loss"])}
-        x_btd = self.final_norm(x_btd)
-        logits_btn = self.embed.attend(x_btd) if self.lm_head is None else self.lm_head(x_btd)
-        return logits_btn, aux
+        return self.final_norm(x_btd), aux
 
 
 def update_router_bias(model: Decoder, load_le, rate: float) -> None:

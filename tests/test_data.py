@@ -12,7 +12,8 @@ import pytest
 from configs import load
 from data import tokenizer as spm_tokenizer
 from data.packing import pack_documents, stream
-from data.pipeline import Batches, prepare, unigram_entropy
+from configs.schema import MeshConfig
+from data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
 from data.sources import document, open_split
 from data.text_builder import DataError, build, split_files
 
@@ -113,10 +114,33 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     seen = np.concatenate([a.indices(s) for s in range(steps)])[:n]
     assert sorted(seen) == list(range(n))
     # each of 2 processes reads its half; together they are the global batch
-    halves = [Batches(rows, 4, seed=1, process_index=p, process_count=2).local(9)["inputs"] for p in range(2)]
+    halves = [a.local(9, span)["inputs"] for span in ((0, 2), (2, 4))]
     np.testing.assert_array_equal(np.concatenate(halves), a.local(9)["inputs"])
-    with pytest.raises(DataError, match="divisible"):
-        Batches(rows, 5, seed=1, process_count=2)
+
+
+def test_eval_batches_keep_their_shape_and_pad_without_loss():
+    rows = pack_documents([[i % 50 + 4] * 7 for i in range(10)], 8, eos_id=3)
+    n = len(rows)
+    last = eval_batch(rows, n - 1, 4, (0, 4))
+    assert last["inputs"].shape == (4, 8)
+    np.testing.assert_array_equal(last["inputs"][0], rows.inputs[n - 1])
+    assert last["loss_mask"][0].sum() > 0 and last["loss_mask"][1:].sum() == 0
+    np.testing.assert_array_equal(eval_batch(rows, 0, 4, (2, 4))["inputs"], rows.inputs[2:4])
+
+
+def test_global_batch_is_assembled_from_process_rows():
+    from parallel.mesh import batch_sharding, build_mesh
+
+    rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
+    mesh = build_mesh(MeshConfig(data=4, tensor=2, sequence=1))
+    sharding = batch_sharding(mesh)
+    span = process_span(sharding, (8, 8))
+    assert span == (0, 8)  # one process holds every device
+    batches = Batches(rows, 8, seed=3)
+    batch = to_global(batches.local(5, span), sharding, 8)
+    np.testing.assert_array_equal(np.asarray(batch["targets"]), rows.targets[batches.indices(5)])
+    assert batch["inputs"].sharding == sharding
+    assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(2, 8)}
 
 
 def test_unigram_entropy():

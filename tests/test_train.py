@@ -28,6 +28,8 @@ from training.step import loss_terms, make_train_step
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_SRC = Path(json.__file__).parent
 TIMING = {"tokens_per_s", "step_time_s", "model_tflops_per_s", "mfu"}
+# train.py subprocesses run data-parallel on 2 CPU devices (mesh data=-1 takes them all)
+TRAIN_ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def train_cmd(args: list[str]) -> list[str]:
 
 
 def run_train(args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(args), cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run(train_cmd(args), cwd=ROOT, capture_output=True, text=True, timeout=300, env=TRAIN_ENV, **kw)
 
 
 def final_params(out: Path) -> dict:
@@ -102,7 +104,8 @@ def test_loss_goes_down_and_the_run_is_readable(reference_run):
 def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
     out = tmp_path / "run"
     args = overrides(corpus, data_dir, out)
-    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "checkpoints" / "5").exists():
         time.sleep(0.05)
@@ -118,7 +121,8 @@ def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, refer
 def test_sigterm_saves_then_resume_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
     out = tmp_path / "run"
     args = overrides(corpus, data_dir, out)
-    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.05)
@@ -196,6 +200,33 @@ def test_gradient_accumulation_equals_one_big_batch(micro):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     np.testing.assert_array_equal(m1["expert_load"], m4["expert_load"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_train_step_gradient_equals_autodiff_of_the_logits_loss(micro, tied):
+    """The chunked head loss (gradient formed in the forward pass) against plain autodiff."""
+    cfg, batch = micro
+    cfg = load("tiny", [f"{k}={v}" for k, v in {
+        "model.vocab_size": 512, "model.d_model": 32, "model.num_layers": 2, "model.moe.d_ff": 16,
+        "model.d_ff": 32, "model.tie_embeddings": str(tied).lower(), "train.global_batch_size": 8,
+        "train.seq_len": 16, "train.z_loss": 1e-3, "train.loss_chunk_tokens": 32}.items()])
+    graphdef, params, rest = nnx.split(init_model(cfg.model, seed=3), nnx.Param, ...)
+    tx = optax.sgd(1.0)
+    new_params, _, _, metrics = make_train_step(graphdef, cfg, tx)(jax.tree.map(jnp.copy, params),
+                                                                   jax.tree.map(jnp.copy, rest),
+                                                                   tx.init(params), batch)
+    grads = jax.tree.map(lambda a, b: a - b, params, new_params)
+    tokens = jnp.sum(batch["loss_mask"])
+
+    def plain(p):
+        ce, z, aux = loss_terms(graphdef, p, rest, batch)
+        return (ce + 1e-3 * z) / tokens + aux["aux_loss"], ce / tokens
+
+    (_, ce), expected = jax.value_and_grad(plain, has_aux=True)(params)
+    np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-5)
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
+                          jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path[0]))
 
 
 def test_gradients_match_finite_differences(micro):

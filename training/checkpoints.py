@@ -96,4 +96,5 @@ class Checkpointer:
 
 
 def abstract_like(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shapes, dtypes and shardings of ``tree``: a restore target that lands where ``tree`` lives."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

@@ -17,15 +17,15 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from configs import Config, ConfigError, load_json, save_json
-from data.pipeline import Batches, prepare, unigram_entropy
+from data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
 from model.layers import dtype
 from model.transformer import init_model
+from parallel.mesh import MeshError, batch_sharding, build_mesh, replicated
 from scaling.flops import CONVENTION, training_flops_per_token
 from training.checkpoints import Checkpointer, abstract_like
 from training.metrics import MetricsLog, peak_flops
@@ -52,13 +52,13 @@ def _check_run_dir(run_dir: Path, cfg: Config) -> None:
                               "train.out_dir (or delete the old run)")
 
 
-def _evaluate(eval_step, params, rest, rows, cfg: Config) -> dict:
+def _evaluate(eval_step, params, rest, rows, cfg: Config, sharding) -> dict:
     b = cfg.train.global_batch_size
     n = min(len(rows), cfg.train.eval_batches * b)
+    span = process_span(sharding, (b, cfg.train.seq_len))
     ce, tokens = 0.0, 0.0
-    for start in range(0, n, b):
-        idx = np.arange(start, min(start + b, n))
-        c, t = eval_step(params, rest, jax.tree.map(jnp.asarray, rows.take(idx).as_batch()))
+    for start in range(0, n, b):  # a short last batch is padded with no-loss rows: one compiled shape
+        c, t = eval_step(params, rest, to_global(eval_batch(rows, start, b, span), sharding, b))
         ce, tokens = ce + float(c), tokens + float(t)
     loss = ce / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
@@ -81,10 +81,20 @@ def run(cfg: Config, log=print) -> dict:
             shutil.copy(tok.path, saved_tokenizer)
         save_json(cfg, run_dir / "config.json")
 
+    try:
+        mesh = build_mesh(cfg.mesh)
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
+    data_size = mesh.shape["data"]
+    if t.global_batch_size % (data_size * t.microbatches):
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be divisible by mesh data size "
+                          f"{data_size} x train.microbatches {t.microbatches}")
+    rows_sharding, repl = batch_sharding(mesh), replicated(mesh)
     model = init_model(cfg.model, seed=t.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.device_put((params, rest), repl)
     tx = optimizer(t)
-    opt_state = tx.init(params)
+    opt_state = jax.device_put(tx.init(params), repl)
     ckpt = Checkpointer(run_dir, t)
     start_step = 0
     restored = ckpt.restore_latest(nnx.merge_state(params, rest), abstract_like(opt_state), log=log)
@@ -97,14 +107,17 @@ def run(cfg: Config, log=print) -> dict:
         log(f"resumed from {run_dir}/checkpoints/{step}")
     metrics_log = MetricsLog(run_dir, start_step - 1 if restored else None, primary)
 
-    batches = Batches(train_rows, t.global_batch_size, t.seed, jax.process_index(), jax.process_count())
+    batches = Batches(train_rows, t.global_batch_size, t.seed)
+    span = process_span(rows_sharding, (t.global_batch_size, t.seq_len))
     train_step, eval_step = make_train_step(graphdef, cfg, tx), make_eval_step(graphdef)
     lr = learning_rate(t)
     flops = training_flops_per_token(cfg.model, t.seq_len)
     peak, peak_source = peak_flops(t.peak_flops, dtype(cfg.model.compute_dtype))
     entropy = unigram_entropy(val_rows.targets[val_rows.segment_ids > 0], tok.vocab_size)
     log(f"{cfg.name}: {len(train_rows)} train rows x {t.seq_len} tokens, {t.global_batch_size} rows a step; "
-        f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source})")
+        f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source}); "
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices in "
+        f"{jax.process_count()} process(es), this one loading batch rows [{span[0]}, {span[1]})")
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -115,7 +128,7 @@ def run(cfg: Config, log=print) -> dict:
     step = start_step - 1
     try:
         for step in bar:
-            batch = jax.tree.map(jnp.asarray, batches.local(step))
+            batch = to_global(batches.local(step, span), rows_sharding, t.global_batch_size)
             params, rest, opt_state, m = train_step(params, rest, opt_state, batch)
             loss = float(m["loss"])
             if not math.isfinite(loss):
@@ -144,7 +157,7 @@ def run(cfg: Config, log=print) -> dict:
             preempted = stop["signal"] is not None
             save = (step + 1) % t.checkpoint_every == 0 or last or preempted
             if step % t.eval_every == 0 or last or (save and t.keep_best):
-                last_eval = _evaluate(eval_step, params, rest, val_rows, cfg)
+                last_eval = _evaluate(eval_step, params, rest, val_rows, cfg, rows_sharding)
                 eval_step_done = step
                 metrics_log.write({"step": step, **{k: round(v, 6) for k, v in last_eval.items()}})
             if save:

@@ -5,6 +5,11 @@ The loss is token-weighted cross-entropy over the loss mask (+ optional z-loss, 
 sequence aux loss); with ``train.microbatches`` = M the batch is split M ways and gradients
 are accumulated in a ``lax.scan``, each microbatch normalised by the whole batch's token
 count, so the accumulated gradient equals the one-batch gradient.
+
+Training never forms the batch's logits: the model returns its final hidden states and
+``training.losses.head_loss`` computes the output layer's loss and gradient in chunks of
+about ``train.loss_chunk_tokens`` rows (``loss_terms``, the plain logits path, is what
+evaluation uses and what the tests compare against).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from flax import nnx
 
 from configs.schema import Config
 from model.transformer import update_router_bias
+from training.losses import head_loss, loss_chunks
 
 
 def loss_terms(graphdef, params, rest, batch):
@@ -28,29 +34,45 @@ def loss_terms(graphdef, params, rest, batch):
     return jnp.sum(ce_bt * mask_bt), jnp.sum(z_bt * mask_bt), aux
 
 
+def training_objective(graphdef, params, rest, batch, *, z_coef: float, chunk_tokens: int):
+    """(Σ mask·(CE + z_coef·lse²), summed CE, summed lse², aux) of one (micro)batch via ``head_loss``."""
+    model = nnx.merge(graphdef, params, rest)
+    x_btd, aux = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+    w, layout = model.output_weight()
+    b, t = batch["inputs"].shape
+    objective, stats = head_loss(x_btd, w, batch["targets"], batch["loss_mask"], z_coef=z_coef,
+                                 chunks=loss_chunks(b, t, chunk_tokens), layout=layout)
+    return objective, stats["ce"], stats["z"], aux
+
+
 def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
     t, moe = cfg.train, cfg.model.moe
     m = t.microbatches
 
     def step(params, rest, opt_state, batch):
         tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
 
-        def accumulate(carry, mb):
+        def micro_step(mb):
             def objective(p):
-                ce, z, aux = loss_terms(graphdef, p, rest, mb)
-                return (ce + t.z_loss * z) / tokens + aux["aux_loss"] / m, (ce, z, aux)
+                obj, ce, z, aux = training_objective(graphdef, p, rest, mb, z_coef=t.z_loss,
+                                                     chunk_tokens=t.loss_chunk_tokens)
+                return obj / tokens + aux["aux_loss"] / m, (ce, z, aux)
 
             (_, (ce, z, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-            acc_grads, acc = carry
-            acc_grads = jax.tree.map(jnp.add, acc_grads, grads)
-            acc = {"ce": acc["ce"] + ce, "z": acc["z"] + z, "aux_loss": acc["aux_loss"] + aux["aux_loss"] / m,
-                   "load": acc["load"] + aux.get("expert_load", 0.0)}
-            return (acc_grads, acc), None
+            return grads, {"ce": ce, "z": z, "aux_loss": aux["aux_loss"] / m,
+                           "load": aux.get("expert_load", jnp.zeros((0, 1)))}
 
-        load0 = jnp.zeros((cfg.model.num_moe_layers, max(moe.num_experts, 1)), jnp.float32)
-        zeros = {"ce": jnp.zeros(()), "z": jnp.zeros(()), "aux_loss": jnp.zeros(()), "load": load0}
-        (grads, acc), _ = jax.lax.scan(accumulate, (jax.tree.map(jnp.zeros_like, params), zeros), micro)
+        if m == 1:
+            grads, acc = micro_step(batch)
+        else:
+            def accumulate(carry, mb):
+                grads, stats = micro_step(mb)
+                return jax.tree.map(jnp.add, carry, (grads, stats)), None
+
+            micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+            zeros = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+            (grads, acc), _ = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         if cfg.model.num_moe_layers:
