@@ -49,7 +49,7 @@ class AttentionConfig:
 
     kind: Literal["mla", "gqa"] = "mla"
     num_heads: int = 4
-    impl: Literal["auto", "xla"] = "auto"
+    impl: Literal["auto", "xla", "reference"] = "auto"
     # MLA
     q_lora_rank: int = 0  # 0: queries are projected directly from the residual stream
     kv_lora_rank: int = 32

@@ -1,14 +1,16 @@
 """Attention ops with a backend chosen by config (``model.attention.impl``).
 
-``xla`` is the pure-jnp reference (the CPU default); ``auto`` resolves per platform.
-Pallas backends (flash attention, ragged paged attention) register here as they land.
+``reference`` is the plain jnp definition every backend is tested against (autodiff for its
+gradient); ``xla`` computes the same in XLA ops with a flash-style hand-written backward
+(``kernels.xla``, the CPU default); ``auto`` resolves per platform. Pallas backends (flash
+attention, ragged paged attention) register here as they land.
 """
 
 from __future__ import annotations
 
-from kernels import reference
+from kernels import reference, xla
 
-_BACKENDS = {"xla": reference.attention}
+_BACKENDS = {"xla": xla.attention, "reference": reference.attention}
 
 
 def resolve(impl: str) -> str:

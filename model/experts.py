@@ -6,8 +6,11 @@
 ``ragged_dot`` is ``jax.lax.ragged_dot``: a real grouped matmul on TPU (and GPU). On CPU
 (jax 0.10) it computes every row against every expert and is ~25x slower than the FLOPs
 warrant, so ``blocked`` scatters each expert's rows into whole blocks of ``block`` rows
-and scans over the blocks, one expert per block: the same result with at most one
-partially-filled block per expert of extra work. ``auto`` picks ``blocked`` on CPU.
+and loops over the blocks, one expert per block: the same result with at most one
+partially-filled block per expert of extra work. The loop runs only over the blocks in use
+(a run-time trip count; the static layout reserves E spare ones) and has a hand-written
+backward that accumulates each expert's weight gradient in place. ``auto`` picks
+``blocked`` on CPU.
 """
 
 from __future__ import annotations
@@ -43,16 +46,70 @@ def block_layout(group_sizes_e, rows: int, block: int):
 def blocked_swiglu(x_pd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, block: int):
     rows, d = x_pd.shape
     dest_p, block_expert, num_blocks = block_layout(group_sizes_e, rows, block)
+    used = jnp.sum((group_sizes_e + block - 1) // block).astype(jnp.int32)  # the rest hold no rows
     x_blocks = jnp.zeros((num_blocks * block, d), x_pd.dtype).at[dest_p].set(x_pd).reshape(num_blocks, block, d)
-
-    def one_block(_, inputs):
-        x_bd, expert = inputs
-        h_bf = jax.nn.silu(x_bd @ w_gate_edf[expert]) * (x_bd @ w_up_edf[expert])
-        return None, h_bf @ w_down_efd[expert]
-
-    # Empty trailing blocks hold zero rows, and SwiGLU(0) = 0: they cost FLOPs, not correctness.
-    _, y_blocks = jax.lax.scan(one_block, None, (x_blocks, block_expert))
+    y_blocks = _swiglu_blocks(x_blocks, block_expert, used, w_gate_edf, w_up_edf, w_down_efd)
     return y_blocks.reshape(num_blocks * block, -1)[dest_p]
+
+
+def _mm(a, b):
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+
+
+def _put(buffer, i, value):
+    return jax.lax.dynamic_update_index_in_dim(buffer, value.astype(buffer.dtype), i, 0)
+
+
+@jax.custom_vjp
+def _swiglu_blocks(x_nbd, expert_n, used, w_gate_edf, w_up_edf, w_down_efd):
+    return _swiglu_blocks_fwd(x_nbd, expert_n, used, w_gate_edf, w_up_edf, w_down_efd)[0]
+
+
+def _swiglu_blocks_fwd(x_nbd, expert_n, used, w_gate_edf, w_up_edf, w_down_efd):
+    """Blocks [0, used) through their expert's SwiGLU; the spare blocks the static layout
+    reserves are never computed (a loop with a run-time trip count: no autodiff through it)."""
+    n, b, _ = x_nbd.shape
+    f = w_gate_edf.shape[-1]
+
+    def one_block(i, carry):
+        y, g, u = carry
+        x_bd, e = x_nbd[i], expert_n[i]
+        g_bf, u_bf = _mm(x_bd, w_gate_edf[e]).astype(x_bd.dtype), _mm(x_bd, w_up_edf[e]).astype(x_bd.dtype)
+        y_bd = _mm(jax.nn.silu(g_bf) * u_bf, w_down_efd[e])
+        return _put(y, i, y_bd), _put(g, i, g_bf), _put(u, i, u_bf)
+
+    empty = jnp.zeros((n, b, f), x_nbd.dtype)
+    y, g, u = jax.lax.fori_loop(0, used, one_block, (jnp.zeros_like(x_nbd), empty, empty))
+    return y, (x_nbd, expert_n, used, g, u, w_gate_edf, w_up_edf, w_down_efd)
+
+
+def _swiglu_blocks_bwd(residuals, dy_nbd):
+    """Per used block, the SwiGLU backward; each expert's weight gradient is accumulated in
+    place in the loop carry (autodiff of a scan would stack one [D, F] gradient per block,
+    then scatter-add them)."""
+    x_nbd, expert_n, used, g_nbf, u_nbf, w_gate_edf, w_up_edf, w_down_efd = residuals
+    dy_nbd = dy_nbd.astype(x_nbd.dtype)
+
+    def one_block(i, carry):
+        dwg, dwu, dwd, dx = carry
+        x_bd, e, dy_bd = x_nbd[i], expert_n[i], dy_nbd[i]
+        g32, u32 = g_nbf[i].astype(jnp.float32), u_nbf[i].astype(jnp.float32)
+        sig = jax.nn.sigmoid(g32)
+        silu = g32 * sig
+        dh = _mm(dy_bd, w_down_efd[e].T)
+        du = (dh * silu).astype(x_bd.dtype)
+        dg = (dh * u32 * sig * (1.0 + g32 * (1.0 - sig))).astype(x_bd.dtype)
+        dwd = dwd.at[e].add(_mm((silu * u32).astype(x_bd.dtype).T, dy_bd))
+        dwg = dwg.at[e].add(_mm(x_bd.T, dg))
+        dwu = dwu.at[e].add(_mm(x_bd.T, du))
+        return dwg, dwu, dwd, _put(dx, i, _mm(dg, w_gate_edf[e].T) + _mm(du, w_up_edf[e].T))
+
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in (w_gate_edf, w_up_edf, w_down_efd))
+    dwg, dwu, dwd, dx = jax.lax.fori_loop(0, used, one_block, zeros + (jnp.zeros_like(x_nbd),))
+    return dx, None, None, dwg.astype(w_gate_edf.dtype), dwu.astype(w_up_edf.dtype), dwd.astype(w_down_efd.dtype)
+
+
+_swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)
 
 
 GROUPED_SWIGLU = {"ragged_dot": ragged_swiglu, "blocked": blocked_swiglu}
