@@ -20,7 +20,29 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from kernels.reference import NEG_INF, attention_mask
+from kernels.reference import NEG_INF
+
+
+Q_BLOCK = 128  # causal attention runs in query blocks of this many rows, each over the keys it can see
+
+
+def _blocks(t: int, s: int, causal: bool) -> list[tuple[int, int, int]]:
+    """(first query, end query, end key) per query block. Under the causal mask (queries are
+    the last t of s positions) block [a, e) sees keys [0, e + s - t) only, so the keys after
+    that are never multiplied: about half the QK and PV work at long lengths."""
+    if not causal or t <= Q_BLOCK:
+        return [(0, t, s)]
+    return [(a, min(a + Q_BLOCK, t), min(a + Q_BLOCK, t) + s - t) for a in range(0, t, Q_BLOCK)]
+
+
+def _mask(a, e, ke, t, s, causal, q_seg, kv_seg):
+    """Boolean [B or 1, 1, 1, e - a, ke]: query rows a..e-1 against keys 0..ke-1."""
+    mask = jnp.ones((1, e - a, ke), dtype=bool)
+    if causal:
+        mask = mask & ((jnp.arange(a, e)[:, None] + (s - t)) >= jnp.arange(ke)[None, :])[None]
+    if q_seg is not None:
+        mask = mask & (q_seg[:, a:e, None] == kv_seg[:, None, :ke])
+    return mask[:, None, None]
 
 
 def _logits(q_btgrk, k_bsgk, scale, mask):
@@ -28,25 +50,30 @@ def _logits(q_btgrk, k_bsgk, scale, mask):
     return jnp.where(mask, s, NEG_INF)
 
 
-def _forward(q, k, v, q_seg, kv_seg, scale, causal):
+def _split_heads(q, g):
     b, t, h, _ = q.shape
-    s_len, g = k.shape[1], k.shape[2]
-    q5 = q.astype(jnp.float32).reshape(b, t, g, h // g, -1)
-    mask = attention_mask(t, s_len, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg)[:, None, None]
-    s = _logits(q5, k.astype(jnp.float32), scale, mask)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.where(mask, jnp.exp(s - m), 0.0)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    safe = jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum("bgrts,bsgv->btgrv", p, v.astype(jnp.float32)) / jnp.moveaxis(safe, -2, 1)
-    lse = jnp.where(denom[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(safe[..., 0]))  # [b, g, r, t]
-    return out, lse, mask
+    return q.astype(jnp.float32).reshape(b, t, g, h // g, -1)
+
+
+def _forward(q, k, v, q_seg, kv_seg, scale, causal):
+    t, s_len, g = q.shape[1], k.shape[1], k.shape[2]
+    q5, k32, v32 = _split_heads(q, g), k.astype(jnp.float32), v.astype(jnp.float32)
+    outs, lses = [], []
+    for a, e, ke in _blocks(t, s_len, causal):
+        mask = _mask(a, e, ke, t, s_len, causal, q_seg, kv_seg)
+        s = _logits(q5[:, a:e], k32[:, :ke], scale, mask)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.where(mask, jnp.exp(s - m), 0.0)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        safe = jnp.where(denom == 0, 1.0, denom)
+        outs.append(jnp.einsum("bgrts,bsgv->btgrv", p, v32[:, :ke]) / jnp.moveaxis(safe, -2, 1))
+        lses.append(jnp.where(denom[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(safe[..., 0])))  # [b, g, r, t]
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=-1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention(q, k, v, q_seg, kv_seg, scale, causal):
-    out, lse, _ = _forward(q, k, v, q_seg, kv_seg, scale, causal)
-    return _outputs(q, out, lse)
+    return _outputs(q, *_forward(q, k, v, q_seg, kv_seg, scale, causal))
 
 
 def _outputs(q, out_btgrv, lse_bgrt):
@@ -55,29 +82,30 @@ def _outputs(q, out_btgrv, lse_bgrt):
 
 
 def _fwd(q, k, v, q_seg, kv_seg, scale, causal):
-    out, lse, _ = _forward(q, k, v, q_seg, kv_seg, scale, causal)
+    out, lse = _forward(q, k, v, q_seg, kv_seg, scale, causal)
     return _outputs(q, out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _bwd(scale, causal, residuals, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = residuals
     d_out, d_lse = cotangents
-    b, t, h, _ = q.shape
-    s_len, g = k.shape[1], k.shape[2]
-    q5 = q.astype(jnp.float32).reshape(b, t, g, h // g, -1)
-    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+    t, s_len, g = q.shape[1], k.shape[1], k.shape[2]
+    q5, k32, v32 = _split_heads(q, g), k.astype(jnp.float32), v.astype(jnp.float32)
     do5 = d_out.astype(jnp.float32).reshape(out.shape)
-    mask = attention_mask(t, s_len, causal=causal, q_segment_ids=q_seg, kv_segment_ids=kv_seg)[:, None, None]
-    s = _logits(q5, k32, scale, mask)
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]
-    p = jnp.where(mask, jnp.exp(s - lse_safe), 0.0)  # the forward's probabilities, recomputed
-    dv = jnp.einsum("bgrts,btgrv->bsgv", p, do5)
-    dp = jnp.einsum("btgrv,bsgv->bgrts", do5, v32)
     delta = jnp.moveaxis(jnp.sum(do5 * out, axis=-1), 1, -1)  # rowsum(dO ⊙ O): [b, g, r, t]
     d_lse = d_lse.astype(jnp.float32).reshape(delta.shape)
-    ds = p * (dp - (delta - d_lse)[..., None]) * scale
-    dq = jnp.einsum("bgrts,bsgk->btgrk", ds, k32).reshape(q.shape)
-    dk = jnp.einsum("bgrts,btgrk->bsgk", ds, q5)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    dqs, dk, dv = [], jnp.zeros_like(k32), jnp.zeros_like(v32)
+    for a, e, ke in _blocks(t, s_len, causal):
+        mask = _mask(a, e, ke, t, s_len, causal, q_seg, kv_seg)
+        s = _logits(q5[:, a:e], k32[:, :ke], scale, mask)
+        p = jnp.where(mask, jnp.exp(s - lse_safe[..., a:e, None]), 0.0)  # the forward's probabilities
+        dv = dv.at[:, :ke].add(jnp.einsum("bgrts,btgrv->bsgv", p, do5[:, a:e]))
+        dp = jnp.einsum("btgrv,bsgv->bgrts", do5[:, a:e], v32[:, :ke])
+        ds = p * (dp - (delta[..., a:e] - d_lse[..., a:e])[..., None]) * scale
+        dqs.append(jnp.einsum("bgrts,bsgk->btgrk", ds, k32[:, :ke]))
+        dk = dk.at[:, :ke].add(jnp.einsum("bgrts,btgrk->bsgk", ds, q5[:, a:e]))
+    dq = jnp.concatenate(dqs, axis=1).reshape(q.shape)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 

@@ -14,6 +14,7 @@ CASES = [  # b, t, s, h, g, kd, vd, causal, segments
     (2, 5, 9, 8, 2, 24, 16, True, True),  # GQA, causal offset 4, packed segments
     (1, 6, 6, 4, 1, 12, 8, False, True),  # MQA, no causal mask
     (2, 1, 8, 4, 2, 8, 8, True, False),  # one query (decode-like)
+    (2, 11, 14, 4, 2, 8, 8, True, True),  # several causal query blocks when Q_BLOCK is small
 ]
 
 
@@ -40,8 +41,10 @@ def loss(fn, q, k, v, causal, seg, w_out, w_lse):
     return jnp.sum(out.astype(jnp.float32) * w_out) + jnp.sum(lse * w_lse)
 
 
+@pytest.mark.parametrize("q_block", [128, 4])
 @pytest.mark.parametrize("case", CASES)
-def test_values_and_gradients_match_reference(case):
+def test_values_and_gradients_match_reference(case, q_block, monkeypatch):
+    monkeypatch.setattr(xla, "Q_BLOCK", q_block)  # 4: causal cases run as several query blocks
     q, k, v, causal, seg = make(case)
     out_shape = q.shape[:3] + (v.shape[-1],)
     rng = np.random.default_rng(1)
@@ -58,6 +61,13 @@ def test_values_and_gradients_match_reference(case):
     expect = jax.grad(lambda *a: loss(reference.attention, *a, causal, seg, w_out, w_lse), argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", grads, expect):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_causal_query_blocks_cover_exactly_the_visible_keys():
+    assert xla._blocks(256, 256, causal=True) == [(0, 128, 128), (128, 256, 256)]
+    assert xla._blocks(200, 300, causal=True) == [(0, 128, 228), (128, 200, 300)]
+    assert xla._blocks(256, 256, causal=False) == [(0, 256, 256)]
+    assert xla._blocks(100, 100, causal=True) == [(0, 100, 100)]
 
 
 def test_bfloat16_gradients_keep_input_dtypes():
