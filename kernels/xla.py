@@ -45,30 +45,36 @@ def _mask(a, e, ke, t, s, causal, q_seg, kv_seg):
     return mask[:, None, None]
 
 
-def _logits(q_btgrk, k_bsgk, scale, mask):
-    s = jnp.einsum("btgrk,bsgk->bgrts", q_btgrk, k_bsgk, preferred_element_type=jnp.float32) * scale
+def _logits(q_bgrtk, k_bgsk, scale, mask):
+    s = jnp.einsum("bgrtk,bgsk->bgrts", q_bgrtk, k_bgsk, preferred_element_type=jnp.float32) * scale
     return jnp.where(mask, s, NEG_INF)
 
 
-def _split_heads(q, g):
+def _head_major(q, k, v):
+    """q [B,T,H,K] -> [B,G,R,T,K], k/v [B,S,G,*] -> [B,G,S,*], float32. In this layout every
+    contraction below is a plain batched matmul over (B, G), so XLA inserts no transposes of
+    the [.., T, S] tensors."""
     b, t, h, _ = q.shape
-    return q.astype(jnp.float32).reshape(b, t, g, h // g, -1)
+    g = k.shape[2]
+    q5 = q.astype(jnp.float32).reshape(b, t, g, h // g, -1).transpose(0, 2, 3, 1, 4)
+    return q5, k.astype(jnp.float32).transpose(0, 2, 1, 3), v.astype(jnp.float32).transpose(0, 2, 1, 3)
 
 
 def _forward(q, k, v, q_seg, kv_seg, scale, causal):
-    t, s_len, g = q.shape[1], k.shape[1], k.shape[2]
-    q5, k32, v32 = _split_heads(q, g), k.astype(jnp.float32), v.astype(jnp.float32)
+    """(out [B, G, R, T, V], lse [B, G, R, T]), float32."""
+    t, s_len = q.shape[1], k.shape[1]
+    qh, kh, vh = _head_major(q, k, v)
     outs, lses = [], []
     for a, e, ke in _blocks(t, s_len, causal):
         mask = _mask(a, e, ke, t, s_len, causal, q_seg, kv_seg)
-        s = _logits(q5[:, a:e], k32[:, :ke], scale, mask)
+        s = _logits(qh[:, :, :, a:e], kh[:, :, :ke], scale, mask)
         m = jnp.max(s, axis=-1, keepdims=True)
         p = jnp.where(mask, jnp.exp(s - m), 0.0)
         denom = jnp.sum(p, axis=-1, keepdims=True)
         safe = jnp.where(denom == 0, 1.0, denom)
-        outs.append(jnp.einsum("bgrts,bsgv->btgrv", p, v32[:, :ke]) / jnp.moveaxis(safe, -2, 1))
-        lses.append(jnp.where(denom[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(safe[..., 0])))  # [b, g, r, t]
-    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=-1)
+        outs.append(jnp.einsum("bgrts,bgsv->bgrtv", p, vh[:, :, :ke]) / safe)
+        lses.append(jnp.where(denom[..., 0] == 0, -jnp.inf, m[..., 0] + jnp.log(safe[..., 0])))
+    return jnp.concatenate(outs, axis=3), jnp.concatenate(lses, axis=-1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -76,9 +82,10 @@ def _attention(q, k, v, q_seg, kv_seg, scale, causal):
     return _outputs(q, *_forward(q, k, v, q_seg, kv_seg, scale, causal))
 
 
-def _outputs(q, out_btgrv, lse_bgrt):
+def _outputs(q, out_bgrtv, lse_bgrt):
     b, t, h = q.shape[:3]
-    return out_btgrv.reshape(b, t, h, -1).astype(q.dtype), lse_bgrt.reshape(b, h, t)
+    out = out_bgrtv.transpose(0, 3, 1, 2, 4).reshape(b, t, h, -1)
+    return out.astype(q.dtype), lse_bgrt.reshape(b, h, t)
 
 
 def _fwd(q, k, v, q_seg, kv_seg, scale, causal):
@@ -89,24 +96,27 @@ def _fwd(q, k, v, q_seg, kv_seg, scale, causal):
 def _bwd(scale, causal, residuals, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = residuals
     d_out, d_lse = cotangents
-    t, s_len, g = q.shape[1], k.shape[1], k.shape[2]
-    q5, k32, v32 = _split_heads(q, g), k.astype(jnp.float32), v.astype(jnp.float32)
-    do5 = d_out.astype(jnp.float32).reshape(out.shape)
-    delta = jnp.moveaxis(jnp.sum(do5 * out, axis=-1), 1, -1)  # rowsum(dO ⊙ O): [b, g, r, t]
+    b, t, h, _ = q.shape
+    s_len, g = k.shape[1], k.shape[2]
+    qh, kh, vh = _head_major(q, k, v)
+    do = d_out.astype(jnp.float32).reshape(b, t, g, h // g, -1).transpose(0, 2, 3, 1, 4)  # [b, g, r, t, v]
+    delta = jnp.sum(do * out, axis=-1)  # rowsum(dO ⊙ O): [b, g, r, t]
     d_lse = d_lse.astype(jnp.float32).reshape(delta.shape)
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    dqs, dk, dv = [], jnp.zeros_like(k32), jnp.zeros_like(v32)
+    dqs, dk, dv = [], jnp.zeros_like(kh), jnp.zeros_like(vh)
     for a, e, ke in _blocks(t, s_len, causal):
         mask = _mask(a, e, ke, t, s_len, causal, q_seg, kv_seg)
-        s = _logits(q5[:, a:e], k32[:, :ke], scale, mask)
+        q_blk, do_blk = qh[:, :, :, a:e], do[:, :, :, a:e]
+        s = _logits(q_blk, kh[:, :, :ke], scale, mask)
         p = jnp.where(mask, jnp.exp(s - lse_safe[..., a:e, None]), 0.0)  # the forward's probabilities
-        dv = dv.at[:, :ke].add(jnp.einsum("bgrts,btgrv->bsgv", p, do5[:, a:e]))
-        dp = jnp.einsum("btgrv,bsgv->bgrts", do5[:, a:e], v32[:, :ke])
+        dv = dv.at[:, :, :ke].add(jnp.einsum("bgrts,bgrtv->bgsv", p, do_blk))
+        dp = jnp.einsum("bgrtv,bgsv->bgrts", do_blk, vh[:, :, :ke])
         ds = p * (dp - (delta[..., a:e] - d_lse[..., a:e])[..., None]) * scale
-        dqs.append(jnp.einsum("bgrts,bsgk->btgrk", ds, k32[:, :ke]))
-        dk = dk.at[:, :ke].add(jnp.einsum("bgrts,btgrk->bsgk", ds, q5[:, a:e]))
-    dq = jnp.concatenate(dqs, axis=1).reshape(q.shape)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+        dqs.append(jnp.einsum("bgrts,bgsk->bgrtk", ds, kh[:, :, :ke]))
+        dk = dk.at[:, :, :ke].add(jnp.einsum("bgrts,bgrtk->bgsk", ds, q_blk))
+    dq = jnp.concatenate(dqs, axis=3).transpose(0, 3, 1, 2, 4).reshape(q.shape)
+    return (dq.astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype),
+            None, None)
 
 
 _attention.defvjp(_fwd, _bwd)
