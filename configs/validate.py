@@ -97,7 +97,9 @@ def validate(cfg: Config) -> Config:
     )
     _require(
         t.seq_len <= m.max_seq_len,
-        f"config key 'train.seq_len' = {t.seq_len} exceeds model.max_seq_len = {m.max_seq_len}",
+        f"config key 'train.seq_len' = {t.seq_len} exceeds the model's context model.max_seq_len = {m.max_seq_len}; "
+        "lower train.seq_len, or raise model.max_seq_len (to extend a trained rope context, also set "
+        "model.rope.scaling=yarn with model.rope.factor >= max_seq_len / model.rope.original_max_position)",
     )
 
     _require(cfg.data.max_documents >= 0, f"config key 'data.max_documents' = {cfg.data.max_documents} must be "

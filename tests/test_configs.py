@@ -65,7 +65,7 @@ def test_bad_keys_and_types_name_the_key_and_the_valid_choices(override, needles
     (["model.d_model=0"], ["model.d_model", "> 0"]),
     (["model.rope.scaling=yarn", "model.rope.factor=0.5"], ["model.rope.factor", ">= 1"]),
     (["train.microbatches=3"], ["train.microbatches", "must divide train.global_batch_size = 8"]),
-    (["train.seq_len=4096"], ["train.seq_len", "max_seq_len"]),
+    (["train.seq_len=4096"], ["train.seq_len", "max_seq_len", "model.rope.scaling=yarn"]),
     (["mesh.data=-1", "mesh.tensor=-1"], ["at most one of mesh"]),
     (["serve.top_p=0"], ["serve.top_p"]),
 ])
