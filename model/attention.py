@@ -12,7 +12,7 @@ from flax import nnx
 
 import kernels
 from configs.schema import AttentionConfig, LayerContext, RopeConfig
-from model.layers import RMSNorm, dtype, param
+from model.layers import RMSNorm, dtype, param, project
 from model.rope import Rotary, softmax_scale
 
 
@@ -52,25 +52,25 @@ class MLA(nnx.Module):
     def queries(self, x_btd, cos, sin):
         """(q_nope [B, T, H, nope], roped q_pe [B, T, H, P])."""
         if self.cfg.q_lora_rank:
-            c_btq = self.q_norm(jnp.einsum("btd,dq->btq", x_btd, self._w(self.wq_a)))
-            q_bthk = jnp.einsum("btq,qhk->bthk", c_btq, self._w(self.wq_b))
+            c_btq = self.q_norm(project(x_btd, self._w(self.wq_a)))
+            q_bthk = project(c_btq, self._w(self.wq_b))
         else:
-            q_bthk = jnp.einsum("btd,dhk->bthk", x_btd, self._w(self.wq))
+            q_bthk = project(x_btd, self._w(self.wq))
         nope = self.cfg.qk_nope_head_dim
         return q_bthk[..., :nope], Rotary.apply(q_bthk[..., nope:], cos, sin)
 
     def latent(self, x_btd, cos, sin):
         """(normalised c_kv [B, T, R], roped k_pe [B, T, P]): the per-token decode cache row."""
-        c_btr = self.kv_norm(jnp.einsum("btd,dr->btr", x_btd, self._w(self.wkv_a)))
-        k_pe_btp = Rotary.apply(jnp.einsum("btd,dp->btp", x_btd, self._w(self.wk_pe)), cos, sin)
+        c_btr = self.kv_norm(project(x_btd, self._w(self.wkv_a)))
+        k_pe_btp = Rotary.apply(project(x_btd, self._w(self.wk_pe)), cos, sin)
         return c_btr, k_pe_btp
 
     def __call__(self, x_btd, cos, sin, segment_ids_bt=None):
         x_btd = x_btd.astype(self.compute_dtype)
         q_nope, q_pe = self.queries(x_btd, cos, sin)
         c_btr, k_pe_btp = self.latent(x_btd, cos, sin)
-        k_nope_bthk = jnp.einsum("btr,rhk->bthk", c_btr, self._w(self.w_uk))
-        v_bthv = jnp.einsum("btr,rhv->bthv", c_btr, self._w(self.w_uv))
+        k_nope_bthk = project(c_btr, self._w(self.w_uk))
+        v_bthv = project(c_btr, self._w(self.w_uv))
         h = self.cfg.num_heads
         k_pe_bthp = jnp.broadcast_to(k_pe_btp[:, :, None, :], k_pe_btp.shape[:2] + (h, k_pe_btp.shape[-1]))
         q_bthk = jnp.concatenate([q_nope, q_pe], axis=-1)
@@ -79,7 +79,7 @@ class MLA(nnx.Module):
             q_bthk, k_bthk, v_bthv, scale=self.scale, causal=True,
             q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, impl=self.cfg.impl,
         )
-        return jnp.einsum("bthv,hvd->btd", out_bthv, self._w(self.wo))
+        return project(out_bthv, self._w(self.wo), contract=2)
 
 
 class GQA(nnx.Module):
@@ -99,14 +99,14 @@ class GQA(nnx.Module):
     def __call__(self, x_btd, cos, sin, segment_ids_bt=None):
         cd = self.compute_dtype
         x_btd = x_btd.astype(cd)
-        q_bthk = Rotary.apply(jnp.einsum("btd,dhk->bthk", x_btd, self.wq[...].astype(cd)), cos, sin)
-        k_btgk = Rotary.apply(jnp.einsum("btd,dgk->btgk", x_btd, self.wk[...].astype(cd)), cos, sin)
-        v_btgk = jnp.einsum("btd,dgk->btgk", x_btd, self.wv[...].astype(cd))
+        q_bthk = Rotary.apply(project(x_btd, self.wq[...].astype(cd)), cos, sin)
+        k_btgk = Rotary.apply(project(x_btd, self.wk[...].astype(cd)), cos, sin)
+        v_btgk = project(x_btd, self.wv[...].astype(cd))
         out_bthk, _ = kernels.attention(
             q_bthk, k_btgk, v_btgk, scale=self.scale, causal=True,
             q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, impl=self.cfg.impl,
         )
-        return jnp.einsum("bthk,hkd->btd", out_bthk, self.wo[...].astype(cd))
+        return project(out_bthk, self.wo[...].astype(cd), contract=2)
 
 
 ATTENTION = {"mla": MLA, "gqa": GQA}

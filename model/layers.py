@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,6 +27,23 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: fl
 def ones_param(shape: tuple[int, ...], axes: tuple[str, ...], dtype_name: str) -> nnx.Param:
     """A parameter initialised to ones (norm scales), with logical axis names."""
     return nnx.Param(jnp.ones(shape, dtype(dtype_name)), out_sharding=axes, eager_sharding=False)
+
+
+def project(x, w, *, contract: int = 1, preferred_element_type=None):
+    """x [..., *C] · w [*C, *O] -> [..., *O], contracting the ``contract`` dims C, as one 2-D matmul.
+
+    The einsum ``btd,df->btf`` means the same, but its weight gradient contracts over both B
+    and T, and XLA's CPU backend runs that backward ~1.5x slower than the same product on
+    [B·T, D] (SwiGLU forward+backward at the bench shape: 130 vs 85 ms). Flattening is a
+    bitcast, so every projection in the model goes through here.
+    """
+    c_shape, o_shape = w.shape[:contract], w.shape[contract:]
+    if x.shape[x.ndim - contract:] != c_shape:
+        raise ValueError(f"cannot contract x {x.shape} with w {w.shape} over {contract} dim(s)")
+    lead = x.shape[:x.ndim - contract]
+    k = math.prod(c_shape)
+    y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(lead + o_shape)
 
 
 class RMSNorm(nnx.Module):
@@ -54,9 +73,8 @@ class SwiGLU(nnx.Module):
     def __call__(self, x_btd):
         cd = self.compute_dtype
         x_btd = x_btd.astype(cd)
-        h_btf = jax.nn.silu(jnp.einsum("btd,df->btf", x_btd, self.w_gate[...].astype(cd)))
-        h_btf = h_btf * jnp.einsum("btd,df->btf", x_btd, self.w_up[...].astype(cd))
-        return jnp.einsum("btf,fd->btd", h_btf, self.w_down[...].astype(cd))
+        h_btf = jax.nn.silu(project(x_btd, self.w_gate[...].astype(cd))) * project(x_btd, self.w_up[...].astype(cd))
+        return project(h_btf, self.w_down[...].astype(cd))
 
 
 class Embed(nnx.Module):
@@ -70,8 +88,10 @@ class Embed(nnx.Module):
         return jnp.take(self.table[...], tokens_bt, axis=0).astype(self.compute_dtype)
 
     def attend(self, x_btd):
-        return jnp.einsum("btd,nd->btn", x_btd, self.table[...].astype(x_btd.dtype),
-                          preferred_element_type=jnp.float32)
+        d = x_btd.shape[-1]
+        logits = jnp.einsum("md,nd->mn", x_btd.reshape(-1, d), self.table[...].astype(x_btd.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits.reshape(x_btd.shape[:-1] + (-1,))
 
 
 class LMHead(nnx.Module):
@@ -81,5 +101,4 @@ class LMHead(nnx.Module):
         self.w = param(rngs, (ctx.d_model, vocab), ("embed", "vocab"), ctx.init_std, ctx.param_dtype)
 
     def __call__(self, x_btd):
-        return jnp.einsum("btd,dn->btn", x_btd, self.w[...].astype(x_btd.dtype),
-                          preferred_element_type=jnp.float32)
+        return project(x_btd, self.w[...].astype(x_btd.dtype), preferred_element_type=jnp.float32)

@@ -26,9 +26,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-_LOGITS = {"dn": "bcd,dn->bcn", "nd": "bcd,nd->bcn"}
-_DX = {"dn": "bcn,dn->bcd", "nd": "bcn,nd->bcd"}
-_DW = {"dn": "bcd,bcn->dn", "nd": "bcd,bcn->nd"}
+_LOGITS = {"dn": "md,dn->mn", "nd": "md,nd->mn"}  # rows flattened: 2-D matmuls (see model.layers.project)
+_DX = {"dn": "mn,dn->md", "nd": "mn,nd->md"}
+_DW = {"dn": "md,mn->dn", "nd": "md,mn->nd"}
 
 
 def _split(a_bt, chunks: int):
@@ -49,17 +49,20 @@ def _loss_and_grads(x_btd, w, targets_bt, weights_bt, z_coef: float, chunks: int
 
     def body(dw, inputs):
         x_bcd, t_bc, wt_bc = inputs
-        logits = jnp.einsum(_LOGITS[layout], x_bcd, w_c, preferred_element_type=jnp.float32)
+        b, c, d = x_bcd.shape
+        x_md, t_bc, wt_bc = x_bcd.reshape(b * c, d), t_bc.reshape(-1), wt_bc.reshape(-1)
+        logits = jnp.einsum(_LOGITS[layout], x_md, w_c, preferred_element_type=jnp.float32)
         m = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - m)
         s = jnp.sum(e, axis=-1, keepdims=True)
         lse = m + jnp.log(s)
         p = e / s
-        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t_bc[..., None]
+        onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_bc[:, None]
         target_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
-        dlogits = (wt_bc[..., None] * (p - onehot + (2.0 * z_coef) * lse * p)).astype(x_bcd.dtype)
-        dx_bcd = jnp.einsum(_DX[layout], dlogits, w_c, preferred_element_type=jnp.float32).astype(x_bcd.dtype)
-        dw = dw + jnp.einsum(_DW[layout], x_bcd, dlogits, preferred_element_type=jnp.float32)
+        dlogits = (wt_bc[:, None] * (p - onehot + (2.0 * z_coef) * lse * p)).astype(x_md.dtype)
+        dx_bcd = jnp.einsum(_DX[layout], dlogits, w_c, preferred_element_type=jnp.float32).astype(x_md.dtype)
+        dx_bcd = dx_bcd.reshape(b, c, d)
+        dw = dw + jnp.einsum(_DW[layout], x_md, dlogits, preferred_element_type=jnp.float32)
         lse = lse[..., 0]
         return dw, (dx_bcd, jnp.sum(wt_bc * (lse - target_logit)), jnp.sum(wt_bc * lse * lse))
 
