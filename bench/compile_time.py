@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from parallel.host import fast_allocator  # noqa: E402
+
+fast_allocator()  # the allocator train.py runs with (parallel/host.py)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
