@@ -164,6 +164,8 @@ def test_nan_stops_without_a_nan_checkpoint(corpus, data_dir, tmp_path):
 @pytest.mark.parametrize("bad, needle", [
     (["data.dataset=no_such_dataset_xyz"], "not a known tfds dataset"),
     (["data.text_glob=/nonexistent/folder/*.txt"], "matches no files"),
+    (["mesh.data=3"], "needs 3 devices but 2 are present"),
+    (["train.microbatches=8"], "must be divisible by mesh data size 2 x train.microbatches 8"),
 ])
 def test_bad_data_configs_fail_fast(bad, needle, tmp_path):
     done = run_train([f"train.out_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path}"] + bad)

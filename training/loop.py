@@ -69,6 +69,15 @@ def run(cfg: Config, log=print) -> dict:
     run_dir = Path(t.out_dir)
     primary = jax.process_index() == 0
     _check_run_dir(run_dir, cfg)
+    try:
+        mesh = build_mesh(cfg.mesh)
+    except MeshError as e:
+        raise ConfigError(str(e)) from None
+    data_size = mesh.shape["data"]
+    if t.global_batch_size % (data_size * t.microbatches):
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be divisible by mesh data size "
+                          f"{data_size} x train.microbatches {t.microbatches}")
+    rows_sharding, repl = batch_sharding(mesh), replicated(mesh)  # data parallel: parameters replicated
     saved_tokenizer = run_dir / "tokenizer.model"
     if saved_tokenizer.is_file() and not cfg.data.tokenizer_model:
         # a resumed run keeps the tokenizer it started with, wherever it resumes
@@ -81,15 +90,6 @@ def run(cfg: Config, log=print) -> dict:
             shutil.copy(tok.path, saved_tokenizer)
         save_json(cfg, run_dir / "config.json")
 
-    try:
-        mesh = build_mesh(cfg.mesh)
-    except MeshError as e:
-        raise ConfigError(str(e)) from None
-    data_size = mesh.shape["data"]
-    if t.global_batch_size % (data_size * t.microbatches):
-        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be divisible by mesh data size "
-                          f"{data_size} x train.microbatches {t.microbatches}")
-    rows_sharding, repl = batch_sharding(mesh), replicated(mesh)
     model = init_model(cfg.model, seed=t.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = jax.device_put((params, rest), repl)

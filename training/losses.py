@@ -7,7 +7,7 @@ formed in the forward pass.
 
 The rows are cut into ``chunks`` pieces along the sequence (strided: chunk k holds positions
 k, k + chunks, ..., so a batch sharded over (data, sequence) keeps its sharding inside every
-chunk). For each chunk the logits [B, T/chunks, N] are formed in float32, reduced to the
+chunk). For each chunk the logits [B·T/chunks, N] are formed in float32, reduced to the
 log-sum-exp, and, because the objective is a sum of per-token losses whose cotangent is one
 scalar, turned at once into dlogits = w·(softmax − onehot + 2·z_coef·lse·softmax), which is
 contracted into dx (this chunk) and dW (accumulated). The backward pass only scales the saved
@@ -60,11 +60,10 @@ def _loss_and_grads(x_btd, w, targets_bt, weights_bt, z_coef: float, chunks: int
         onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == t_bc[:, None]
         target_logit = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
         dlogits = (wt_bc[:, None] * (p - onehot + (2.0 * z_coef) * lse * p)).astype(x_md.dtype)
-        dx_bcd = jnp.einsum(_DX[layout], dlogits, w_c, preferred_element_type=jnp.float32).astype(x_md.dtype)
-        dx_bcd = dx_bcd.reshape(b, c, d)
+        dx_md = jnp.einsum(_DX[layout], dlogits, w_c, preferred_element_type=jnp.float32).astype(x_md.dtype)
         dw = dw + jnp.einsum(_DW[layout], x_md, dlogits, preferred_element_type=jnp.float32)
         lse = lse[..., 0]
-        return dw, (dx_bcd, jnp.sum(wt_bc * (lse - target_logit)), jnp.sum(wt_bc * lse * lse))
+        return dw, (dx_md.reshape(b, c, d), jnp.sum(wt_bc * (lse - target_logit)), jnp.sum(wt_bc * lse * lse))
 
     xs = (_split(x_btd, chunks), _split(targets_bt, chunks), _split(weights_bt.astype(jnp.float32), chunks))
     dw, (dx, ce, z) = jax.lax.scan(body, jnp.zeros(w.shape, jnp.float32), xs)
