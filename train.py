@@ -4,6 +4,11 @@ Trains on ``data.dataset`` (by default the embedded local-text corpus, built on 
 evaluates, checkpoints to ``train.out_dir`` and resumes from there on restart with no flag.
 Prints a progress bar, one summary and, as the last line, a JSON object. Exit codes:
 0 done, 1 non-finite loss, 2 bad config, data or checkpoints, 143 stopped by SIGTERM after saving.
+
+Several processes (hosts) train one model when the environment says so (see
+``parallel.distributed``): e.g. ``MOELA_COORDINATOR=host0:1234 MOELA_NUM_PROCESSES=2
+MOELA_PROCESS_ID=<0|1> python train.py ...`` on each host, or nothing at all on a Cloud TPU
+slice, SLURM or Open MPI.
 """
 
 from __future__ import annotations
@@ -39,6 +44,13 @@ def sparkline(values: list[float], width: int = 40) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n\n")[0])
     _, cfg = config_from_cli(parser, argv)
+    from parallel.distributed import DistributedConfigError, initialize
+
+    try:
+        initialize()  # before any other JAX call; a no-op for a single process
+    except DistributedConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from training.loop import NonFiniteLoss, run  # after the config is known good: jax start-up is slow
 
     counts = count_params(cfg.model)
@@ -52,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    import jax
+
+    if jax.process_index() != 0:  # with several processes, process 0 reports
+        return summary["exit_code"]
     losses = [loss for _, loss in summary["history"]]
     if losses:
         tail = losses[-max(1, len(losses) // 10):]

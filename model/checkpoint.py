@@ -63,8 +63,9 @@ def load_model(directory: str | Path, step: int | None = None, shardings: Any = 
     cfg = load_config(directory)
     graphdef, abstract_state = nnx.split(abstract_model(cfg.model))
     target = abstract_state.to_pure_dict()
-    if shardings is not None:
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
+    if shardings is None:  # onto this process's first device, whatever topology saved it
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     mngr = manager(directory)
     steps = mngr.all_steps()
     if not steps:

@@ -64,6 +64,23 @@ def _evaluate(eval_step, params, rest, rows, cfg: Config, sharding) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
 
 
+def _prepare_data(cfg: Config, primary: bool):
+    """Train rows, tokenizer, validation rows. With several processes, process 0 builds the
+    dataset, tokenizer and token caches first and the others then read them (no two
+    processes write the same files)."""
+    def both():
+        train_rows, tok = prepare(cfg, "train")
+        return train_rows, tok, prepare(cfg, cfg.data.validation_split)[0]
+
+    if jax.process_count() == 1:
+        return both()
+    from jax.experimental import multihost_utils
+
+    result = both() if primary else None
+    multihost_utils.sync_global_devices("moela: data prepared by process 0")
+    return result if primary else both()
+
+
 def run(cfg: Config, log=print) -> dict:
     t = cfg.train
     run_dir = Path(t.out_dir)
@@ -82,8 +99,9 @@ def run(cfg: Config, log=print) -> dict:
     if saved_tokenizer.is_file() and not cfg.data.tokenizer_model:
         # a resumed run keeps the tokenizer it started with, wherever it resumes
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_model=str(saved_tokenizer)))
-    train_rows, tok = prepare(cfg, "train")
-    val_rows, _ = prepare(cfg, cfg.data.validation_split)
+    if not primary:
+        log = lambda *args, **kwargs: None  # noqa: E731 -- only process 0 reports
+    train_rows, tok, val_rows = _prepare_data(cfg, primary)
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not saved_tokenizer.exists():
