@@ -81,6 +81,18 @@ class Checkpointer:
         """Move unreadable steps to RUN/unreadable_checkpoints/ (kept for inspection, out of the way)."""
         if not steps:
             return
+        if jax.process_count() > 1:  # process 0 moves them; everyone waits, then sees the same steps
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                self._move_aside(steps, log)
+            multihost_utils.sync_global_devices("moela: unreadable checkpoints set aside")
+            self.mngr.reload()
+            return
+        self._move_aside(steps, log)
+        self.mngr.reload()
+
+    def _move_aside(self, steps: list[int], log) -> None:
         directory = Path(self.mngr.directory)
         aside = directory.parent / "unreadable_checkpoints"
         aside.mkdir(exist_ok=True)
@@ -88,7 +100,6 @@ class Checkpointer:
             target = aside / f"{step}-{int(time.time())}"
             shutil.move(str(directory / str(step)), str(target))
             log(f"moved unreadable checkpoint {step} to {target}", file=sys.stderr)
-        self.mngr.reload()
 
     def close(self) -> None:
         self.mngr.wait_until_finished()
