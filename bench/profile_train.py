@@ -32,15 +32,11 @@ from parallel.host import fast_allocator  # noqa: E402
 fast_allocator()
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
+from bench.train import moela_stepper, synthetic_batch  # noqa: E402
 from configs import load  # noqa: E402
-from model.transformer import init_model  # noqa: E402
-from training.optim import optimizer  # noqa: E402
-from training.step import make_train_step  # noqa: E402
 
-RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt", "while")
+RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt", "ParseArguments", "while")
 
 
 def category(name: str) -> str:
@@ -85,24 +81,8 @@ def main() -> None:
     parser.add_argument("--keep", default="", help="directory to keep the trace in")
     args = parser.parse_args()
     cfg = load(args.config, [f"train.global_batch_size={args.batch}", f"train.seq_len={args.seq}"] + args.set)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.model.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "segment_ids": np.ones((args.batch, args.seq), np.int32),
-             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy(),
-             "loss_mask": np.ones((args.batch, args.seq), np.float32)}
-    batch = jax.tree.map(jax.numpy.asarray, batch)
-    graphdef, params, rest = nnx.split(init_model(cfg.model, seed=0), nnx.Param, ...)
-    tx = optimizer(cfg.train)
-    state = [params, rest, tx.init(params)]
-    step = make_train_step(graphdef, cfg, tx)
-
-    def run():
-        state[0], state[1], state[2], m = step(*state, batch)
-        jax.block_until_ready(m["loss"])
-
-    for _ in range(2):
-        run()
+    run, _ = moela_stepper(cfg, synthetic_batch(cfg.model.vocab_size, args.batch, args.seq))
+    run()
     wall = []
     for _ in range(3):
         t0 = time.perf_counter()

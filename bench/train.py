@@ -39,7 +39,16 @@ from training.optim import optimizer  # noqa: E402
 from training.step import make_train_step  # noqa: E402
 
 
+def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Uniform random tokens, one document per row: the batch every training-step benchmark times."""
+    tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((batch, seq), np.int32),
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+            "loss_mask": np.ones((batch, seq), np.float32)}
+
+
 def moela_stepper(cfg, batch_np):
+    """(run one training step, seconds the first step took, compile included)."""
     graphdef, params, rest = nnx.split(init_model(cfg.model, seed=0), nnx.Param, ...)
     tx = optimizer(cfg.train)
     state = {"params": params, "rest": rest, "opt": tx.init(params)}
@@ -99,12 +108,7 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true")
     args = parser.parse_args()
     base = load(args.config, [f"train.global_batch_size={args.batch}", f"train.seq_len={args.seq}"])
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, base.model.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-             "segment_ids": np.ones((args.batch, args.seq), np.int32),
-             "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)).copy(),
-             "loss_mask": np.ones((args.batch, args.seq), np.float32)}
+    batch = synthetic_batch(base.model.vocab_size, args.batch, args.seq)
     ceilings = {"float32": [measure_matmul_flops(jnp.float32, 2048)],
                 "bfloat16": [measure_matmul_flops(jnp.bfloat16, 2048)]}
     runners = {}
