@@ -1,9 +1,9 @@
-"""Grouped expert matmul on this backend: ragged_dot against the blocked scan.
+"""Grouped expert matmul on this backend: ragged_dot against the blocked loop.
 
     python bench/moe.py [--tokens 4096] [--config configs/bench.py] [--repeats 5]
 
 One MoE layer of the config (routing included), forward and forward+backward, jitted;
-alternating implementations, median of repeats. A 2048^3 float32 calibration matmul runs
+alternating implementations, median of repeats. A 2048^3 float32 calibration matmul (best of 5) runs
 before and after so a noisy host shows in the output. One JSON line per measurement.
 """
 
@@ -30,6 +30,7 @@ from flax import nnx  # noqa: E402
 
 from configs import load  # noqa: E402
 from model.moe import MoE  # noqa: E402
+from training.metrics import measure_matmul_flops  # noqa: E402
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -43,9 +44,8 @@ def timed(fn, *args, repeats: int) -> float:
 
 
 def calibrate() -> float:
-    a = jnp.ones((2048, 2048), jnp.float32)
-    mm = jax.jit(lambda x: x @ x)
-    return 2 * 2048**3 / timed(mm, a, repeats=3) / 1e9
+    """GFLOP/s of a 2048³ float32 matmul (the same ceiling bench/train.py and the trainer's MFU use)."""
+    return measure_matmul_flops(jnp.float32, 2048) / 1e9
 
 
 def main() -> None:
