@@ -143,11 +143,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes; -1 means "all remaining devices"."""
+    """Device mesh sizes (-1 means "all remaining devices") and the sharding strategy: the
+    table of logical-axis rules (``parallel.rules``) that places parameters and activations."""
 
     data: int = -1
     tensor: int = 1
     sequence: int = 1
+    strategy: Literal["dp", "fsdp", "tp", "ep_tp", "dp_tp_sp", "fsdp_tp_sp"] = "dp"  # parallel.rules.STRATEGIES
 
 
 @dataclass(frozen=True)
