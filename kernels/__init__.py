@@ -4,6 +4,13 @@
 gradient); ``xla`` computes the same in XLA ops with a flash-style hand-written backward
 (``kernels.xla``, the CPU default); ``auto`` resolves per platform. Pallas backends (flash
 attention, ragged paged attention) register here as they land.
+
+``attention_bwd`` is the backward of one attention block as its own op: given the output and
+log-sum-exp of the *whole* attention the block is part of, it returns the block's exact share
+of dq, dk, dv. Ring attention (``parallel.ring``) calls it once per ring step; a backend
+registers its forward in ``_BACKENDS`` and this backward in ``_BWD_BACKENDS``. ``reference``
+has no separate backward formula: it routes to the ``xla`` one, which its tests pin to
+autodiff of the reference.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 from kernels import reference, xla
 
 _BACKENDS = {"xla": xla.attention, "reference": reference.attention}
+_BWD_BACKENDS = {"xla": xla.attention_bwd, "reference": xla.attention_bwd}
 
 
 def resolve(impl: str) -> str:
@@ -30,4 +38,23 @@ def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_se
               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
 
-__all__ = ["attention", "resolve", "reference"]
+def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scale: float, causal: bool = True,
+                  q_segment_ids=None, kv_segment_ids=None, d_lse_bht=None, impl: str = "auto"):
+    """Flash-attention backward of one block: (dq [B,T,H,K], dk [B,S,G,K], dv [B,S,G,V]) in the inputs' dtypes.
+
+    ``out_bthv`` [B,T,H,V] and ``lse_bht`` [B,H,T] are the final output and log-sum-exp of the
+    attention this block belongs to (for a lone block: what ``attention`` returned). With
+    P = exp(s - lse) on the block's visible (mask) entries, delta = rowsum(dO ⊙ O):
+
+        dv = Pᵀ·dO    dS = P ⊙ (dO·Vᵀ - delta + dlse)    dq = scale·dS·K    dk = scale·dSᵀ·Q
+
+    ``d_lse_bht`` (default zeros) is the cotangent of the log-sum-exp. Rows with lse -inf
+    (nothing visible) contribute nothing; under GQA dk/dv sum over each kv head's query heads.
+    Masking (``causal`` with offset S - T, segment ids) is that of ``attention``.
+    """
+    fn = _BWD_BACKENDS[resolve(impl)]
+    return fn(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, scale=scale, causal=causal,
+              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, d_lse_bht=d_lse_bht)
+
+
+__all__ = ["attention", "attention_bwd", "resolve", "reference"]

@@ -7,6 +7,9 @@ exp(s - lse) in one pass and forms
 
     dv = Pᵀ·dO    dP = dO·Vᵀ    dS = P ⊙ (dP - rowsum(dO ⊙ O) + dlse)    dq = dS·K·scale    dk = dSᵀ·Q·scale
 
+``attention_bwd`` exposes that backward for one block given the output and log-sum-exp of
+the whole attention the block belongs to (ring attention sums the blocks' gradients).
+
 Autodiff of the reference instead keeps every [B, H, T, S] intermediate of the masked
 softmax and walks back through each of them; on CPU those elementwise passes, not the
 matmuls, were most of the attention time. Memory is O(T) per row instead of O(T·S) saved
@@ -93,16 +96,16 @@ def _fwd(q, k, v, q_seg, kv_seg, scale, causal):
     return _outputs(q, out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def _bwd(scale, causal, residuals, cotangents):
-    q, k, v, q_seg, kv_seg, out, lse = residuals
-    d_out, d_lse = cotangents
-    b, t, h, _ = q.shape
-    s_len, g = k.shape[1], k.shape[2]
-    qh, kh, vh = _head_major(q, k, v)
-    do = d_out.astype(jnp.float32).reshape(b, t, g, h // g, -1).transpose(0, 2, 3, 1, 4)  # [b, g, r, t, v]
+def _gradients(qh, kh, vh, do, out, lse, d_lse, q_seg, kv_seg, scale, causal):
+    """The flash backward in head-major float32: qh [B,G,R,T,K], kh [B,G,S,K], vh [B,G,S,V],
+    do/out [B,G,R,T,V], lse/d_lse [B,G,R,T] -> (dq [B,G,R,T,K], dk [B,G,S,K], dv [B,G,S,V]).
+
+    ``out`` and ``lse`` may be those of a larger attention this block is part of (ring
+    attention): P = exp(s - lse) is then this block's share of the global softmax, and the
+    gradients are this block's exact contribution. Rows with lse -inf contribute nothing."""
+    t, s_len = qh.shape[3], kh.shape[2]
     delta = jnp.sum(do * out, axis=-1)  # rowsum(dO ⊙ O): [b, g, r, t]
-    d_lse = d_lse.astype(jnp.float32).reshape(delta.shape)
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf)  # exp(s - inf) = 0: invisible rows give P = 0
     dqs, dk, dv = [], jnp.zeros_like(kh), jnp.zeros_like(vh)
     for a, e, ke in _blocks(t, s_len, causal):
         mask = _mask(a, e, ke, t, s_len, causal, q_seg, kv_seg)
@@ -114,9 +117,28 @@ def _bwd(scale, causal, residuals, cotangents):
         ds = p * (dp - (delta[..., a:e] - d_lse[..., a:e])[..., None]) * scale
         dqs.append(jnp.einsum("bgrts,bgsk->bgrtk", ds, kh[:, :, :ke]))
         dk = dk.at[:, :, :ke].add(jnp.einsum("bgrts,bgrtk->bgsk", ds, q_blk))
-    dq = jnp.concatenate(dqs, axis=3).transpose(0, 3, 1, 2, 4).reshape(q.shape)
-    return (dq.astype(q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype),
-            None, None)
+    return jnp.concatenate(dqs, axis=3), dk, dv
+
+
+def _public_grads(q, k, v, dq, dk, dv):
+    """Head-major float32 gradients back to the callers' layouts and dtypes."""
+    return (dq.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype),
+            dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype))
+
+
+def _split_heads(x_bthv, g):
+    """[B, T, H, V] -> float32 [B, G, R, T, V], the head-major layout of ``_head_major``'s q."""
+    b, t, h, _ = x_bthv.shape
+    return x_bthv.astype(jnp.float32).reshape(b, t, g, h // g, -1).transpose(0, 2, 3, 1, 4)
+
+
+def _bwd(scale, causal, residuals, cotangents):
+    q, k, v, q_seg, kv_seg, out, lse = residuals
+    d_out, d_lse = cotangents
+    qh, kh, vh = _head_major(q, k, v)
+    d_lse = d_lse.astype(jnp.float32).reshape(lse.shape)
+    grads = _gradients(qh, kh, vh, _split_heads(d_out, k.shape[2]), out, lse, d_lse, q_seg, kv_seg, scale, causal)
+    return _public_grads(q, k, v, *grads) + (None, None)
 
 
 _attention.defvjp(_fwd, _bwd)
@@ -131,3 +153,20 @@ def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_se
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     return _attention(q_bthk, k_bsgk, v_bsgv, q_segment_ids, kv_segment_ids, float(scale), bool(causal))
+
+
+def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scale: float, causal: bool = True,
+                  q_segment_ids=None, kv_segment_ids=None, d_lse_bht=None):
+    """(dq, dk, dv) of one attention block in the inputs' dtypes; see ``kernels.attention_bwd``."""
+    h, g = q_bthk.shape[2], k_bsgk.shape[2]
+    if h % g:
+        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    b, t = q_bthk.shape[:2]
+    lse = lse_bht.astype(jnp.float32).reshape(b, g, h // g, t)
+    d_lse = jnp.zeros_like(lse) if d_lse_bht is None else d_lse_bht.astype(jnp.float32).reshape(lse.shape)
+    qh, kh, vh = _head_major(q_bthk, k_bsgk, v_bsgv)
+    grads = _gradients(qh, kh, vh, _split_heads(d_out_bthv, g), _split_heads(out_bthv, g), lse, d_lse,
+                       q_segment_ids, kv_segment_ids, float(scale), bool(causal))
+    return _public_grads(q_bthk, k_bsgk, v_bsgv, *grads)
