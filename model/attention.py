@@ -1,8 +1,10 @@
 """Self-attention layers: Multi-head Latent Attention (DeepSeek-V2/V3) and GQA/MQA.
 
 Both take the residual stream x [B, T, D], rotary tables cos/sin [B, T, P/2] and optional
-segment ids [B, T], and call ``kernels.attention`` for the softmax(QK^T)V part, so the
-kernel backend is a config value (``attention.impl``). Choose a kind with ``ATTENTION``.
+segment ids [B, T], and call ``parallel.ring.sharded_attention`` for the softmax(QK^T)V part:
+``kernels.attention`` (backend from ``attention.impl``) on one device or under GSPMD, ring
+attention when the current layout splits the length axis over ``sequence``. Choose a kind
+with ``ATTENTION``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-import kernels
 from configs.schema import AttentionConfig, LayerContext, RopeConfig
 from model.layers import RMSNorm, dtype, param, project
 from model.rope import Rotary, softmax_scale
+from parallel.ring import sharded_attention
 
 
 class MLA(nnx.Module):
@@ -75,10 +77,8 @@ class MLA(nnx.Module):
         k_pe_bthp = jnp.broadcast_to(k_pe_btp[:, :, None, :], k_pe_btp.shape[:2] + (h, k_pe_btp.shape[-1]))
         q_bthk = jnp.concatenate([q_nope, q_pe], axis=-1)
         k_bthk = jnp.concatenate([k_nope_bthk, k_pe_bthp], axis=-1)
-        out_bthv, _ = kernels.attention(
-            q_bthk, k_bthk, v_bthv, scale=self.scale, causal=True,
-            q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, impl=self.cfg.impl,
-        )
+        out_bthv = sharded_attention(q_bthk, k_bthk, v_bthv, segment_ids_bt, scale=self.scale, impl=self.cfg.impl,
+                                     kv_heads_name="act_heads")
         return project(out_bthv, self._w(self.wo), contract=2)
 
 
@@ -102,10 +102,8 @@ class GQA(nnx.Module):
         q_bthk = Rotary.apply(project(x_btd, self.wq[...].astype(cd)), cos, sin)
         k_btgk = Rotary.apply(project(x_btd, self.wk[...].astype(cd)), cos, sin)
         v_btgk = project(x_btd, self.wv[...].astype(cd))
-        out_bthk, _ = kernels.attention(
-            q_bthk, k_btgk, v_btgk, scale=self.scale, causal=True,
-            q_segment_ids=segment_ids_bt, kv_segment_ids=segment_ids_bt, impl=self.cfg.impl,
-        )
+        out_bthk = sharded_attention(q_bthk, k_btgk, v_btgk, segment_ids_bt, scale=self.scale, impl=self.cfg.impl,
+                                     kv_heads_name="act_kv_heads")
         return project(out_bthk, self.wo[...].astype(cd), contract=2)
 
 

@@ -19,6 +19,10 @@ from model.attention import ATTENTION
 from model.layers import Embed, LMHead, RMSNorm, SwiGLU
 from model.moe import MoE
 from model.rope import Rotary
+from parallel.layout import constrain, current
+from parallel.ring import inverse_permutation, zigzag_permutation
+
+RESIDUAL = ("batch", "length", "act_embed")  # logical axes of the residual stream x [B, T, D]
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -39,13 +43,15 @@ class Block(nnx.Module):
         self.moe = moe
 
     def __call__(self, x_btd, cos, sin, segment_ids_bt):
+        x_btd = constrain(x_btd, RESIDUAL)
         x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos, sin, segment_ids_bt).astype(x_btd.dtype)
+        x_btd = constrain(x_btd, RESIDUAL)
         h_btd = self.ffn_norm(x_btd)
         if self.moe:
             y_btd, stats = self.ffn(h_btd, segment_ids_bt)
         else:
             y_btd, stats = self.ffn(h_btd), {}
-        return x_btd + y_btd.astype(x_btd.dtype), stats
+        return constrain(x_btd + y_btd.astype(x_btd.dtype), RESIDUAL), stats
 
 
 def stacked_blocks(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> Block:
@@ -105,15 +111,24 @@ class Decoder(nnx.Module):
         b, t = tokens_bt.shape
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        layout = current()
+        ring = layout.size("length") if layout is not None else 1
+        if ring > 1:  # sequence parallel: lay the length axis out zig-zag once (see parallel.ring)
+            order = zigzag_permutation(t, ring)
+            tokens_bt, positions_bt = tokens_bt[:, order], positions_bt[:, order]
+            segment_ids_bt = None if segment_ids_bt is None else segment_ids_bt[:, order]
         cos, sin = Rotary(cfg.rope, cfg.attention.rope_dim).tables(positions_bt)
-        x_btd = self.embed(tokens_bt)
+        x_btd = constrain(self.embed(tokens_bt), RESIDUAL)
         aux: dict[str, Any] = {"aux_loss": jnp.zeros((), jnp.float32)}
         if self.dense_blocks is not None:
             x_btd, _ = scan_blocks(self.dense_blocks, x_btd, cos, sin, segment_ids_bt, cfg.remat)
         if self.moe_blocks is not None:
             x_btd, stats = scan_blocks(self.moe_blocks, x_btd, cos, sin, segment_ids_bt, cfg.remat)
             aux = {"expert_load": stats["load"], "aux_loss": jnp.sum(stats["aux_loss"])}
-        return self.final_norm(x_btd), aux
+        x_btd = self.final_norm(x_btd)
+        if ring > 1:
+            x_btd = constrain(x_btd[:, inverse_permutation(order)], RESIDUAL)
+        return x_btd, aux
 
 
 def update_router_bias(model: Decoder, load_le, rate: float) -> None:

@@ -21,6 +21,18 @@ def test_all_model_axes_resolve(strategy, overrides):
         assert len(spec) == len(var.shape), path
 
 
+def test_strategies_use_the_mesh_axes_they_claim():
+    used = {name: {a for _, a in rules if a} for name, rules in STRATEGIES.items()}
+    assert used["dp"] == {"data"} and used["fsdp"] == {"data"}
+    assert used["tp"] == used["ep_tp"] == {"data", "tensor"}
+    assert used["dp_tp_sp"] == used["fsdp_tp_sp"] == {"data", "tensor", "sequence"}
+    for rules in STRATEGIES.values():  # no array of the model maps one mesh axis twice
+        logical_to_spec(("batch", "length", "act_embed"), rules)
+        logical_to_spec(("batch", "length", "act_heads", None), rules)
+        logical_to_spec(("expert", "embed", "mlp"), rules)
+        logical_to_spec(("layers", "kv_lora", "heads", "qk"), rules)
+
+
 def test_specs_and_errors():
     assert logical_to_spec(("layers", "embed", "mlp"), DP_TP) == PartitionSpec(None, None, "tensor")
     assert logical_to_spec(("expert", "embed", "mlp"), DP_TP) == PartitionSpec("data", None, "tensor")
