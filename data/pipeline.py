@@ -149,11 +149,22 @@ def process_span(sharding, shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def to_global(local: dict[str, np.ndarray], sharding, global_batch: int) -> dict:
-    """The global batch as ``jax.Array``s from this process's rows (see ``process_span``)."""
+    """The global batch as ``jax.Array``s from this process's rows (see ``process_span``).
+
+    When the length axis is split over devices of several processes (sequence parallelism
+    across hosts), each process passes on only the positions its devices hold."""
     import jax
 
-    return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
-            for k, v in local.items()}
+    out = {}
+    for k, v in local.items():
+        shape = (global_batch,) + v.shape[1:]
+        if v.ndim > 1:
+            index = sharding.addressable_devices_indices_map(shape).values()
+            lo = min(ix[1].start or 0 for ix in index)
+            hi = max(shape[1] if ix[1].stop is None else ix[1].stop for ix in index)
+            v = v[:, lo:hi]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
 
 
 def unigram_entropy(targets: np.ndarray, vocab_size: int) -> float:

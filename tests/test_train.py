@@ -137,9 +137,12 @@ def test_sigterm_saves_then_resume_is_bit_identical(corpus, data_dir, tmp_path, 
     assert_same_run(reference_run, out)
 
 
-def test_two_processes_train_like_one_process_with_two_devices(corpus, data_dir, tmp_path, reference_run):
-    """Real multi-host: two train.py processes (one CPU device each, jax.distributed on localhost)
-    form a data=2 mesh, each loading half of every batch, and train the reference run's model."""
+def test_two_processes_train_sharded_then_resume_on_another_mesh(corpus, data_dir, tmp_path, reference_run):
+    """Real multi-host: two train.py processes (two CPU devices each, jax.distributed on localhost)
+    form a data=4 mesh with FSDP, so every parameter and moment is split across both processes;
+    each process loads half of every batch, trains the reference run's model and checkpoints
+    sharded. Then one process with a different mesh (2 devices, data parallel) resumes from
+    the sharded step-5 checkpoint and ends where the reference run ends."""
     import socket
 
     with socket.socket() as sock:
@@ -148,14 +151,16 @@ def test_two_processes_train_like_one_process_with_two_devices(corpus, data_dir,
     out = tmp_path / "run"
     procs = []
     for i in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "MOELA_PROCESS_ID": str(i),
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "MOELA_PROCESS_ID": str(i),
                "MOELA_COORDINATOR": f"127.0.0.1:{port}", "MOELA_NUM_PROCESSES": "2"}
-        procs.append(subprocess.Popen(train_cmd(overrides(corpus, data_dir, out)), cwd=ROOT, env=env,
+        args = overrides(corpus, data_dir, out) + ["mesh.strategy=fsdp"]
+        procs.append(subprocess.Popen(train_cmd(args), cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
-    assert "2 process(es), this one loading batch rows [0, 2)" in outputs[0][0]
+    assert "'data': 4" in outputs[0][0] and "(fsdp) over 4 cpu devices in 2 process(es)" in outputs[0][0]
+    assert "this one loading batch rows [0, 2)" in outputs[0][0]
     assert "validation loss" in outputs[0][0] and "validation loss" not in outputs[1][0]  # process 0 reports
     ours, ref = metric_lines(out), metric_lines(reference_run)
     assert [sorted(r) for r in ours] == [sorted(r) for r in ref]
@@ -163,6 +168,15 @@ def test_two_processes_train_like_one_process_with_two_devices(corpus, data_dir,
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
     pa, pb = final_params(out), final_params(reference_run)
+    for name in pb:
+        np.testing.assert_allclose(pa[name], pb[name], atol=1e-4, err_msg=name)
+
+    for step in (8, 11):
+        shutil.rmtree(out / "checkpoints" / str(step))
+    again = run_train(overrides(corpus, data_dir, out))  # one process, 2 devices, data parallel
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "(dp) over 2 cpu devices in 1 process(es)" in again.stdout
+    pa = final_params(out)
     for name in pb:
         np.testing.assert_allclose(pa[name], pb[name], atol=1e-4, err_msg=name)
 

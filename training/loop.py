@@ -24,8 +24,10 @@ from tqdm import tqdm
 from configs import Config, ConfigError, load_json, save_json
 from data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
 from model.layers import dtype
-from model.transformer import init_model
-from parallel.mesh import MeshError, batch_sharding, build_mesh, replicated
+from parallel import sharded
+from parallel.layout import Layout, sharding_report
+from parallel.mesh import MeshError, build_mesh
+from parallel.rules import ShardingRuleError
 from scaling.flops import CONVENTION, training_flops_per_token
 from training.checkpoints import Checkpointer, abstract_like
 from training.metrics import MetricsLog, peak_flops
@@ -81,20 +83,36 @@ def _prepare_data(cfg: Config, primary: bool):
     return result if primary else both()
 
 
+def make_layout(cfg: Config) -> Layout:
+    """The mesh and strategy of ``cfg``, with every mistake reported as a ConfigError."""
+    t = cfg.train
+    try:
+        layout = Layout.of(build_mesh(cfg.mesh), cfg.mesh.strategy)
+        sharded.model_shardings(cfg.model, layout)  # every parameter's names resolve and divide
+    except (MeshError, ShardingRuleError) as e:
+        raise ConfigError(f"mesh: {e}") from None
+    rows = layout.size("batch")
+    if t.global_batch_size % (rows * t.microbatches):
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be divisible by the {rows} devices "
+                          f"the batch is split over x train.microbatches {t.microbatches}")
+    ring = layout.size("length")
+    if ring > 1 and t.seq_len % (2 * ring):
+        raise ConfigError(f"train.seq_len {t.seq_len} must be divisible by 2 x mesh.sequence ({2 * ring}) for "
+                          "zig-zag ring attention")
+    return layout
+
+
+def _param_mib(params, layout: Layout) -> float:
+    return sum(r["bytes_per_device"] for r in sharding_report(params, layout)) / 2**20
+
+
 def run(cfg: Config, log=print) -> dict:
     t = cfg.train
     run_dir = Path(t.out_dir)
     primary = jax.process_index() == 0
     _check_run_dir(run_dir, cfg)
-    try:
-        mesh = build_mesh(cfg.mesh)
-    except MeshError as e:
-        raise ConfigError(str(e)) from None
-    data_size = mesh.shape["data"]
-    if t.global_batch_size % (data_size * t.microbatches):
-        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be divisible by mesh data size "
-                          f"{data_size} x train.microbatches {t.microbatches}")
-    rows_sharding, repl = batch_sharding(mesh), replicated(mesh)  # data parallel: parameters replicated
+    layout = make_layout(cfg)
+    rows_sharding = sharded.batch_sharding(layout)
     saved_tokenizer = run_dir / "tokenizer.model"
     if saved_tokenizer.is_file() and not cfg.data.tokenizer_model:
         # a resumed run keeps the tokenizer it started with, wherever it resumes
@@ -108,11 +126,12 @@ def run(cfg: Config, log=print) -> dict:
             shutil.copy(tok.path, saved_tokenizer)
         save_json(cfg, run_dir / "config.json")
 
-    model = init_model(cfg.model, seed=t.seed)
+    model = sharded.init_model(cfg.model, layout, seed=t.seed)  # born sharded: no full copy anywhere
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = jax.device_put((params, rest), repl)
+    param_shardings, rest_shardings = (jax.tree.map(lambda x: x.sharding, s) for s in (params, rest))
     tx = optimizer(t)
-    opt_state = jax.device_put(tx.init(params), repl)
+    opt_state = sharded.init_optimizer(tx, params, param_shardings, layout)
+    state_shardings = (param_shardings, rest_shardings, jax.tree.map(lambda x: x.sharding, opt_state))
     ckpt = Checkpointer(run_dir, t)
     start_step = 0
     restored = ckpt.restore_latest(nnx.merge_state(params, rest), abstract_like(opt_state), log=log)
@@ -127,15 +146,17 @@ def run(cfg: Config, log=print) -> dict:
 
     batches = Batches(train_rows, t.global_batch_size, t.seed)
     span = process_span(rows_sharding, (t.global_batch_size, t.seq_len))
-    train_step, eval_step = make_train_step(graphdef, cfg, tx), make_eval_step(graphdef)
+    train_step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
+    eval_step = make_eval_step(graphdef, layout)
     lr = learning_rate(t)
     flops = training_flops_per_token(cfg.model, t.seq_len)
     peak, peak_source = peak_flops(t.peak_flops, dtype(cfg.model.compute_dtype))
     entropy = unigram_entropy(val_rows.targets[val_rows.segment_ids > 0], tok.vocab_size)
     log(f"{cfg.name}: {len(train_rows)} train rows x {t.seq_len} tokens, {t.global_batch_size} rows a step; "
         f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source}); "
-        f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} devices in "
-        f"{jax.process_count()} process(es), this one loading batch rows [{span[0]}, {span[1]})")
+        f"mesh {dict(layout.mesh.shape)} ({cfg.mesh.strategy}) over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices in {jax.process_count()} process(es), this one loading batch rows "
+        f"[{span[0]}, {span[1]}); parameters {_param_mib(params, layout):.1f} MiB per device")
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))

@@ -21,6 +21,7 @@ from flax import nnx
 
 from configs.schema import Config
 from model.transformer import update_router_bias
+from parallel.layout import Layout, use
 from training.losses import head_loss, loss_chunks
 
 
@@ -45,11 +46,27 @@ def training_objective(graphdef, params, rest, batch, *, z_coef: float, chunk_to
     return objective, stats["ce"], stats["z"], aux
 
 
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
+def split_microbatches(batch, m: int):
+    """[B, ...] -> [m, B/m, ...] with microbatch k = rows k, k + m, k + 2m, ...: rows sharded over
+    ``data`` stay on their devices (each device holds an equal share of every microbatch)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, layout: Layout | None = None,
+                    state_shardings=None):
+    """The jitted step (params, rest, opt_state, batch) -> (params, rest, opt_state, metrics).
+
+    With a ``layout`` the step is traced under it (activation constraints, ring attention,
+    expert dispatch) and ``state_shardings`` = (params, rest, opt_state) shardings pin the
+    outputs to the layout the inputs came in."""
     t, moe = cfg.train, cfg.model.moe
     m = t.microbatches
 
     def step(params, rest, opt_state, batch):
+        with use(layout):
+            return _step(params, rest, opt_state, batch)
+
+    def _step(params, rest, opt_state, batch):
         tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def micro_step(mb):
@@ -69,7 +86,7 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
                 grads, stats = micro_step(mb)
                 return jax.tree.map(jnp.add, carry, (grads, stats)), None
 
-            micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+            micro = split_microbatches(batch, m)
             zeros = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
             (grads, acc), _ = jax.lax.scan(accumulate, zeros, micro)
@@ -83,12 +100,14 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation):
                    "grad_norm": optax.global_norm(grads), "tokens": tokens, "expert_load": acc["load"]}
         return params, rest, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1, 2))
+    out_shardings = None if state_shardings is None else (*state_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, layout: Layout | None = None):
     def evaluate(params, rest, batch):
-        ce, _, _ = loss_terms(graphdef, params, rest, batch)
+        with use(layout):
+            ce, _, _ = loss_terms(graphdef, params, rest, batch)
         return ce, jnp.sum(batch["loss_mask"])
 
     return jax.jit(evaluate)
