@@ -58,11 +58,19 @@ def load_config(directory: str | Path) -> Config:
         raise CheckpointError(f"'{path}' holds an invalid config: {e}") from None
 
 
-def load_model(directory: str | Path, step: int | None = None, shardings: Any = None) -> tuple[Config, Decoder]:
-    """Restore (config, model) from the latest (or the given) step, without a random init."""
+def load_model(directory: str | Path, step: int | None = None, shardings: Any = None,
+               layout: Any = None) -> tuple[Config, Decoder]:
+    """Restore (config, model) from the latest (or the given) step, without a random init.
+
+    With a ``parallel.layout.Layout`` every variable is read straight into its shards on that
+    mesh (whatever mesh saved it); otherwise onto this process's first device."""
     cfg = load_config(directory)
     graphdef, abstract_state = nnx.split(abstract_model(cfg.model))
     target = abstract_state.to_pure_dict()
+    if layout is not None:
+        from parallel.layout import state_shardings
+
+        shardings = state_shardings(abstract_state, layout).to_pure_dict()
     if shardings is None:  # onto this process's first device, whatever topology saved it
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)

@@ -9,7 +9,8 @@ times ``routed_scaling_factor``). With ``n_group > 1`` only experts in the best
 
 Experts run dropless: the M = tokens·k (token, expert) pairs are sorted by expert and each
 expert's rows go through its SwiGLU as a grouped matmul (``model.experts``: ``jax.lax.ragged_dot``
-on TPU/GPU, a blocked scan on CPU; ``moe.impl`` chooses).
+on TPU/GPU, a blocked scan on CPU; ``moe.impl`` chooses). When the layout splits experts over
+a mesh axis they run expert-parallel (``parallel.experts``).
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import LayerContext, MoEConfig
-from model.experts import GROUPED_SWIGLU, resolve
-from model.layers import SwiGLU, dtype, param
+from model.experts import routed_swiglu
+from model.layers import SwiGLU, dtype, param, project
+from parallel.experts import expert_parallel_swiglu
+from parallel.layout import current
 
 
 class RouterBias(nnx.Variable):
@@ -34,28 +37,31 @@ class Router(nnx.Module):
                                eager_sharding=False)
         self.cfg = cfg
 
-    def __call__(self, x_md):
-        """x [M, D] -> (weights [M, k] f32, expert ids [M, k] int32, scores [M, E] f32)."""
+    def __call__(self, x_td):
+        """x [..., D] -> (weights [..., k] f32, expert ids [..., k] int32, scores [..., E] f32).
+
+        Any leading token dims: the MoE keeps [B, T] so a (data, sequence)-sharded batch is
+        routed where it lies (flattening B·T would regroup rows across devices)."""
         cfg = self.cfg
-        logits_me = jnp.einsum("md,de->me", x_md.astype(jnp.float32), self.w[...].astype(jnp.float32))
-        scores_me = jax.nn.sigmoid(logits_me) if cfg.score_func == "sigmoid" else jax.nn.softmax(logits_me, -1)
-        choice_me = scores_me + self.bias[...]
+        logits_te = project(x_td.astype(jnp.float32), self.w[...].astype(jnp.float32))
+        scores_te = jax.nn.sigmoid(logits_te) if cfg.score_func == "sigmoid" else jax.nn.softmax(logits_te, -1)
+        choice_te = scores_te + self.bias[...]
         if cfg.n_group > 1:
-            m, e = choice_me.shape
-            grouped = choice_me.reshape(m, cfg.n_group, e // cfg.n_group)
+            e = choice_te.shape[-1]
+            grouped = choice_te.reshape(choice_te.shape[:-1] + (cfg.n_group, e // cfg.n_group))
             if cfg.group_score == "top2_sum":
-                group_mg = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+                group_tg = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
             else:
-                group_mg = jnp.max(grouped, axis=-1)
-            _, best = jax.lax.top_k(group_mg, cfg.topk_group)
-            keep_mg = jnp.sum(jax.nn.one_hot(best, cfg.n_group, dtype=jnp.int32), axis=1) > 0
-            keep_me = jnp.repeat(keep_mg, e // cfg.n_group, axis=1)
-            choice_me = jnp.where(keep_me, choice_me, -jnp.inf)
-        _, ids_mk = jax.lax.top_k(choice_me, cfg.experts_per_token)
-        weights_mk = jnp.take_along_axis(scores_me, ids_mk, axis=-1)
+                group_tg = jnp.max(grouped, axis=-1)
+            _, best = jax.lax.top_k(group_tg, cfg.topk_group)
+            keep_tg = jnp.sum(jax.nn.one_hot(best, cfg.n_group, dtype=jnp.int32), axis=-2) > 0
+            keep_te = jnp.repeat(keep_tg, e // cfg.n_group, axis=-1)
+            choice_te = jnp.where(keep_te, choice_te, -jnp.inf)
+        _, ids_tk = jax.lax.top_k(choice_te, cfg.experts_per_token)
+        weights_tk = jnp.take_along_axis(scores_te, ids_tk, axis=-1)
         if cfg.norm_topk_prob:
-            weights_mk = weights_mk / (jnp.sum(weights_mk, axis=-1, keepdims=True) + 1e-20)
-        return weights_mk * cfg.routed_scaling_factor, ids_mk.astype(jnp.int32), scores_me
+            weights_tk = weights_tk / (jnp.sum(weights_tk, axis=-1, keepdims=True) + 1e-20)
+        return weights_tk * cfg.routed_scaling_factor, ids_tk.astype(jnp.int32), scores_te
 
 
 class RoutedExperts(nnx.Module):
@@ -69,22 +75,18 @@ class RoutedExperts(nnx.Module):
         self.compute_dtype = dtype(ctx.compute_dtype)
         self.impl, self.block = cfg.impl, cfg.block_rows
 
-    def __call__(self, x_md, weights_mk, ids_mk):
-        """Dropless: every (token, expert) pair is computed. Returns y [M, D]."""
+    def __call__(self, x_td, weights_tk, ids_tk):
+        """Dropless: every (token, expert) pair is computed. x [..., D] -> y [..., D].
+
+        Under a layout that splits experts over a mesh axis, the expert-parallel shard_map
+        island (``parallel.experts``) runs it; otherwise one device computes all pairs."""
         cd = self.compute_dtype
-        m, k = ids_mk.shape
-        e = self.w_gate.shape[0]
-        flat_ids = ids_mk.reshape(-1)
-        order = jnp.argsort(flat_ids, stable=True)
-        rows = order // k  # token of each sorted pair
-        group_sizes = jnp.bincount(flat_ids, length=e).astype(jnp.int32)
-        x_sorted = jnp.take(x_md.astype(cd), rows, axis=0)
-        grouped = GROUPED_SWIGLU[resolve(self.impl)]
-        y_sorted = grouped(x_sorted, self.w_gate[...].astype(cd), self.w_up[...].astype(cd),
-                           self.w_down[...].astype(cd), group_sizes, self.block)
-        y_sorted = y_sorted * jnp.take(weights_mk.reshape(-1), order)[:, None].astype(cd)
-        y_md = jnp.zeros((m, y_sorted.shape[-1]), cd).at[rows].add(y_sorted)
-        return y_md
+        ws = tuple(w[...].astype(cd) for w in (self.w_gate, self.w_up, self.w_down))
+        layout = current()
+        if layout is not None and layout.axis("expert") is not None:
+            return expert_parallel_swiglu(x_td.astype(cd), weights_tk, ids_tk, *ws, layout=layout, impl=self.impl,
+                                          block=self.block)
+        return routed_swiglu(x_td.astype(cd), weights_tk, ids_tk, *ws, impl=self.impl, block=self.block)
 
 
 class MoE(nnx.Module):
@@ -98,22 +100,19 @@ class MoE(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_btd, segment_ids_bt=None):
-        b, t, d = x_btd.shape
-        x_md = x_btd.reshape(b * t, d)
-        weights_mk, ids_mk, scores_me = self.router(x_md)
-        valid_m = (jnp.ones((b * t,), bool) if segment_ids_bt is None else (segment_ids_bt.reshape(-1) != 0))
+        weights_btk, ids_btk, scores_bte = self.router(x_btd)
+        valid_bt = jnp.ones(x_btd.shape[:2], bool) if segment_ids_bt is None else segment_ids_bt != 0
         # Padding rows still flow through the experts (shapes stay static) but weigh nothing.
-        weights_mk = jnp.where(valid_m[:, None], weights_mk, 0.0)
-        y_md = self.experts(x_md, weights_mk, ids_mk)
-        load_e = jnp.sum(jax.nn.one_hot(ids_mk, self.cfg.num_experts, dtype=jnp.float32) * valid_m[:, None, None],
-                         axis=(0, 1))
-        y_btd = y_md.reshape(b, t, d).astype(x_btd.dtype)
+        weights_btk = jnp.where(valid_bt[..., None], weights_btk, 0.0)
+        y_btd = self.experts(x_btd, weights_btk, ids_btk).astype(x_btd.dtype)
+        load_e = jnp.sum(jax.nn.one_hot(ids_btk, self.cfg.num_experts, dtype=jnp.float32)
+                         * valid_bt[..., None, None], axis=(0, 1, 2))
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd).astype(x_btd.dtype)
-        stats = {"load": load_e, "aux_loss": self.sequence_aux_loss(scores_me, ids_mk, valid_m, b, t)}
+        stats = {"load": load_e, "aux_loss": self.sequence_aux_loss(scores_bte, ids_btk, valid_bt)}
         return y_btd, stats
 
-    def sequence_aux_loss(self, scores_me, ids_mk, valid_m, b, t):
+    def sequence_aux_loss(self, scores_bte, ids_btk, valid_bt):
         """DeepSeek-V3's sequence-wise balance loss: alpha · sum_i f_i · P_i per sequence, averaged
         over the rows that hold any token.
 
@@ -125,11 +124,11 @@ class MoE(nnx.Module):
         if cfg.seq_aux_loss_coef == 0:
             return jnp.zeros((), jnp.float32)
         e, k = cfg.num_experts, cfg.experts_per_token
-        valid_bt = valid_m.reshape(b, t).astype(jnp.float32)
+        valid_bt = valid_bt.astype(jnp.float32)
         n_valid_b = jnp.maximum(jnp.sum(valid_bt, axis=1), 1.0)
-        counts_bte = jnp.sum(jax.nn.one_hot(ids_mk, e, dtype=jnp.float32), axis=1).reshape(b, t, e)
+        counts_bte = jnp.sum(jax.nn.one_hot(ids_btk, e, dtype=jnp.float32), axis=2)
         f_be = e / k * jnp.sum(counts_bte * valid_bt[..., None], axis=1) / n_valid_b[:, None]
-        probs_bte = (scores_me / jnp.sum(scores_me, axis=-1, keepdims=True)).reshape(b, t, e)
+        probs_bte = scores_bte / jnp.sum(scores_bte, axis=-1, keepdims=True)
         p_be = jnp.sum(probs_bte * valid_bt[..., None], axis=1) / n_valid_b[:, None]
         has_tokens_b = (jnp.sum(valid_bt, axis=1) > 0).astype(jnp.float32)  # all-padding rows do not count
         per_row = jnp.sum(f_be * p_be, axis=-1) * has_tokens_b
