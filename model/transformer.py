@@ -83,6 +83,12 @@ class Decoder(nnx.Module):
     ``positions`` default to 0..T-1 per row; with packed sequences pass positions that
     restart per document and ``segment_ids`` (0 marks padding; attention never crosses a
     segment). ``aux`` holds ``expert_load`` [L_moe, E] and the summed ``aux_loss``.
+
+    Under a ``parallel.layout`` (entered inside the jitted caller) the residual stream is
+    constrained to x[batch, length, act_embed] at every block boundary; when ``length`` is
+    split over ``sequence`` the tokens are laid out zig-zag for ring attention on the way
+    in and the hidden states restored to natural order on the way out, so callers never see
+    the permutation.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):

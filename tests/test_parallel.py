@@ -130,3 +130,33 @@ def test_sharding_mistakes_are_errors():
     layout = Layout.of(build_mesh(MeshConfig(1, 8, 1)), "tp")
     with pytest.raises(ShardingRuleError, match="not divisible by 8"):  # 4 heads over 8 devices
         sharded.model_shardings(config("mla_moe").model, layout)
+
+
+def test_sharded_train_step_with_microbatches_equals_one_device():
+    """The trainer's step (2 microbatches, AdamW, router-bias update) on a (2, 2, 2) mesh with
+    ring attention and expert parallelism lands on the one-device parameters, in the
+    shardings it started with."""
+    from training.optim import optimizer
+    from training.step import make_train_step
+
+    cfg = load("tiny", ["train.microbatches=2", "model.moe.bias_update_rate=0.01"])
+    tx = optimizer(cfg.train)
+    batch = packed_batch(cfg.model.vocab_size, seed=3)
+    graphdef, params, rest = nnx.split(init_model(cfg.model, seed=2), nnx.Param, ...)
+    want_params, want_rest, _, want = make_train_step(graphdef, cfg, tx)(params, rest, tx.init(params), batch)
+
+    layout = Layout.of(build_mesh(MeshConfig(2, 2, 2)), "dp_tp_sp")
+    _, params, rest = nnx.split(sharded.init_model(cfg.model, layout, seed=2), nnx.Param, ...)
+    shardings = tuple(jax.tree.map(lambda x: x.sharding, s) for s in (params, rest))
+    opt_state = sharded.init_optimizer(tx, params, shardings[0], layout)
+    state_shardings = (*shardings, jax.tree.map(lambda x: x.sharding, opt_state))
+    step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
+    new_params, new_rest, _, got = step(params, rest, opt_state, jax.device_put(batch, sharded.batch_sharding(layout)))
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
+    for (path, a), (_, b), (_, s) in zip(nnx.to_flat_state(new_params), nnx.to_flat_state(want_params),
+                                         nnx.to_flat_state(shardings[0])):
+        np.testing.assert_allclose(a[...], b[...], atol=1e-6, err_msg=str(path))
+        assert a[...].sharding == s.get_value(), path
+    np.testing.assert_allclose(new_rest["moe_blocks"]["ffn"]["router"]["bias"][...],
+                               want_rest["moe_blocks"]["ffn"]["router"]["bias"][...], atol=1e-7)
