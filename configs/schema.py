@@ -97,6 +97,7 @@ class MoEConfig:
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (alpha)
     impl: Literal["auto", "ragged_dot", "blocked"] = "auto"  # grouped matmul (model.experts)
     block_rows: int = 128  # rows per block of the "blocked" grouped matmul
+    expert_dispatch: Literal["ring", "gather"] = "ring"  # expert parallelism's token exchange (parallel.experts)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class RoutedExperts(nnx.Module):
         self.w_up = param(rngs, (e, d, f), ("expert", "embed", "mlp"), std, pd)
         self.w_down = param(rngs, (e, f, d), ("expert", "mlp", "embed"), std, pd)
         self.compute_dtype = dtype(ctx.compute_dtype)
-        self.impl, self.block = cfg.impl, cfg.block_rows
+        self.impl, self.block, self.dispatch = cfg.impl, cfg.block_rows, cfg.expert_dispatch
 
     def __call__(self, x_td, weights_tk, ids_tk):
         """Dropless: every (token, expert) pair is computed. x [..., D] -> y [..., D].
@@ -85,7 +85,7 @@ class RoutedExperts(nnx.Module):
         layout = current()
         if layout is not None and layout.axis("expert") is not None:
             return expert_parallel_swiglu(x_td.astype(cd), weights_tk, ids_tk, *ws, layout=layout, impl=self.impl,
-                                          block=self.block)
+                                          block=self.block, dispatch=self.dispatch)
         return routed_swiglu(x_td.astype(cd), weights_tk, ids_tk, *ws, impl=self.impl, block=self.block)
 
 

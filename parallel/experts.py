@@ -5,30 +5,29 @@ device holds E/n experts, W_gate/W_up [E_X, D, F_Y] and W_down [E_X, F_Y, D] (Y 
 ``mlp`` axis, if split), while the tokens x [B, T, D] are split over the token axes (the
 ``batch`` and ``length`` mesh axes: x[B_X, T_Z, D]; flat rows x [M, D] split over
 (data, sequence) work too). Each device flattens only its own [B/X, T/Z] block, so no row
-moves between devices before the island. The island, per device:
+moves between devices before the island. Two ways to bring tokens and experts together
+(``moe.expert_dispatch``), both dropless, exact and static-shaped (no capacity factor):
 
-1. all-gathers its token rows and their routing (weights, ids [M, k]) over X: every device
-   of an expert-axis group now sees the same n·M/n_tok rows;
-2. computes only the (token, expert) pairs routed to its own experts
-   (``model.experts.routed_swiglu`` with ``first_expert = index_X · E/n``: other pairs sort
-   past the groups and cost no matmul), each weighted by its routing weight;
-3. reduce-scatters the [n·M_local, D] partial outputs over X back to the token owners
-   (a token's k experts may live on k devices: the sum over X adds their contributions),
-   and, with F split over Y, psums the partial down-projections over Y.
+``ring`` (default): each device's token block (rows, routing weights, ids) tours the n devices
+of X with ``ppermute``, carrying an accumulator of its output; at every stop the host's E/n
+experts add their part (``model.experts.routed_swiglu`` with ``first_expert = index_X · E/n``:
+pairs of other experts sort past the groups and cost no matmul); one last move brings the
+finished block home. The backward (``jax.custom_vjp``) tours again with the output cotangent,
+recomputing each stop's part under ``jax.vjp``: dx and d(routing weights) travel with the
+block, each device keeps its own experts' weight gradients. Only one visiting block is live
+at a time, so memory is that of the local tokens, whatever n is.
 
-Why all-gather + reduce-scatter and not all_to_all: dispatching tokens with a fixed-size
-all_to_all needs a static per-destination buffer, i.e. a capacity factor that drops pairs
-when an expert is over-subscribed. Here every shape is static, nothing is dropped and the
-result is exact: each device sorts the n·M_local·k pairs it sees, and the blocked grouped
-matmul's buffer is sized for the worst case (all of them on this device's experts; only the
-blocks in use are computed). The price is communication: per device, the all-gather brings
-(n-1)·M_local token rows of width D and the reduce-scatter sends as many partial outputs back,
-where an all_to_all would move about k·M_local·(n-1)/n routed rows each way: a ratio of
-about n/k, so no worse for n <= k (DeepSeek-V3 routes k = 8), and both collectives are ones
-XLA schedules well. At larger n the variable-size exchange is ``jax.lax.ragged_all_to_all``
-(send counts first, then exactly the routed rows, into a worst-case-sized output), the
-TPU-scale alternative; XLA:CPU in jax 0.10 does not implement it ("HLO opcode
-ragged-all-to-all is not supported by XLA:CPU ThunkEmitter"), so it is not used here.
+``gather``: all-gather the token rows and routing over X, compute the pairs of the local
+experts among all n·M_local rows, reduce-scatter the partial outputs back to the owners. Two
+collectives instead of n hops (better latency at small n), but every device sorts n·M·k pairs:
+at DeepSeek-V3 scale (n = 64) that is hundreds of GiB (``python -m parallel.plan``).
+
+With F split over Y, the partial down-projections are psummed over Y. Compared with a token
+all_to_all (which moves about k·M_local·(n-1)/n routed rows each way), both move (n-1)·M_local
+rows of width D each way: a ratio of about n/k, no worse for n <= k (DeepSeek-V3 routes k = 8);
+``jax.lax.ragged_all_to_all`` (send counts first, then exactly the routed rows) is the
+TPU-scale alternative, but XLA:CPU in jax 0.10 does not implement it ("HLO opcode
+ragged-all-to-all is not supported by XLA:CPU ThunkEmitter"), so it cannot be tested here.
 
 Autodiff: the body runs with ``check_vma=True``. Weights are replicated over the token
 axes they are not split on (e.g. ``sequence``), tokens over ``mlp``; each operand is cast to
@@ -45,6 +44,7 @@ the fsdp strategies, which split D, leave ``expert`` unsplit and never enter the
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -59,12 +59,75 @@ def _token_axes(layout: Layout) -> tuple[str, ...]:
     return tuple(a for a in (layout.axis("batch"), layout.axis("length")) if a is not None)
 
 
+def _shift(tree, axis: str, n: int):
+    """Pass every array one step round the ring of ``axis``: device j sends to j + 1."""
+    return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, [(j, (j + 1) % n) for j in range(n)]), tree)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ring_experts(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
+    return _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block)
+
+
+def _own_experts(axis, e_local, impl, block):
+    first = jax.lax.axis_index(axis) * e_local
+    return lambda x, w, ids, wg, wu, wd: routed_swiglu(x, w, ids, wg, wu, wd, impl=impl, block=block,
+                                                       first_expert=first)
+
+
+def _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
+    """Each device's token block visits every device of the ring with an accumulator of its
+    output; each device adds what its own experts make of the visitor. After n - 1 moves every
+    block has seen all experts; one more move brings the finished outputs home."""
+    n = jax.lax.axis_size(axis)
+    experts = _own_experts(axis, e_local, impl, block)
+    visitor = (x_md, w_mk, ids_mk)
+    y_md = experts(*visitor, wg, wu, wd)
+    for _ in range(n - 1):
+        visitor, y_md = _shift((visitor, y_md), axis, n)
+        y_md = y_md + experts(*visitor, wg, wu, wd)
+    return _shift(y_md, axis, n) if n > 1 else y_md
+
+
+def _ring_fwd(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
+    return _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block), (x_md, w_mk, ids_mk, wg, wu, wd)
+
+
+def _ring_bwd(axis, e_local, impl, block, residuals, dy_md):
+    """The same tour again, the visitor now carrying its output cotangent and accumulators for
+    its dx and d(routing weights); each device recomputes its experts' part for the visitor
+    (``jax.vjp``), adds to the visitor's accumulators and keeps its own experts' weight
+    gradients. Only one visitor's buffers are live at a time."""
+    x_md, w_mk, ids_mk, wg, wu, wd = residuals
+    n = jax.lax.axis_size(axis)
+    experts = _own_experts(axis, e_local, impl, block)
+
+    def visit(xb, wb, idb, dyb):
+        _, pullback = jax.vjp(lambda x, w, g, u, d: experts(x, w, idb, g, u, d), xb, wb, wg, wu, wd)
+        return pullback(dyb.astype(x_md.dtype))
+
+    dx, dw, dwg, dwu, dwd = visit(x_md, w_mk, ids_mk, dy_md)
+    visitor = (x_md, w_mk, ids_mk, dy_md)
+    for _ in range(n - 1):
+        visitor, dx, dw = _shift((visitor, dx, dw), axis, n)
+        ddx, ddw, g, u, d = visit(*visitor)
+        dx, dw, dwg, dwu, dwd = dx + ddx, dw + ddw, dwg + g, dwu + u, dwd + d
+    if n > 1:
+        dx, dw = _shift((dx, dw), axis, n)
+    return dx, dw, None, dwg, dwu, dwd
+
+
+_ring_experts.defvjp(_ring_fwd, _ring_bwd)
+
+
 def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *, layout: Layout,
-                           impl: str = "auto", block: int = 128):
+                           impl: str = "auto", block: int = 128, dispatch: str = "ring"):
     """Dropless routed experts, split over ``layout.axis("expert")``. Same contract as
     ``model.experts.routed_swiglu`` on the global arrays: x [B, T, D] or [M, D] -> y of x's
     shape, split like x."""
     ex, mlp = layout.axis("expert"), layout.axis("mlp")
+    if dispatch not in ("ring", "gather"):
+        raise ValueError(f"expert-parallel dispatch must be 'ring' or 'gather', got {dispatch!r}")
     if ex is None:
         raise ShardingRuleError("expert_parallel_swiglu needs a layout that splits 'expert' over a mesh axis")
     if layout.axis("embed") is not None:
@@ -99,11 +162,14 @@ def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_dow
         x, w, ids = (a.reshape(-1, a.shape[-1]) for a in (x, w, ids))  # this device's rows only
         x, w, ids = (jax.lax.pcast(a, token_missing, to="varying") for a in (x, w, ids))
         wg, wu, wd = (jax.lax.pcast(a, weight_missing, to="varying") for a in (wg, wu, wd))
-        if gather:
+        if not gather:  # the expert group already shares its tokens: add the groups' parts
+            y = jax.lax.psum(_own_experts(ex, e_local, impl, block)(x, w, ids, wg, wu, wd), ex)
+        elif dispatch == "ring":
+            y = _ring_experts(x, w, ids, wg, wu, wd, ex, e_local, impl, block)
+        else:
             x, w, ids = (jax.lax.all_gather(a, ex, axis=0, tiled=True) for a in (x, w, ids))
-        first = jax.lax.axis_index(ex) * e_local
-        y = routed_swiglu(x, w, ids, wg, wu, wd, impl=impl, block=block, first_expert=first)
-        y = jax.lax.psum_scatter(y, ex, scatter_dimension=0, tiled=True) if gather else jax.lax.psum(y, ex)
+            y = _own_experts(ex, e_local, impl, block)(x, w, ids, wg, wu, wd)
+            y = jax.lax.psum_scatter(y, ex, scatter_dimension=0, tiled=True)
         y = y if mlp is None else jax.lax.psum(y, mlp)  # the F-partial down-projections
         return y.reshape(lead + y.shape[-1:])
 

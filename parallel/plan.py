@@ -79,8 +79,9 @@ ASSUMPTIONS = (
     "gradients in the parameter dtype, sharded like the parameters; a second copy accumulates microbatches",
     "optimizer: AdamW moments sharded like their parameters, scalar state replicated",
     "fsdp_gather: the largest layer's all-gathered weights plus its unreduced gradient (no prefetch overlap)",
-    "expert parallelism (expert axis split): each device sorts the pairs of the n*M all-gathered tokens "
-    "(parallel.experts), counted as expert_island and included in activations",
+    "expert parallelism (expert axis split): the island's difference from the local trace (ring: one "
+    "visiting token block on E/n experts, inputs saved; gather: the pairs of n*M all-gathered tokens), "
+    "counted as expert_island and included in activations",
     "not counted: ring-attention K/V blocks in flight, collective buffers, heap fragmentation, runtime reserves",
     "kv cache: ceil(serve_batch/data) rows per device; latent (MLA) or kv heads (GQA) not split over tensor",
 )
@@ -325,19 +326,29 @@ def _routed_experts_memory(cfg: ModelConfig, rows: int, experts: int) -> tuple[i
 
 
 def expert_island_bytes(local: ModelConfig, layout: Layout, tokens: int) -> tuple[int, int]:
-    """(per MoE layer saved, transient) bytes the expert-parallel island adds to the local trace.
+    """(per MoE layer saved, transient) bytes the expert-parallel island adds to the local trace,
+    which has this device's M tokens on all E experts. Either may be negative.
 
-    ``parallel.experts`` all-gathers the token rows of the n devices of the expert axis and
-    sorts all their n·M·k pairs (other devices' experts last, computing nothing), so a device's
-    routed-expert buffers are those of n·M tokens on E/n experts, where the local trace has M
-    tokens on E. Also counted: the gathered rows, routing and cotangent [n·M, ·] themselves."""
+    ``ring`` dispatch (default): a visiting block of M token rows meets E/n experts per step,
+    and the backward recomputes from the saved inputs, so the saved bytes are x, weights and
+    ids only (the local trace's expert residuals are not kept; under remat, nothing is kept
+    across layers at all) and the transient is one step
+    on E/n experts plus the visitor in flight twice (x, dy, dx and the routing arrays).
+    ``gather``: all-gathers the token rows of the n devices and sorts all their n·M·k pairs,
+    so a device's buffers are those of n·M tokens on E/n experts, plus the gathered rows,
+    routing and cotangent [n·M, ·]."""
     n, e = layout.size("expert"), local.moe.num_experts
     if n == 1 or not local.num_moe_layers or layout.axis("expert") not in (layout.axis("batch"), layout.axis("length")):
         return 0, 0
+    row, k = local.d_model * jnp.dtype(local.compute_dtype).itemsize, local.moe.experts_per_token
     saved_1, peak_1 = _routed_experts_memory(local, tokens, e)
+    if local.moe.expert_dispatch == "ring":
+        step_peak = _routed_experts_memory(dataclasses.replace(local, remat="none"), tokens, e // n)[1]
+        # Under remat the whole block is recomputed: the island keeps nothing across layers.
+        saved = tokens * (row + 8 * k) - saved_1 if local.remat == "none" else 0
+        return saved, step_peak - peak_1 + 2 * tokens * (3 * row + 12 * k)
     saved_n, peak_n = _routed_experts_memory(local, n * tokens, e // n)
-    gathered = (n - 1) * tokens * (2 * local.d_model * jnp.dtype(local.compute_dtype).itemsize
-                                   + 8 * local.moe.experts_per_token)
+    gathered = (n - 1) * tokens * (2 * row + 8 * k)
     return max(0, saved_n - saved_1), max(0, peak_n - peak_1) + gathered
 
 
@@ -424,7 +435,8 @@ def format_plan(result: dict, table: dict[str, dict]) -> str:
             ("optimizer", b["optimizer"], "AdamW moments, sharded like their parameters"),
             ("activations", b["activations"], f"peak; saved for backward {h(b['activations_saved'])}"
              + (f" ({saved})" if saved else "")
-             + (f"; expert-parallel island {h(b['expert_island'])}" if b["expert_island"] else "")),
+             + (f"; expert-parallel island {'+' if b['expert_island'] > 0 else '-'}{h(abs(b['expert_island']))}"
+                if b["expert_island"] else "")),
             ("fsdp gather", b["fsdp_gather"], "largest layer all-gathered + its unreduced gradient"),
             ("training total", b["train_total"], ""),
             ("kv cache", b["kv_cache"], f"serving {r['serve_batch']} x {r['serve_len']} tokens, {r['cache_dtype']}"),

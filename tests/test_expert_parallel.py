@@ -85,11 +85,11 @@ def experts_step(graphdef, layout):
     return step
 
 
-@pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
+@pytest.mark.parametrize("impl, dispatch", [("blocked", "ring"), ("ragged_dot", "ring"), ("blocked", "gather")])
 @pytest.mark.parametrize("shape,strategy", MESHES, ids=MESH_IDS)
-def test_routed_experts_match_unsharded(shape, strategy, impl):
+def test_routed_experts_match_unsharded(shape, strategy, impl, dispatch):
     """Each compiled step runs all three routings (they are data, not shapes)."""
-    cfg = MoEConfig(num_experts=E, experts_per_token=K, d_ff=F, impl=impl, block_rows=4)
+    cfg = MoEConfig(num_experts=E, experts_per_token=K, d_ff=F, impl=impl, block_rows=4, expert_dispatch=dispatch)
     graphdef, state = random_module(RoutedExperts, cfg)
     rng = np.random.default_rng(1)
     x, cot = (jnp.asarray(rng.standard_normal((M, D)), jnp.float32) for _ in range(2))
