@@ -4,7 +4,8 @@ and the parameter bytes each strategy leaves on one device.
     python bench/parallel.py [--batch 8] [--seq 256] [--steps 3] [--rounds 2]
 
 Every strategy runs the same full step (forward, backward, AdamW) on the same synthetic
-batch, alternating rounds, on a mesh that uses the axes the strategy names (sizes below).
+batch, alternating rounds (each round rebuilds one strategy's state at a time, so only one
+is in memory), on a mesh that uses the axes the strategy names (sizes below).
 The 8 "devices" are threads of one 2-core host sharing its memory: collectives are memory
 copies and every device competes for the same two cores, so the times show the overhead
 of each strategy's collectives and partitioned programs, not what it buys on real chips.
@@ -86,17 +87,20 @@ def main() -> None:
     cfg = load(args.config, [f"train.global_batch_size={args.batch}", f"train.seq_len={args.seq}"])
     batch = synthetic_batch(cfg.model.vocab_size, args.batch, args.seq)
     names = args.strategies.split(",")
-    runners = {name: stepper(cfg, name, batch) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name, (run, *_) in runners.items():
+    info = {}
+    for _ in range(args.rounds):  # one strategy's state at a time: eight replicas of dp's do not fit twice
+        for name in names:
+            run, first, param_mib, opt_mib = stepper(cfg, name, batch)
+            info.setdefault(name, (first, param_mib, opt_mib))
             for _ in range(args.steps):
                 t0 = time.perf_counter()
                 run()
                 samples[name].append(time.perf_counter() - t0)
+            del run
     medians = {name: statistics.median(v) for name, v in samples.items()}
     for name in names:
-        _, first, param_mib, opt_mib = runners[name]
+        first, param_mib, opt_mib = info[name]
         record = {"bench": "parallel_step", "config": args.config, "strategy": name,
                   "mesh": dict(zip(("data", "tensor", "sequence"), MESHES[name])), "batch": args.batch,
                   "seq": args.seq, "step_s_median": round(medians[name], 4),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import LayerContext
+from parallel.layout import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -85,7 +86,10 @@ class Embed(nnx.Module):
         self.compute_dtype = dtype(ctx.compute_dtype)
 
     def __call__(self, tokens_bt):
-        return jnp.take(self.table[...], tokens_bt, axis=0).astype(self.compute_dtype)
+        # Gather whole rows: under FSDP (table [N, D_data]) looking up a D-split table from a
+        # batch split over the same axis is a resharding GSPMD can only do by replicating.
+        table = constrain(self.table[...], ("vocab", "act_embed"))
+        return jnp.take(table, tokens_bt, axis=0).astype(self.compute_dtype)
 
     def attend(self, x_btd):
         d = x_btd.shape[-1]
