@@ -51,17 +51,13 @@ from jax.sharding import PartitionSpec as P
 
 from model.experts import routed_swiglu
 from parallel.layout import Layout
+from parallel.ring import shift
 from parallel.rules import ShardingRuleError, check_divisible
 
 
 def _token_axes(layout: Layout) -> tuple[str, ...]:
     """Mesh axes the token rows M are split over, major first (batch, then length)."""
     return tuple(a for a in (layout.axis("batch"), layout.axis("length")) if a is not None)
-
-
-def _shift(tree, axis: str, n: int):
-    """Pass every array one step round the ring of ``axis``: device j sends to j + 1."""
-    return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, [(j, (j + 1) % n) for j in range(n)]), tree)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -84,9 +80,9 @@ def _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
     visitor = (x_md, w_mk, ids_mk)
     y_md = experts(*visitor, wg, wu, wd)
     for _ in range(n - 1):
-        visitor, y_md = _shift((visitor, y_md), axis, n)
+        visitor, y_md = shift((visitor, y_md), axis, n)
         y_md = y_md + experts(*visitor, wg, wu, wd)
-    return _shift(y_md, axis, n) if n > 1 else y_md
+    return shift(y_md, axis, n) if n > 1 else y_md
 
 
 def _ring_fwd(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
@@ -109,11 +105,11 @@ def _ring_bwd(axis, e_local, impl, block, residuals, dy_md):
     dx, dw, dwg, dwu, dwd = visit(x_md, w_mk, ids_mk, dy_md)
     visitor = (x_md, w_mk, ids_mk, dy_md)
     for _ in range(n - 1):
-        visitor, dx, dw = _shift((visitor, dx, dw), axis, n)
+        visitor, dx, dw = shift((visitor, dx, dw), axis, n)
         ddx, ddw, g, u, d = visit(*visitor)
         dx, dw, dwg, dwu, dwd = dx + ddx, dw + ddw, dwg + g, dwu + u, dwd + d
     if n > 1:
-        dx, dw = _shift((dx, dw), axis, n)
+        dx, dw = shift((dx, dw), axis, n)
     return dx, dw, None, dwg, dwu, dwd
 
 

@@ -62,7 +62,7 @@ def inverse_permutation(perm) -> np.ndarray:
     return inv
 
 
-def _shift(tree, axis_name, n: int):
+def shift(tree, axis_name, n: int):
     """Every device sends ``tree`` to the next one on the ring; device i then holds device i-1's."""
     pairs = [(j, (j + 1) % n) for j in range(n)]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, pairs), tree)
@@ -101,7 +101,7 @@ def _forward(q, k, v, q_seg, kv_seg, scale, axis_name, impl):
 
     out, kv = out.astype(jnp.float32), (k, v, kv_seg)
     for r in range(1, n):
-        kv = _shift(kv, axis_name, n)
+        kv = shift(kv, axis_name, n)
         out, lse = jax.lax.cond(i >= r, earlier, later, out, lse, *kv)  # src = (i - r) mod n < i  <=>  i >= r
     return out.astype(q.dtype), lse
 
@@ -140,9 +140,9 @@ def _ring_bwd(scale, axis_name, impl, residuals, cotangents):
 
         kv = (k, v, kv_seg)
         for r in range(1, n):
-            kv, (dk, dv) = _shift((kv, (dk, dv)), axis_name, n)  # dK/dV travel with the K/V they belong to
+            kv, (dk, dv) = shift((kv, (dk, dv)), axis_name, n)  # dK/dV travel with the K/V they belong to
             dq, dk, dv = jax.lax.cond(i >= r, earlier, later, dq, dk, dv, *kv)
-        dk, dv = _shift((dk, dv), axis_name, n)  # held K/V came from device i+1: one more step takes them home
+        dk, dv = shift((dk, dv), axis_name, n)  # held K/V came from device i+1: one more step takes them home
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
