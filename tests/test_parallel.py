@@ -79,8 +79,13 @@ def single_device():
     return results
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
-@pytest.mark.parametrize("shape, strategy", CASES, ids=[f"{'x'.join(map(str, s))}-{n}" for s, n in CASES])
+FAST = {("mla_moe", (2, 2, 2)), ("gqa", (1, 1, 8))}  # the rest run in CI's slow step
+MESH_CASES = [pytest.param(model, shape, strategy, id=f"{'x'.join(map(str, shape))}-{strategy}-{model}",
+                           marks=() if (model, shape) in FAST else pytest.mark.slow)
+              for shape, strategy in CASES for model in sorted(MODELS)]
+
+
+@pytest.mark.parametrize("model, shape, strategy", MESH_CASES)
 def test_every_mesh_matches_one_device(single_device, model, shape, strategy):
     cfg = config(model)
     layout = Layout.of(build_mesh(MeshConfig(*shape)), strategy)

@@ -118,6 +118,7 @@ def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, refer
     assert_same_run(reference_run, out)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_then_resume_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
     out = tmp_path / "run"
     args = overrides(corpus, data_dir, out)
@@ -209,7 +210,7 @@ def test_nan_stops_without_a_nan_checkpoint(corpus, data_dir, tmp_path):
     (["data.dataset=no_such_dataset_xyz"], "not a known tfds dataset"),
     (["data.text_glob=/nonexistent/folder/*.txt"], "matches no files"),
     (["mesh.data=3"], "needs 3 devices but 2 are present"),
-    (["train.microbatches=8"], "must be divisible by mesh data size 2 x train.microbatches 8"),
+    (["train.microbatches=8"], "must be divisible by the 2 devices the batch is split over x train.microbatches 8"),
 ])
 def test_bad_data_configs_fail_fast(bad, needle, tmp_path):
     done = run_train([f"train.out_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path}"] + bad)
