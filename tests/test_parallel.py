@@ -137,6 +137,7 @@ def test_sharding_mistakes_are_errors():
         sharded.model_shardings(config("mla_moe").model, layout)
 
 
+@pytest.mark.slow
 def test_sharded_train_step_with_microbatches_equals_one_device():
     """The trainer's step (2 microbatches, AdamW, router-bias update) on a (2, 2, 2) mesh with
     ring attention and expert parallelism lands on the one-device parameters, in the

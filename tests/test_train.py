@@ -138,6 +138,7 @@ def test_sigterm_saves_then_resume_is_bit_identical(corpus, data_dir, tmp_path, 
     assert_same_run(reference_run, out)
 
 
+@pytest.mark.slow
 def test_two_processes_train_sharded_then_resume_on_another_mesh(corpus, data_dir, tmp_path, reference_run):
     """Real multi-host: two train.py processes (two CPU devices each, jax.distributed on localhost)
     form a data=4 mesh with FSDP, so every parameter and moment is split across both processes;
