@@ -31,13 +31,12 @@ from parallel.host import active_allocator, fast_allocator  # noqa: E402
 fast_allocator()
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from bench.train import synthetic_batch  # noqa: E402
 from configs import load  # noqa: E402
 from configs.schema import MeshConfig  # noqa: E402
 from parallel import sharded  # noqa: E402
-from parallel.layout import Layout, sharding_report  # noqa: E402
+from parallel.layout import Layout, state_bytes  # noqa: E402
 from parallel.mesh import build_mesh  # noqa: E402
 from training.optim import optimizer  # noqa: E402
 from training.step import make_train_step  # noqa: E402
@@ -55,15 +54,12 @@ MESHES = {  # strategy -> (data, tensor, sequence)
 def stepper(cfg, strategy: str, batch_np):
     """(run one step, first-step seconds, parameter MiB per device, optimizer MiB per device)."""
     layout = Layout.of(build_mesh(MeshConfig(*MESHES[strategy])), strategy)
-    graphdef, params, rest = nnx.split(sharded.init_model(cfg.model, layout), nnx.Param, ...)
     tx = optimizer(cfg.train)
-    shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt = sharded.init_optimizer(tx, params, shardings, layout)
-    state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, rest), jax.tree.map(lambda x: x.sharding, opt))
+    graphdef, params, rest, opt, state_shardings = sharded.init_train_state(cfg.model, tx, layout)
     step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
     batch = jax.device_put(batch_np, sharded.batch_sharding(layout))
     state = {"params": params, "rest": rest, "opt": opt}
-    param_mib = sum(r["bytes_per_device"] for r in sharding_report(params, layout)) / 2**20
+    param_mib = state_bytes(params, layout) / 2**20
     opt_mib = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(opt)) / 2**20
 
     def run():

@@ -101,16 +101,23 @@ def bytes_per_device(shape, dtype, spec: PartitionSpec, mesh_shape) -> int:
 
 
 def sharding_report(state: nnx.State, layout: Layout) -> list[dict]:
-    """Per variable: path, shape, logical names, PartitionSpec and bytes per device."""
+    """Per variable: path, shape, logical names, PartitionSpec and bytes per device (raises where
+    a mesh axis does not divide a dim)."""
     mesh_shape = dict(layout.mesh.shape)
     rows = []
     for path, var in nnx.to_flat_state(state):
         names = variable_names(var)
         spec = layout.spec(names)
+        check_divisible(var.shape, spec, mesh_shape, "parameter " + "/".join(map(str, path)))
         rows.append({"path": "/".join(map(str, path)), "shape": tuple(var.shape), "names": names,
                      "spec": tuple(spec) + (None,) * (len(var.shape) - len(spec)),
                      "bytes_per_device": bytes_per_device(var.shape, var.dtype, spec, mesh_shape)})
     return rows
+
+
+def state_bytes(state: nnx.State, layout: Layout) -> int:
+    """Bytes one device holds of a (possibly abstract) nnx state under the layout."""
+    return sum(r["bytes_per_device"] for r in sharding_report(state, layout))
 
 
 def format_report(rows: list[dict]) -> str:

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh
 
 from configs.schema import MeshConfig
 
@@ -69,12 +69,3 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
         grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
         return Mesh(grid, AXES, axis_types=auto)
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a [B, T] batch split over ``data``."""
-    return NamedSharding(mesh, PartitionSpec("data"))

@@ -58,12 +58,12 @@ from jax.extend import core as jcore
 from jax.sharding import AbstractMesh
 
 from configs.loader import config_from_cli
-from configs.schema import Config, ModelConfig
+from configs.schema import Config, MeshConfig, ModelConfig
 from model.experts import routed_swiglu
 from model.transformer import REMAT_POLICIES, Block, abstract_model
-from parallel.layout import Layout, sharding_report, variable_names
-from parallel.mesh import AXES
-from parallel.rules import ShardingRuleError, check_divisible
+from parallel.layout import Layout, state_bytes, variable_names
+from parallel.mesh import AXES, MeshError, mesh_shape
+from parallel.rules import ShardingRuleError
 from training.losses import loss_chunks
 from training.optim import optimizer
 from training.step import training_objective
@@ -114,32 +114,20 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def resolve_mesh(sizes: dict[str, int], devices: int | None = None) -> dict[str, int]:
-    """Fill one -1 from a device count; all sizes must be known and multiply to ``devices`` if given."""
-    free = [a for a, s in sizes.items() if s == -1]
-    known = math.prod(s for s in sizes.values() if s != -1)
-    if len(free) > 1 or (free and not devices):
-        raise PlanError(f"mesh {sizes}: give every axis a size (or one -1 together with --devices)")
-    if free:
-        if devices % known:
-            raise PlanError(f"mesh {sizes}: {devices} devices are not divisible by {known}")
-        sizes = {**sizes, free[0]: devices // known}
-    if devices and math.prod(sizes.values()) != devices:
-        raise PlanError(f"mesh {sizes} has {math.prod(sizes.values())} devices, not {devices}")
-    return sizes
+    """Fill one -1 from a device count (``parallel.mesh.mesh_shape``); without one every size must be given."""
+    if not devices:
+        if -1 in sizes.values():
+            raise PlanError(f"mesh {sizes}: give every axis a size (or one -1 together with --devices)")
+        return sizes
+    try:
+        return dict(zip(AXES, mesh_shape(MeshConfig(**sizes), devices)))
+    except MeshError as e:
+        raise PlanError(str(e)) from None
 
 
 def abstract_layout(sizes: dict[str, int], strategy: str) -> Layout:
     """The strategy's layout on an AbstractMesh (names and sizes only, no devices)."""
     return Layout.of(AbstractMesh(tuple(sizes[a] for a in AXES), AXES), strategy)
-
-
-def state_bytes(state: nnx.State, layout: Layout) -> int:
-    """Bytes per device of an abstract nnx state; raises when a mesh axis does not divide a dim."""
-    mesh_shape = dict(layout.mesh.shape)
-    rows = sharding_report(state, layout)
-    for r in rows:
-        check_divisible(r["shape"], layout.spec(r["names"]), mesh_shape, "parameter " + r["path"])
-    return sum(r["bytes_per_device"] for r in rows)
 
 
 def optimizer_state_bytes(cfg: Config, params: nnx.State, layout: Layout) -> int:

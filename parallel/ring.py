@@ -77,7 +77,7 @@ def _merge(out_a, lse_a, out_b, lse_b):
     Rows that see nothing in either stay at out 0, lse -inf, with no NaNs."""
     lse = jnp.logaddexp(lse_a, lse_b)
     base = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    weight = lambda l: jnp.swapaxes(jnp.exp(l - base), 1, 2)[..., None]  # [B,H,T] -> [B,T,H,1]; 0 where l = -inf
+    weight = lambda part: jnp.swapaxes(jnp.exp(part - base), 1, 2)[..., None]  # [B,H,T] -> [B,T,H,1]; 0 at -inf
     return out_a * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b), lse
 
 
@@ -91,13 +91,15 @@ def _forward(q, k, v, q_seg, kv_seg, scale, axis_name, impl):
     i = jax.lax.axis_index(axis_name)
 
     def earlier(out, lse, k, v, kv_seg):  # src < i: all local queries x first kv chunk
-        o, l = attend(q, k[:, :c], v[:, :c], causal=False, q_segment_ids=q_seg, kv_segment_ids=_cut(kv_seg, slice(c)))
-        return _merge(out, lse, o, l)
+        o, o_lse = attend(q, k[:, :c], v[:, :c], causal=False, q_segment_ids=q_seg,
+                          kv_segment_ids=_cut(kv_seg, slice(c)))
+        return _merge(out, lse, o, o_lse)
 
     def later(out, lse, k, v, kv_seg):  # src > i: second query chunk x all kv
-        o, l = attend(q[:, c:], k, v, causal=False, q_segment_ids=_cut(q_seg, slice(c, None)), kv_segment_ids=kv_seg)
-        o, l = _merge(out[:, c:], lse[..., c:], o, l)
-        return jnp.concatenate([out[:, :c], o], axis=1), jnp.concatenate([lse[..., :c], l], axis=-1)
+        o, o_lse = attend(q[:, c:], k, v, causal=False, q_segment_ids=_cut(q_seg, slice(c, None)),
+                          kv_segment_ids=kv_seg)
+        o, o_lse = _merge(out[:, c:], lse[..., c:], o, o_lse)
+        return jnp.concatenate([out[:, :c], o], axis=1), jnp.concatenate([lse[..., :c], o_lse], axis=-1)
 
     out, kv = out.astype(jnp.float32), (k, v, kv_seg)
     for r in range(1, n):

@@ -53,6 +53,19 @@ def init_optimizer(tx: optax.GradientTransformation, params: Any, param_sharding
     return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, param_shardings, layout))(params)
 
 
+def shardings_of(tree: Any) -> Any:
+    """The shardings of a tree of placed arrays, same structure."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, layout: Layout, seed: int = 0):
+    """(graphdef, params, rest, opt_state, (params, rest, opt_state) shardings), all born sharded:
+    what ``training.step.make_train_step`` takes."""
+    graphdef, params, rest = nnx.split(init_model(cfg, layout, seed), nnx.Param, ...)
+    opt_state = init_optimizer(tx, params, shardings_of(params), layout)
+    return graphdef, params, rest, opt_state, shardings_of((params, rest, opt_state))
+
+
 def batch_sharding(layout: Layout) -> NamedSharding:
     """[B, T] token arrays: rows over the batch axis, positions over the length axis."""
     return layout.sharding(("batch", "length"))

@@ -129,11 +129,12 @@ def test_eval_batches_keep_their_shape_and_pad_without_loss():
 
 
 def test_global_batch_is_assembled_from_process_rows():
-    from parallel.mesh import batch_sharding, build_mesh
+    from parallel.layout import Layout
+    from parallel.mesh import build_mesh
+    from parallel.sharded import batch_sharding
 
     rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
-    mesh = build_mesh(MeshConfig(data=4, tensor=2, sequence=1))
-    sharding = batch_sharding(mesh)
+    sharding = batch_sharding(Layout.of(build_mesh(MeshConfig(data=4, tensor=2, sequence=1)), "tp"))
     span = process_span(sharding, (8, 8))
     assert span == (0, 8)  # one process holds every device
     batches = Batches(rows, 8, seed=3)

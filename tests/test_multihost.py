@@ -29,10 +29,12 @@ WORKER = textwrap.dedent("""
     from configs.schema import MeshConfig
     from data.packing import pack_documents
     from data.pipeline import Batches, process_span, to_global
-    from parallel.mesh import batch_sharding, build_mesh
+    from parallel.layout import Layout
+    from parallel.mesh import build_mesh
+    from parallel.sharded import batch_sharding
 
     rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
-    sharding = batch_sharding(build_mesh(MeshConfig()))
+    sharding = batch_sharding(Layout.of(build_mesh(MeshConfig()), "dp"))
     span = process_span(sharding, (8, 8))
     local = Batches(rows, 8, seed=3).local(5, span)
     batch = to_global(local, sharding, 8)

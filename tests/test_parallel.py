@@ -152,10 +152,8 @@ def test_sharded_train_step_with_microbatches_equals_one_device():
     want_params, want_rest, _, want = make_train_step(graphdef, cfg, tx)(params, rest, tx.init(params), batch)
 
     layout = Layout.of(build_mesh(MeshConfig(2, 2, 2)), "dp_tp_sp")
-    _, params, rest = nnx.split(sharded.init_model(cfg.model, layout, seed=2), nnx.Param, ...)
-    shardings = tuple(jax.tree.map(lambda x: x.sharding, s) for s in (params, rest))
-    opt_state = sharded.init_optimizer(tx, params, shardings[0], layout)
-    state_shardings = (*shardings, jax.tree.map(lambda x: x.sharding, opt_state))
+    _, params, rest, opt_state, state_shardings = sharded.init_train_state(cfg.model, tx, layout, seed=2)
+    shardings = state_shardings[:2]
     step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
     new_params, new_rest, _, got = step(params, rest, opt_state, jax.device_put(batch, sharded.batch_sharding(layout)))
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)

@@ -25,7 +25,7 @@ from configs import Config, ConfigError, load_json, save_json
 from data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
 from model.layers import dtype
 from parallel import sharded
-from parallel.layout import Layout, sharding_report
+from parallel.layout import Layout, state_bytes
 from parallel.mesh import MeshError, build_mesh
 from parallel.rules import ShardingRuleError
 from scaling.flops import CONVENTION, training_flops_per_token
@@ -102,10 +102,6 @@ def make_layout(cfg: Config) -> Layout:
     return layout
 
 
-def _param_mib(params, layout: Layout) -> float:
-    return sum(r["bytes_per_device"] for r in sharding_report(params, layout)) / 2**20
-
-
 def run(cfg: Config, log=print) -> dict:
     t = cfg.train
     run_dir = Path(t.out_dir)
@@ -126,12 +122,9 @@ def run(cfg: Config, log=print) -> dict:
             shutil.copy(tok.path, saved_tokenizer)
         save_json(cfg, run_dir / "config.json")
 
-    model = sharded.init_model(cfg.model, layout, seed=t.seed)  # born sharded: no full copy anywhere
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings, rest_shardings = (jax.tree.map(lambda x: x.sharding, s) for s in (params, rest))
     tx = optimizer(t)
-    opt_state = sharded.init_optimizer(tx, params, param_shardings, layout)
-    state_shardings = (param_shardings, rest_shardings, jax.tree.map(lambda x: x.sharding, opt_state))
+    # born sharded: no full copy anywhere
+    graphdef, params, rest, opt_state, state_shardings = sharded.init_train_state(cfg.model, tx, layout, t.seed)
     ckpt = Checkpointer(run_dir, t)
     start_step = 0
     restored = ckpt.restore_latest(nnx.merge_state(params, rest), abstract_like(opt_state), log=log)
@@ -156,7 +149,7 @@ def run(cfg: Config, log=print) -> dict:
         f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source}); "
         f"mesh {dict(layout.mesh.shape)} ({cfg.mesh.strategy}) over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices in {jax.process_count()} process(es), this one loading batch rows "
-        f"[{span[0]}, {span[1]}); parameters {_param_mib(params, layout):.1f} MiB per device")
+        f"[{span[0]}, {span[1]}); parameters {state_bytes(params, layout) / 2**20:.1f} MiB per device")
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
