@@ -101,6 +101,7 @@ def test_loss_goes_down_and_the_run_is_readable(reference_run):
         [2, 5, 8, 11]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
     out = tmp_path / "run"
     args = overrides(corpus, data_dir, out)
