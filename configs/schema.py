@@ -44,12 +44,14 @@ class AttentionConfig:
     """Self-attention. ``kind="mla"`` is Multi-head Latent Attention; ``"gqa"`` is grouped
     query attention (``num_kv_heads=1`` is MQA) kept for ablations.
 
-    ``impl`` selects the kernel backend of ``kernels.attention``.
+    ``impl`` selects the kernel backend of ``kernels.attention``: ``auto`` (Pallas flash
+    attention on TPU/GPU, ``xla`` elsewhere), ``xla``, ``pallas``, ``interpret`` / ``interpret_gpu``
+    (the TPU / GPU kernel through the Pallas interpreter: CPU tests), ``reference``.
     """
 
     kind: Literal["mla", "gqa"] = "mla"
     num_heads: int = 4
-    impl: Literal["auto", "xla", "reference"] = "auto"
+    impl: Literal["auto", "xla", "pallas", "interpret", "interpret_gpu", "reference"] = "auto"
     # MLA
     q_lora_rank: int = 0  # 0: queries are projected directly from the residual stream
     kv_lora_rank: int = 32

@@ -2,8 +2,10 @@
 
 ``reference`` is the plain jnp definition every backend is tested against (autodiff for its
 gradient); ``xla`` computes the same in XLA ops with a flash-style hand-written backward
-(``kernels.xla``, the CPU default); ``auto`` resolves per platform. Pallas backends (flash
-attention, ragged paged attention) register here as they land.
+(``kernels.xla``, the CPU default); ``pallas`` is the flash-attention kernel of the default
+platform (``kernels.flash``: Mosaic on TPU, Triton on GPU); ``interpret`` runs the TPU kernel
+and ``interpret_gpu`` the GPU kernel through the Pallas interpreter (CPU tests); ``auto`` is
+``pallas`` on TPU/GPU and ``xla`` elsewhere.
 
 ``attention_bwd`` is the backward of one attention block as its own op: given the output and
 log-sum-exp of the *whole* attention the block is part of, it returns the block's exact share
@@ -15,16 +17,21 @@ autodiff of the reference.
 
 from __future__ import annotations
 
-from kernels import reference, xla
+import jax
 
-_BACKENDS = {"xla": xla.attention, "reference": reference.attention}
-_BWD_BACKENDS = {"xla": xla.attention_bwd, "reference": xla.attention_bwd}
+from kernels import flash, reference, xla
+
+_BACKENDS = {"xla": xla.attention, "reference": reference.attention, "pallas": flash.pallas,
+             "interpret": flash.interpret_tpu, "interpret_gpu": flash.interpret_gpu}
+_BWD_BACKENDS = {"xla": xla.attention_bwd, "reference": xla.attention_bwd, "pallas": flash.pallas_bwd,
+                 "interpret": flash.interpret_tpu_bwd, "interpret_gpu": flash.interpret_gpu_bwd}
+IMPLS = ("auto", *_BACKENDS)
 
 
 def resolve(impl: str) -> str:
     """Map ``auto`` to the best available backend for the default JAX platform."""
     if impl == "auto":
-        return "xla"
+        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
     if impl not in _BACKENDS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: auto, {', '.join(sorted(_BACKENDS))}")
     return impl
@@ -57,4 +64,4 @@ def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scal
               q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, d_lse_bht=d_lse_bht)
 
 
-__all__ = ["attention", "attention_bwd", "resolve", "reference"]
+__all__ = ["IMPLS", "attention", "attention_bwd", "resolve", "reference"]

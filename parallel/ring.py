@@ -29,7 +29,9 @@ lse (P = exp(s - lse) is then the block's share of the global softmax, so block 
 simply add). After n - 1 steps one more shift brings every dK/dV home.
 
 ``sharded_attention`` is the island the model calls: plain ``kernels.attention`` when the
-length axis is not split, otherwise ``ring_attention`` inside ``jax.shard_map``.
+length axis is not split (under GSPMD for ``xla``; inside ``jax.shard_map`` over batch and
+heads for the Pallas kernels, which GSPMD cannot partition), otherwise ``ring_attention``
+inside ``jax.shard_map``.
 """
 
 from __future__ import annotations
@@ -173,31 +175,47 @@ def sharded_attention(q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, scale: float, i
                       kv_heads_name: str = "act_kv_heads"):
     """Causal self-attention under the current layout -> out [B, T, H, V].
 
-    Without a layout, or when ``length`` is not split, this is ``kernels.attention``. Otherwise
+    Without a layout this is ``kernels.attention``; when ``length`` is not split it is that too,
+    under GSPMD for ``xla``/``reference`` and per (rows, heads) shard inside ``jax.shard_map``
+    for the Pallas kernels (a custom call GSPMD cannot partition). Otherwise
     the inputs must already be in zig-zag order along T (``zigzag_permutation`` over the
     ``length`` axis size); batch, length, query heads (``act_heads``) and kv heads
     (``kv_heads_name``) are split as the layout says and ``ring_attention`` runs per device.
     """
     layout = layout_lib.current()
     seq = None if layout is None else layout.axis("length")
-    if seq is None:
+    plain = layout is None or (seq is None and kernels.resolve(impl) in ("xla", "reference"))
+    if plain:
         return kernels.attention(q_bthk, k_bsgk, v_bsgv, scale=scale, causal=True, q_segment_ids=segment_ids_bt,
                                  kv_segment_ids=segment_ids_bt, impl=impl)[0]
     b, t = q_bthk.shape[:2]
-    n = layout.mesh.shape[seq]
-    if t % (2 * n):
-        raise ValueError(f"ring attention over '{seq}' ({n} devices) needs a length divisible by 2*{n} = {2 * n} "
-                         f"(zig-zag chunks), got {t}")
-    if segment_ids_bt is None:
-        segment_ids_bt = jnp.ones((b, t), jnp.int32)
     batch, heads, kv_heads = layout.axis("batch"), layout.axis("act_heads"), layout.axis(kv_heads_name)
     if heads != kv_heads and not (kv_heads is None and k_bsgk.shape[2] == 1):
         raise ValueError(f"query heads are split over {heads!r} but kv heads ({kv_heads_name}) over {kv_heads!r}: "
                          "each device's query heads would not match its kv heads")
     q_spec, kv_spec, seg_spec = P(batch, seq, heads, None), P(batch, seq, kv_heads, None), P(batch, seq)
+    if seq is None:  # a Pallas kernel: one call per device on its rows and heads (GSPMD cannot split it)
+
+        def local_kernel(q, k, v, *seg):
+            seg = seg[0] if seg else None
+            return kernels.attention(q, k, v, scale=scale, causal=True, q_segment_ids=seg, kv_segment_ids=seg,
+                                     impl=impl)[0]
+
+        segs = () if segment_ids_bt is None else (segment_ids_bt,)
+        in_specs = (q_spec, kv_spec, kv_spec) + (seg_spec,) * len(segs)
+        return jax.shard_map(local_kernel, mesh=layout.mesh, in_specs=in_specs, out_specs=q_spec,
+                             check_vma=False)(q_bthk, k_bsgk, v_bsgv, *segs)
+    if segment_ids_bt is None:
+        segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    n = layout.mesh.shape[seq]
+    if t % (2 * n):
+        raise ValueError(f"ring attention over '{seq}' ({n} devices) needs a length divisible by 2*{n} = {2 * n} "
+                         f"(zig-zag chunks), got {t}")
 
     def local(q, k, v, seg):
         return ring_attention(q, k, v, seg, seg, scale=scale, axis_name=seq, impl=impl)[0]
 
+    # pallas_call outputs carry no varying-manual-axes type, so the vma check is off for the kernels
+    check_vma = kernels.resolve(impl) in ("xla", "reference")
     return jax.shard_map(local, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                         check_vma=True)(q_bthk, k_bsgk, v_bsgv, segment_ids_bt)
+                         check_vma=check_vma)(q_bthk, k_bsgk, v_bsgv, segment_ids_bt)

@@ -118,6 +118,8 @@ RING_CASES = [  # (data, tensor, sequence), b, t, h, g, kd, vd, kv_heads_name, i
     ((2, 1, 4), 2, 48, 4, 2, 24, 16, "act_kv_heads", "auto"),  # GQA, batch over data
     ((1, 2, 4), 2, 64, 4, 2, 16, 16, "act_kv_heads", "reference"),  # GQA, heads over tensor
     ((2, 2, 2), 2, 32, 4, 4, 24, 16, "act_heads", "xla"),
+    ((2, 2, 2), 2, 32, 4, 2, 24, 16, "act_kv_heads", "interpret"),  # Pallas TPU kernel inside the ring blocks
+    ((4, 2, 1), 4, 32, 4, 4, 24, 16, "act_heads", "interpret"),  # length unsplit: the kernel per (rows, heads) shard
 ]
 
 
