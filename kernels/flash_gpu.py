@@ -43,14 +43,16 @@ NEG = -1e30  # masked logit: finite, so an all-masked tile never forms inf - inf
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile rows (powers of two, >= 16) and launch parameters; ``num_warps`` None picks 4 for
-    head dims up to 64 and 8 above. Untuned on hardware here (no GPU)."""
+    head dims up to 64 and 8 above. The shapes of the usual Triton flash-attention schedule
+    (a tall query tile forward and for dq, a tall KV tile for dk/dv); untuned on hardware
+    here (no GPU)."""
 
-    block_q: int = 64
+    block_q: int = 128
     block_k: int = 64
-    block_q_dq: int = 64
+    block_q_dq: int = 128
     block_k_dq: int = 32
     block_q_dkv: int = 32
-    block_k_dkv: int = 64
+    block_k_dkv: int = 128
     num_warps: int | None = None
     num_stages: int = 2
 
