@@ -12,6 +12,8 @@ cases per kernel and the ``slow`` step runs them all.
 
 from __future__ import annotations
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ import pytest
 
 import kernels
 from configs import load
+from configs.schema import AttentionConfig
 from kernels import flash, flash_tpu, reference
 from model.transformer import init_model
 
@@ -187,6 +190,8 @@ def test_bad_inputs_are_named():
 
 def test_auto_is_xla_on_cpu_and_blocks_per_generation():
     assert kernels.resolve("auto") == "xla"
+    impl_field = typing.get_type_hints(AttentionConfig)["impl"]
+    assert set(typing.get_args(impl_field)) == set(kernels.IMPLS)  # the config offers exactly the backends
     assert flash_tpu.BlockSizes.for_generation("TPU v5 lite").block_q == 256
     assert flash_tpu.BlockSizes.for_generation("TPU v5p") == flash_tpu.BlockSizes()
 

@@ -110,7 +110,8 @@ def test_bfloat16_params_are_stored_in_bfloat16():
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow),
+                                    pytest.param("dots_no_batch", marks=pytest.mark.slow)])
 def test_remat_policies_keep_gradients(policy):
     x = tokens(2, 8)
 

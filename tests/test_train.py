@@ -251,7 +251,7 @@ def test_gradient_accumulation_equals_one_big_batch(micro):
     np.testing.assert_array_equal(m1["expert_load"], m4["expert_load"])
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_train_step_gradient_equals_autodiff_of_the_logits_loss(micro, tied):
     """The chunked head loss (gradient formed in the forward pass) against plain autodiff."""
     cfg, batch = micro
