@@ -8,10 +8,11 @@ The Pallas kernels cannot run here (the interpreter's speed means nothing), so t
 modelled from the kernels' own block schedules:
 
 * Visited block pairs come from the kernels' code: the TPU kernel's scalar-prefetched tables
-  (``flash_tpu._Tables``: causal diagonal and packed-document ranges), the GPU kernel's causal
-  tile bounds (it does not skip other documents). ``useful`` counts exactly the visible
-  (query, key) pairs; ``executed`` counts whole visited blocks at the padded head dims
-  (TPU: 192 -> 256; GPU: powers of two), i.e. what the MXU / tensor cores multiply.
+  (``flash_tpu._Tables``), the GPU kernel's causal loop bounds and document spans
+  (``flash_gpu._segments``); both skip the causal upper triangle and other documents.
+  ``useful`` counts exactly the visible (query, key) pairs; ``executed`` counts whole visited
+  blocks at the padded head dims (TPU: 192 -> 256; GPU: powers of two), i.e. what the MXU /
+  tensor cores multiply.
 * FLOPs per (query, key) pair: forward 2·(Dqk + Dv) (QKᵀ, PV); backward 8·Dqk + 6·Dv — the
   dq kernel recomputes QKᵀ and dO·Vᵀ and forms dS·K, the dk/dv kernel recomputes QKᵀ and
   dO·Vᵀ and forms Pᵀ·dO and dSᵀ·Q (seven matmuls, 3.5× the forward at Dqk = Dv).
@@ -98,13 +99,20 @@ def tpu_blocks(t, s, causal, doc, bq, bk, over):
     return int(np.broadcast_to(active, (geo.nq, geo.nk)).sum()), fetched, geo
 
 
-def gpu_blocks(t, s, causal, bq, bk, over):
-    """(tile pairs computed, tiles loaded in the inner loops, geometry): causal loop bounds only."""
-    geo = flash_gpu._geometry(t, s, bq, bk, causal, False, 1.0)
-    if over == "kv":
-        n = sum(int(geo.kv_range(i)[1]) for i in range(geo.nq))
-    else:
-        n = sum(geo.nq - int(geo.q_range(j)[0]) for j in range(geo.nk))
+def gpu_blocks(t, s, causal, doc, bq, bk, over):
+    """(tile pairs computed, tiles loaded in the inner loops, geometry) of the GPU kernel: its
+    causal loop bounds narrowed to the spans of tiles whose documents meet."""
+    q_seg, kv_seg = segments(1, t, s, doc)
+    geo = flash_gpu._geometry(t, s, bq, bk, causal, doc > 0, 1.0)
+    n_par = geo.nq if over == "kv" else geo.nk
+    first, last = np.zeros(n_par, int), np.full(n_par, (geo.nk if over == "kv" else geo.nq) - 1)
+    if doc:
+        _, _, span_first, span_last = flash_gpu._segments(q_seg, kv_seg, geo, geo.nq * geo.bq, geo.nk * geo.bk, over)
+        first, last = np.asarray(span_first[0]), np.asarray(span_last[0])
+    n = 0
+    for x in range(n_par):
+        lo, hi = (0, int(geo.kv_range(x)[1])) if over == "kv" else (int(geo.q_range(x)[0]), geo.nq)
+        n += max(0, min(hi, int(last[x]) + 1) - max(lo, int(first[x])))
     return n, n, geo
 
 
@@ -121,9 +129,9 @@ def cost(shape, target, dtype_bytes=2):
     else:
         bl = flash_gpu.BlockSizes()
         dkp, dvp, lse_width = flash_gpu._pow2(dk), flash_gpu._pow2(dv), 1
-        fwd_n, fwd_f, fwd = gpu_blocks(t, s, causal, bl.block_q, bl.block_k, "kv")
-        dq_n, dq_f, dq = gpu_blocks(t, s, causal, bl.block_q_dq, bl.block_k_dq, "kv")
-        dkv_n, dkv_f, dkv = gpu_blocks(t, s, causal, bl.block_q_dkv, bl.block_k_dkv, "q")
+        fwd_n, fwd_f, fwd = gpu_blocks(t, s, causal, doc, bl.block_q, bl.block_k, "kv")
+        dq_n, dq_f, dq = gpu_blocks(t, s, causal, doc, bl.block_q_dq, bl.block_k_dq, "kv")
+        dkv_n, dkv_f, dkv = gpu_blocks(t, s, causal, doc, bl.block_q_dkv, bl.block_k_dkv, "q")
     heads, e = b * h, dtype_bytes
     row_stats = 4 * 2  # lse and delta, float32
     out = {

@@ -13,10 +13,12 @@ query rows are sliced off).
 * Forward, grid (T/bq, B, H): the query tile stays in registers while a loop walks the KV
   tiles with an online softmax. Under the causal mask the loop ends at the last tile the
   block can see (causal block skipping; offset S - T), and runs in two parts: tiles wholly
-  below the diagonal without any mask, then the diagonal tiles masked.
+  below the diagonal without any mask, then the diagonal tiles masked. With segment ids the
+  loop covers only the span of KV tiles whose ids meet the query tile's (other documents of
+  a packed row are never loaded; ``kernels.blocks``), all masked.
 * dq, grid (T/bq, B, H): the same walk, P recomputed as exp(s - lse).
 * dk/dv, grid (S/bk, B, G): each program owns one KV tile of one kv head and walks the query
-  tiles that can see it, for each of the kv head's H/G query heads in turn, so GQA sums
+  tiles that can see it (causally and by document span), for each of the kv head's H/G query heads in turn, so GQA sums
   happen in registers; dS = P * (dO·Vᵀ - delta) with delta = rowsum(dO * O) - dlse from
   the wrapper.
 
@@ -36,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from kernels import blocks as schedule
 
 NEG = -1e30  # masked logit: finite, so an all-masked tile never forms inf - inf
 
@@ -93,6 +97,10 @@ class _Geometry:
     def nk(self) -> int:
         return -(-self.s // self.bk)
 
+    def visible(self, i, j):
+        """Does any query of q tile i see any key of KV tile j (causal)?"""
+        return j * self.bk <= (i + 1) * self.bq - 1 + self.offset if self.causal else True
+
     def kv_range(self, i):
         """(end of the unmasked KV tiles, end of all visible KV tiles) for q tile ``i``."""
         full_end = self.s // self.bk  # tiles without padded keys
@@ -141,7 +149,14 @@ def _two_loops(lo, mid, hi, body, carry):
 # ---------------------------------------------------------------- kernels
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, geo):
+def _spanned(lo, hi, first_ref, last_ref):
+    """[lo, hi) narrowed to the tiles whose segment ids meet (packed documents), if given."""
+    if first_ref is None:
+        return lo, hi
+    return jnp.maximum(lo, first_ref[0]), jnp.minimum(hi, last_ref[0] + 1)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, first_ref, last_ref, o_ref, lse_ref, *, geo):
     i = pl.program_id(0)
     q = q_ref[...]
     q_seg = None if qseg_ref is None else qseg_ref[...]
@@ -164,16 +179,18 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *,
         return acc, m_next, total * alpha + jnp.sum(p, axis=1)
 
     clean, end = geo.kv_range(i)
+    start, end = _spanned(0, end, first_ref, last_ref)
     init = (jnp.zeros((geo.bq, v_ref.shape[-1]), jnp.float32), jnp.full((geo.bq,), NEG, jnp.float32),
             jnp.zeros((geo.bq,), jnp.float32))
-    acc, m, total = _two_loops(0, clean, end, body, init)
+    acc, m, total = _two_loops(start, clean, end, body, init)
     empty = total == 0.0
     safe = jnp.where(empty, 1.0, total)
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dq_ref, *, geo):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, first_ref, last_ref, dq_ref, *,
+               geo):
     i = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
@@ -192,16 +209,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_
         return acc + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
     clean, end = geo.kv_range(i)
-    acc = _two_loops(0, clean, end, body, jnp.zeros((geo.bq, q_ref.shape[-1]), jnp.float32))
+    start, end = _spanned(0, end, first_ref, last_ref)
+    acc = _two_loops(start, clean, end, body, jnp.zeros((geo.bq, q_ref.shape[-1]), jnp.float32))
     dq_ref[...] = (acc * geo.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, dk_ref, dv_ref, *,
-                geo, heads_per_kv: int):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, first_ref, last_ref, dk_ref,
+                dv_ref, *, geo, heads_per_kv: int):
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]
     kv_seg = None if kvseg_ref is None else kvseg_ref[...]
     first, clean = geo.q_range(j)
+    first, end = _spanned(first, geo.nq, first_ref, last_ref)
 
     def body(i, carry, masked, head):
         dk, dv = carry
@@ -222,9 +241,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg
     carry = (jnp.zeros((geo.bk, k_ref.shape[-1]), jnp.float32), jnp.zeros((geo.bk, v_ref.shape[-1]), jnp.float32))
     for head in range(heads_per_kv):  # the kv head's query heads, unrolled: their sums stay in registers
         step = functools.partial(body, head=head)
-        # q tiles in [first, clean) cross the diagonal (masked); [clean, nq) see all of this KV tile
-        carry = jax.lax.fori_loop(first, clean, functools.partial(step, masked=True), carry)
-        carry = jax.lax.fori_loop(jnp.maximum(first, clean), geo.nq, functools.partial(step, masked=False), carry)
+        # q tiles in [first, clean) cross the diagonal (masked); [clean, end) see all of this KV tile
+        carry = jax.lax.fori_loop(first, jnp.minimum(clean, end), functools.partial(step, masked=True), carry)
+        carry = jax.lax.fori_loop(jnp.maximum(first, clean), end, functools.partial(step, masked=False), carry)
     dk, dv = carry
     dk_ref[...] = (dk * geo.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -254,24 +273,37 @@ def _pad(x, axis: int, size: int, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
+def _tile_entry(index_map):
+    """The one entry of a [B, tiles] table that belongs to the program's tile."""
+    return pl.BlockSpec((None, 1), index_map)
+
+
 def _params(blocks: BlockSizes, *dims: int):
     warps = blocks.num_warps or (4 if max(dims) <= 64 else 8)
     return pltriton.CompilerParams(num_warps=warps, num_stages=blocks.num_stages)
 
 
-def _segments(q_seg, kv_seg, tp, sp):
+def _segments(q_seg, kv_seg, geo, tp, sp, over: str):
+    """Padded segment ids and, per tile of the parallel axis, the span [first, last] of tiles
+    on the other axis whose ids meet it (``schedule``; an empty span is [0, -1])."""
     if q_seg is None:
         return []
-    return [_pad(q_seg.astype(jnp.int32), 1, tp, -1), _pad(kv_seg.astype(jnp.int32), 1, sp, -2)]
+    q_lo, q_hi = schedule.segment_ranges(q_seg, geo.nq, geo.bq)
+    kv_lo, kv_hi = schedule.segment_ranges(kv_seg, geo.nk, geo.bk)
+    i, j = jnp.arange(geo.nq)[:, None], jnp.arange(geo.nk)[None, :]
+    active = schedule.active_pairs(q_lo, q_hi, kv_lo, kv_hi, geo.visible(i, j))
+    first, last, some = schedule.span(active, -1 if over == "kv" else 1)
+    return [_pad(q_seg.astype(jnp.int32), 1, tp, -1), _pad(kv_seg.astype(jnp.int32), 1, sp, -2),
+            jnp.where(some, first, 0), jnp.where(some, last, -1)]
 
 
 def _with_segments(kernel, segmented: bool, position: int):
-    """``kernel`` with (None, None) for the segment refs at ``position`` when unsegmented."""
+    """``kernel`` with None for the segment and span refs at ``position`` when unsegmented."""
     if segmented:
         return kernel
 
     def wrapped(*refs, **kwargs):
-        return kernel(*refs[:position], None, None, *refs[position:], **kwargs)
+        return kernel(*refs[:position], None, None, None, None, *refs[position:], **kwargs)
     return wrapped
 
 
@@ -291,7 +323,7 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: boo
                 pl.BlockSpec((None, sp, None, dvp), lambda i, bi, hi: (bi, 0, hi // r, 0))]
     if geo.segmented:
         in_specs += [pl.BlockSpec((None, geo.bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0))]
+                     pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0))] + [_tile_entry(lambda i, bi, hi: (bi, i))] * 2
     out, lse = pl.pallas_call(
         _with_segments(functools.partial(_forward_kernel, geo=geo), geo.segmented, 3),
         grid=(geo.nq, b, h), in_specs=in_specs,
@@ -299,7 +331,7 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: boo
                    pl.BlockSpec((None, None, geo.bq), lambda i, bi, hi: (bi, hi, i))],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, dvp), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
         compiler_params=_params(blocks, dkp, dvp), interpret=interpret, name="moela_flash_fwd",
-    )(*args, *_segments(q_segment_ids, kv_segment_ids, tp, sp))
+    )(*args, *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "kv"))
     return out[:, :t, :, :dv], lse[:, :, :t]
 
 
@@ -329,7 +361,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
     in_specs = [q_spec(dkp), kv_spec(dkp), kv_spec(dvp), q_spec(dvp), row_spec, row_spec]
     if segmented:
         in_specs += [pl.BlockSpec((None, geo.bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0))]
+                     pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0))] + [_tile_entry(lambda i, bi, hi: (bi, i))] * 2
     dq = pl.pallas_call(
         _with_segments(functools.partial(_dq_kernel, geo=geo), segmented, 6),
         grid=(geo.nq, b, h), in_specs=in_specs, out_specs=q_spec(dkp),
@@ -337,7 +369,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
         compiler_params=_params(blocks, dkp, dvp), interpret=interpret, name="moela_flash_dq",
     )(_pad(_pad(q, 1, tp), 3, dkp), _pad(_pad(k, 1, sp), 3, dkp), _pad(_pad(v, 1, sp), 3, dvp),
       _pad(_pad(d_out, 1, tp), 3, dvp), _pad(lse, 2, tp, jnp.inf), _pad(delta, 2, tp),
-      *_segments(q_segment_ids, kv_segment_ids, tp, sp))
+      *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "kv"))
 
     # dk/dv: one program per (KV tile, row, kv head), looping over its query heads
     geo = _geometry(t, s, blocks.block_q_dkv, blocks.block_k_dkv, causal, segmented, scale)
@@ -349,6 +381,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
     if segmented:
         in_specs += [pl.BlockSpec((None, tp), lambda j, bi, gi: (bi, 0)),
                      pl.BlockSpec((None, geo.bk), lambda j, bi, gi: (bi, j))]
+        in_specs += [_tile_entry(lambda j, bi, gi: (bi, j))] * 2
     dk_p, dv_p = pl.pallas_call(
         _with_segments(functools.partial(_dkv_kernel, geo=geo, heads_per_kv=r), segmented, 6),
         grid=(geo.nk, b, g), in_specs=in_specs, out_specs=[tile_spec(dkp), tile_spec(dvp)],
@@ -356,5 +389,5 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
         compiler_params=_params(blocks, dkp, dvp), interpret=interpret, name="moela_flash_dkv",
     )(_pad(_pad(q, 1, tp), 3, dkp), _pad(_pad(k, 1, sp), 3, dkp), _pad(_pad(v, 1, sp), 3, dvp),
       _pad(_pad(d_out, 1, tp), 3, dvp), _pad(lse, 2, tp, jnp.inf), _pad(delta, 2, tp),
-      *_segments(q_segment_ids, kv_segment_ids, tp, sp))
+      *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "q"))
     return dq[:, :t, :, :dk], dk_p[:, :s, :, :dk], dv_p[:, :s, :, :dv]

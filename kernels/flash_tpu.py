@@ -50,6 +50,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from kernels import blocks as schedule
+
 LANES, SUBLANES = 128, 8
 NEG = -1e30  # masked logit: finite, so an all-masked block never forms inf - inf
 NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
@@ -201,25 +203,14 @@ class _Tables:
     @classmethod
     def build(cls, q_seg, kv_seg, geo: _Geometry, b: int, over: str) -> _Tables:
         """``over="kv"``: first/last kv block per q block [B, nq]; ``"q"``: q block per kv block [B, nk]."""
-        def ranges(ids, n, block):
-            if ids is None:
-                return jnp.zeros((b, n), jnp.int32), jnp.zeros((b, n), jnp.int32)
-            ids = jnp.pad(ids.astype(jnp.int32), ((0, 0), (0, n * block - ids.shape[1])), mode="edge")
-            ids = ids.reshape(b, n, block)
-            return ids.min(-1), ids.max(-1)
-
-        q_lo, q_hi = ranges(q_seg, geo.nq, geo.bq)
-        kv_lo, kv_hi = ranges(kv_seg, geo.nk, geo.bk)
+        q_lo, q_hi = schedule.segment_ranges(q_seg, geo.nq, geo.bq)
+        kv_lo, kv_hi = schedule.segment_ranges(kv_seg, geo.nk, geo.bk)
+        q_lo, q_hi, kv_lo, kv_hi = (jnp.broadcast_to(x, (b, x.shape[1])) for x in (q_lo, q_hi, kv_lo, kv_hi))
         i, j = jnp.arange(geo.nq)[:, None], jnp.arange(geo.nk)[None, :]
-        active = jnp.logical_and(geo.visible(i, j), jnp.logical_and(q_lo[:, :, None] <= kv_hi[:, None, :],
-                                                                     kv_lo[:, None, :] <= q_hi[:, :, None]))
-        axis = -1 if over == "kv" else 1
-        n = active.shape[axis]
-        first = jnp.argmax(active, axis=axis)
-        last = n - 1 - jnp.argmax(jnp.flip(active, axis=axis), axis=axis)
-        none = jnp.logical_not(jnp.any(active, axis=axis))
-        first, last = jnp.where(none, 0, first), jnp.where(none, 0, last)
-        return cls(q_lo, q_hi, kv_lo, kv_hi, first.astype(jnp.int32), last.astype(jnp.int32))
+        active = schedule.active_pairs(q_lo, q_hi, kv_lo, kv_hi, geo.visible(i, j))
+        first, last, some = schedule.span(active, -1 if over == "kv" else 1)
+        first, last = jnp.where(some, first, 0), jnp.where(some, last, 0)  # nothing: stay on block 0, run nothing
+        return cls(q_lo, q_hi, kv_lo, kv_hi, first, last)
 
     def arrays(self):
         return [self.q_lo, self.q_hi, self.kv_lo, self.kv_hi, self.first, self.last]

@@ -31,6 +31,12 @@ def test_flops_per_pair_and_block_counts():
     per_block = 2 * 512 * 512 * (256 + 128) * 16
     assert causal["executed"] == 36 * per_block and packed["executed"] == 12 * per_block
     assert packed["bytes"] < causal["bytes"]
+    gpu_causal = bench.cost((1, 4096, 4096, 16, 16, 192, 128, True, 0), "gpu")[0]["flash_fwd"]
+    gpu_packed = bench.cost((1, 4096, 4096, 16, 16, 192, 128, True, 1024), "gpu")[0]["flash_fwd"]
+    # 128 x 64 tiles: causal 32 q tiles x (2i + 2) KV tiles; 1k documents: 8 q tiles each over (2i' + 2), i' < 8
+    per_tile = 2 * 128 * 64 * (256 + 128) * 16
+    assert gpu_causal["executed"] == sum(2 * i + 2 for i in range(32)) * per_tile
+    assert gpu_packed["executed"] == 4 * sum(2 * i + 2 for i in range(8)) * per_tile
 
 
 def test_tpu_block_counts_come_from_the_kernels_tables():

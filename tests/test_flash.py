@@ -22,7 +22,7 @@ import pytest
 import kernels
 from configs import load
 from configs.schema import AttentionConfig
-from kernels import flash, flash_tpu, reference
+from kernels import flash, flash_gpu, flash_tpu, reference
 from model.transformer import init_model
 
 SCALE = 0.125
@@ -151,24 +151,34 @@ def test_attention_bwd_blocks_of_a_larger_attention(impl):
     np.testing.assert_allclose(jnp.concatenate([first[2], second[2]], 1), whole[2], atol=2e-5)
 
 
-def test_tpu_block_tables_skip_other_documents():
-    """Packed rows of long documents: the tables send each q block only to the kv blocks of
-    its own documents at or below the diagonal (and back), and the result is still exact."""
-    t = 512
-    ids = jnp.asarray([[0] * 200 + [1] * 300 + [2] * 12], jnp.int32)
-    geo = flash_tpu._Geometry(t, t, 128, 128, causal=True, segmented=True, scale=SCALE)
-    fwd = flash_tpu._Tables.build(ids, ids, geo, 1, over="kv")
+DOCS = jnp.asarray([[0] * 200 + [1] * 300 + [2] * 12], jnp.int32)  # a packed row of three documents
+
+
+def test_block_schedules_skip_other_documents():
+    """Both kernels visit, per block, only the blocks of its own documents at or below the
+    diagonal: TPU tables (with 128-row blocks) and GPU spans (128 x 64 tiles)."""
+    geo = flash_tpu._Geometry(512, 512, 128, 128, causal=True, segmented=True, scale=SCALE)
+    fwd = flash_tpu._Tables.build(DOCS, DOCS, geo, 1, over="kv")
     # q block 0 (rows 0-127, doc 0): kv block 0; block 1 (doc 0/1): 0-1; block 2 (doc 1): 1-2; block 3 (docs 1-2): 1-3
     np.testing.assert_array_equal(fwd.first[0], [0, 0, 1, 1])
     np.testing.assert_array_equal(fwd.last[0], [0, 1, 2, 3])
-    bwd = flash_tpu._Tables.build(ids, ids, geo, 1, over="q")
+    bwd = flash_tpu._Tables.build(DOCS, DOCS, geo, 1, over="q")
     np.testing.assert_array_equal(bwd.first[0], [0, 1, 2, 3])
     np.testing.assert_array_equal(bwd.last[0], [1, 3, 3, 3])
-    case = (t, t, (64, 64), (4, 2), True, False, F32)
+    geo = flash_gpu._geometry(512, 512, 128, 64, True, True, SCALE)
+    _, _, first, last = flash_gpu._segments(DOCS, DOCS, geo, 512, 512, "kv")
+    # q tile 2 (rows 256-383, doc 1) starts at KV tile 3 (keys 192-255 hold doc 1 from 200)
+    np.testing.assert_array_equal(first[0], [0, 0, 3, 3])
+    np.testing.assert_array_equal(last[0], [1, 3, 5, 7])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_long_documents_are_exact_with_skipping(target):
+    case = (512, 512, (64, 64), (4, 2), True, False, F32)
     q, k, v, _, _, d_out, d_lse = inputs(case, b=1, seed=5)
-    kernel = lambda q, k, v: flash.attention(q, k, v, scale=SCALE, q_segment_ids=ids, kv_segment_ids=ids,  # noqa: E731
-                                            target="tpu", interpret=True, blocks=SMALL)
-    ref = lambda q, k, v: reference.attention(q, k, v, scale=SCALE, q_segment_ids=ids, kv_segment_ids=ids)  # noqa: E731
+    kernel = lambda q, k, v: flash.attention(q, k, v, scale=SCALE, q_segment_ids=DOCS, kv_segment_ids=DOCS,  # noqa: E731
+                                            target=target, interpret=True, blocks=BLOCKS[target])
+    ref = lambda q, k, v: reference.attention(q, k, v, scale=SCALE, q_segment_ids=DOCS, kv_segment_ids=DOCS)  # noqa: E731
     got = jax.jit(lambda *a: with_gradients(kernel, *a))(q, k, v, d_out, d_lse)
     check(case, got, jax.jit(lambda *a: with_gradients(ref, *a))(q, k, v, d_out, d_lse))
 
