@@ -10,7 +10,51 @@ on its sequential axis; blocks inside the span that are not active are skipped o
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static sizes of one kernel call: real lengths, block sizes, mask flags, softmax scale.
+    Queries are the last ``t`` of ``s`` positions: query row r sits at position r + offset."""
+
+    t: int
+    s: int
+    bq: int
+    bk: int
+    causal: bool
+    segmented: bool
+    scale: float
+
+    @property
+    def offset(self) -> int:
+        return self.s - self.t
+
+    @property
+    def nq(self) -> int:
+        return -(-self.t // self.bq)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.s // self.bk)
+
+    def visible(self, i, j):
+        """Does any query of q block i see any key of kv block j (causal)?"""
+        return j * self.bk <= (i + 1) * self.bq - 1 + self.offset if self.causal else True
+
+
+def validate(q, k, v, q_seg, kv_seg):
+    """One clear error for inputs no kernel can take."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"expected q [B,T,H,K], k [B,S,G,K], v [B,S,G,V]; got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} disagree on batch, kv length, kv heads or Dqk")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
+    if (q_seg is None) != (kv_seg is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
 
 
 def segment_ranges(ids_bn, n_blocks: int, block: int):

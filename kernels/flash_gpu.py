@@ -71,35 +71,9 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
-    t: int
-    s: int
-    bq: int
-    bk: int
-    causal: bool
-    segmented: bool
-    scale: float
-
-    @property
-    def offset(self) -> int:
-        return self.s - self.t
-
-    @property
-    def nq(self) -> int:
-        return -(-self.t // self.bq)
-
-    @property
-    def nk(self) -> int:
-        return -(-self.s // self.bk)
-
-    def visible(self, i, j):
-        """Does any query of q tile i see any key of KV tile j (causal)?"""
-        return j * self.bk <= (i + 1) * self.bq - 1 + self.offset if self.causal else True
+class _Geometry(schedule.Geometry):
+    """The shared block geometry plus this kernel's block bounds and masks."""
 
     def kv_range(self, i):
         """(end of the unmasked KV tiles, end of all visible KV tiles) for q tile ``i``."""
@@ -252,17 +226,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg
 # ---------------------------------------------------------------- wrappers
 
 
-def _validate(q, k, v, q_seg, kv_seg):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected q [B,T,H,K], k [B,S,G,K], v [B,S,G,V]; got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} disagree on batch, kv length, kv heads or Dqk")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-    if (q_seg is None) != (kv_seg is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-
-
 def _geometry(t, s, block_q, block_k, causal, segmented, scale):
     return _Geometry(t, s, min(block_q, _pow2(t)), min(block_k, _pow2(s)), causal, segmented, float(scale))
 
@@ -310,7 +273,7 @@ def _with_segments(kernel, segmented: bool, position: int):
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: bool, interpret: bool = False,
             blocks: BlockSizes | None = None):
     """-> (out [B, T, H, V] in q's dtype, lse [B, H, T] float32)."""
-    _validate(q, k, v, q_segment_ids, kv_segment_ids)
+    schedule.validate(q, k, v, q_segment_ids, kv_segment_ids)
     blocks = blocks or BlockSizes()
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -341,7 +304,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
 
     ``out`` and ``lse`` may belong to a larger attention this block is part of (ring
     attention); ``d_lse`` (or None) is the log-sum-exp's cotangent."""
-    _validate(q, k, v, q_segment_ids, kv_segment_ids)
+    schedule.validate(q, k, v, q_segment_ids, kv_segment_ids)
     blocks = blocks or BlockSizes()
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]

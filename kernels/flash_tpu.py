@@ -124,32 +124,8 @@ def _lanes(x_r128, n: int):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
-    """Static sizes of one call: real and padded lengths, block sizes, offset, flags."""
-
-    t: int
-    s: int
-    bq: int
-    bk: int
-    causal: bool
-    segmented: bool
-    scale: float
-
-    @property
-    def offset(self) -> int:  # query row r sits at position r + offset
-        return self.s - self.t
-
-    @property
-    def nq(self) -> int:
-        return -(-self.t // self.bq)
-
-    @property
-    def nk(self) -> int:
-        return -(-self.s // self.bk)
-
-    def visible(self, i, j):
-        """Does any query of q block i see any key of kv block j (causal)?"""
-        return j * self.bk <= (i + 1) * self.bq - 1 + self.offset if self.causal else True
+class _Geometry(schedule.Geometry):
+    """The shared block geometry plus this kernel's block bounds and masks."""
 
     def crosses(self, i, j):
         """Does the causal diagonal or the padded tail cut through block (i, j)?"""
@@ -286,17 +262,6 @@ def _head_major(x_bthd, rows: int, dim: int):
     return jnp.pad(x, ((0, 0), (0, 0), (0, rows - x.shape[2]), (0, dim - x.shape[3])))
 
 
-def _validate(q, k, v, q_seg, kv_seg):
-    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"expected q [B,T,H,K], k [B,S,G,K], v [B,S,G,V]; got {q.shape}, {k.shape}, {v.shape}")
-    if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {q.shape}, k {k.shape}, v {v.shape} disagree on batch, kv length, kv heads or Dqk")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of kv heads ({k.shape[2]})")
-    if (q_seg is None) != (kv_seg is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-
-
 def _spec(rows: int, cols: int, index_map):
     return pl.BlockSpec((None, None, rows, cols), index_map)
 
@@ -314,7 +279,7 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, semantics, i
 def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: bool, interpret: bool = False,
             blocks: BlockSizes | None = None):
     """-> (out [B, T, H, V] in q's dtype, lse [B, H, T] float32)."""
-    _validate(q, k, v, q_segment_ids, kv_segment_ids)
+    schedule.validate(q, k, v, q_segment_ids, kv_segment_ids)
     blocks = blocks or default_blocks()
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -430,7 +395,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
 
     ``out`` [B, T, H, V] and ``lse`` [B, H, T] may belong to a larger attention this block is
     part of (ring attention); ``d_lse`` (or None) is the log-sum-exp's cotangent."""
-    _validate(q, k, v, q_segment_ids, kv_segment_ids)
+    schedule.validate(q, k, v, q_segment_ids, kv_segment_ids)
     blocks = blocks or default_blocks()
     t, s = q.shape[1], k.shape[1]
     delta = jnp.einsum("bthv,bthv->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
