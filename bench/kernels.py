@@ -2,7 +2,7 @@
 and H100, per kernel and shape, plus the measured time of the ``xla`` backend on this CPU.
 
     python bench/kernels.py [--shapes NAME:B,T,S,H,G,Dqk,Dv,causal[,doc] ...] [--repeats 5]
-                            [--measure-max 2e9] [--json-only]
+                            [--measure-max 2e7] [--json-only] [--plot docs/kernel_roofline.png]
 
 The Pallas kernels cannot run here (the interpreter's speed means nothing), so their cost is
 modelled from the kernels' own block schedules:
@@ -173,6 +173,36 @@ def measure(shape, repeats):
     return times
 
 
+def plot(rows, path):
+    """Roofline chart: each chip's attainable FLOP/s against arithmetic intensity, with every
+    (kernel, shape) at its intensity and roofline-bound FLOP/s (executed FLOPs / roofline time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {"v5p": "tab:blue", "h100": "tab:green"}
+    markers = {"flash_fwd": "o", "flash_bwd": "s", "flash_fwd_bwd": "^"}
+    x = np.logspace(0, 3.3, 200)
+    for chip, (peak, bandwidth) in CHIPS.items():
+        ax.plot(x, np.minimum(peak, x * bandwidth) / 1e12, color=colors[chip], label=f"{chip} roofline")
+    for r in rows:
+        if r["shape"].startswith("cpu_"):
+            continue
+        tflops = r["executed_gflop"] / r["roofline_us"] * 1e3  # GFLOP/µs = PFLOP/s
+        ax.scatter(r["intensity_flop_per_byte"], tflops, color=colors[r["chip"]], marker=markers[r["kernel"]], s=25)
+    for kernel, marker in markers.items():
+        ax.scatter([], [], color="gray", marker=marker, label=kernel)
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (executed FLOP / HBM byte)",
+           ylabel="roofline TFLOP/s (bf16)", title="moela flash-attention kernels at training shapes (model)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"[bench/kernels] wrote {path}", file=sys.stderr)
+
+
 def parse_shape(text):
     name, dims = text.split(":")
     parts = dims.split(",")
@@ -187,6 +217,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--measure-max", type=float, default=2e7, help="measure the xla backend when B*H*T*S <= this")
     parser.add_argument("--json-only", action="store_true")
+    parser.add_argument("--plot", help="write a roofline chart (PNG) of the modelled kernels here")
     args = parser.parse_args(argv)
     shapes = dict(parse_shape(x) for x in args.shapes) if args.shapes else SHAPES
     rows = []
@@ -210,6 +241,8 @@ def main(argv=None):
                        "cpu_xla_f32_ms": None if cpu_ms is None else round(cpu_ms, 2)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+    if args.plot:
+        plot(rows, args.plot)
     if not args.json_only:
         print("\n| kernel | shape | target | useful / executed GFLOP | MB | FLOP/B | roofline µs | bound "
               "| CPU xla ms |")
