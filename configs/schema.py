@@ -199,14 +199,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ServeConfig:
+    """Batch generation (``serve.py``, ``inference``). The cache holds ``num_pages`` pages of
+    ``page_size`` tokens shared by all running sequences; each engine step runs at most
+    ``max_batch`` sequences and ``max_batched_tokens`` tokens (decode tokens first, then prefill
+    chunks). Sampling fields are the defaults a request may override."""
+
     page_size: int = 16
     num_pages: int = 256
     max_batch: int = 8
+    max_batched_tokens: int = 256
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    seed: int = 0
+    eos_id: int = -1  # -1: the tokenizer's end-of-sequence id (none without a tokenizer)
     cache_dtype: DType = "float32"
+    attention_impl: Literal["auto", "reference", "pallas", "interpret", "interpret_gpu"] = "auto"  # kernels.paged
 
 
 @dataclass(frozen=True)

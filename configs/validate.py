@@ -113,7 +113,7 @@ def validate(cfg: Config) -> Config:
     )
 
     s = cfg.serve
-    _positive(s, "serve", "page_size", "num_pages", "max_batch", "max_new_tokens")
+    _positive(s, "serve", "page_size", "num_pages", "max_batch", "max_batched_tokens", "max_new_tokens")
     _require(s.temperature >= 0, f"config key 'serve.temperature' = {s.temperature} must be >= 0")
     _require(0 < s.top_p <= 1, f"config key 'serve.top_p' = {s.top_p} must be in (0, 1]")
     _require(s.top_k >= 0, f"config key 'serve.top_k' = {s.top_k} must be >= 0 (0 = off)")
