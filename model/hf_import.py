@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ from model.checkpoint import save_params
 from model.layers import DTYPES
 from model.safetensors_io import SafetensorsFile, checkpoint_files
 from model.transformer import abstract_model
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -326,6 +330,9 @@ def import_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None
     if importer.skipped:
         log(f"skipped {len(importer.skipped)} tensors not in the moela model (e.g. {importer.skipped[0]})")
     save_params(out, cfg, tree)
+    for name in TOKENIZER_FILES:  # serve.py reads text prompts through them
+        if (src / name).is_file():
+            shutil.copy(src / name, out / name)
     log(f"imported {count} tensors from {src} into {out} in {time.time() - start:.1f}s")
     return cfg
 
