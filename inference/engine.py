@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -47,6 +48,15 @@ def bucket(n: int, lo: int = 1) -> int:
     return 1 << max(int(n), lo, 1).__sub__(1).bit_length()
 
 
+@partial(jax.jit, static_argnames=("graphdef", "layout", "impl"), donate_argnames=("pool",))
+def _device_step(state, pool, batch: Batch, sampling: SamplingArrays, *, graphdef, layout, impl):
+    """Forward + sampling; module-level so engines over the same model share compilations."""
+    model = nnx.merge(graphdef, state)
+    with layout_lib.use(layout):
+        logits_sv, pool = forward(model, pool, batch, impl=impl)
+    return sample(logits_sv, sampling), pool
+
+
 class Engine:
     """Paged, continuously batched generation for one ``Decoder``.
 
@@ -68,18 +78,11 @@ class Engine:
                 None, None, None, split, None))
         self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding)
         self.graphdef, self.state = nnx.split(model)
-        self._step = jax.jit(self._step_fn, donate_argnums=(1,))
         self._next_id = 0
         self.steps = 0
         self.compiled_shapes: set[tuple[int, int, int]] = set()
 
     # -- the device step ------------------------------------------------------------------
-    def _step_fn(self, state, pool, batch: Batch, sampling: SamplingArrays):
-        model = nnx.merge(self.graphdef, state)
-        with layout_lib.use(self.layout):
-            logits_sv, pool = forward(model, pool, batch, impl=self.cfg.serve.attention_impl)
-        return sample(logits_sv, sampling), pool
-
     def pack(self, chunks: list[Chunk]) -> tuple[Batch, SamplingArrays]:
         """The padded device batch for ``chunks`` (pages already reserved)."""
         total = sum(c.length for c in chunks)
@@ -116,7 +119,8 @@ class Engine:
             raise RuntimeError("no sequence can run: the page pool is too small for the oldest waiting request "
                                f"({self.allocator.free} of {self.allocator.num_pages} pages free)")
         batch, params = self.pack(chunks)
-        tokens_dev, self.pool = self._step(self.state, self.pool, batch, params)
+        tokens_dev, self.pool = _device_step(self.state, self.pool, batch, params, graphdef=self.graphdef,
+                                             layout=self.layout, impl=self.cfg.serve.attention_impl)
         tokens = np.asarray(tokens_dev)
         self.scheduler.advance(chunks)
         self.steps += 1
@@ -194,15 +198,24 @@ class Engine:
 
 
 def greedy_reference(model, prompt: list[int], max_tokens: int, eos_id: int = -1) -> list[int]:
-    """A plain full-recompute greedy loop (no cache): the model over the whole sequence each
-    token. What the engine must reproduce; also the no-cache baseline of ``bench/serve.py``."""
-    forward_fn = nnx.jit(lambda m, t: m(t)[0][:, -1])
-    tokens = list(prompt)
-    out = []
+    """A plain full-recompute greedy loop (no cache): the model over the whole sequence for
+    every token. What the engine must reproduce, and the no-cache baseline of ``bench/serve.py``.
+    The sequence is padded to a fixed length (causal: padding after the last token changes
+    nothing before it), so the loop compiles once."""
+    length = bucket(len(prompt) + max_tokens, 16)
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    n, out = len(prompt), []
     for _ in range(max_tokens):
-        token = int(jnp.argmax(forward_fn(model, jnp.asarray([tokens], jnp.int32))[0]))
+        token = int(_next_token(model, jnp.asarray(tokens), n - 1))
         if token == eos_id:
             break
         out.append(token)
-        tokens.append(token)
+        tokens[0, n] = token
+        n += 1
     return out
+
+
+@nnx.jit
+def _next_token(model, tokens_bt, last):
+    return jnp.argmax(model(tokens_bt)[0][0, last])
