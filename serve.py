@@ -72,10 +72,11 @@ def serve(args) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read prompts '{args.prompts}': {e}") from None
     out = Path(args.out)
-    done = read_done(out) if args.resume else {}
+    done = read_done(out) if args.resume else []
     if not args.resume and out.exists() and out.stat().st_size:
         raise ValueError(f"'{out}' already holds completions; pass --resume to continue it or choose another --out")
     writer = OutputWriter(out, done)
+    done = {str(r["id"]) for r in done}
     requests, errors, seen = [], 0, set(done)
     skipped = 0
     for index, line in enumerate(lines):

@@ -139,9 +139,9 @@ def parse_line(line: str, index: int, defaults: ServeConfig, tokenizer) -> Reque
                    index)
 
 
-def read_done(path: Path) -> dict[str, dict]:
-    """Records already in ``path`` (by id); a torn last line from a crash is ignored."""
-    done = {}
+def read_done(path: Path) -> list[dict]:
+    """Records already in ``path``; a torn last line from a crash is ignored."""
+    done = []
     if not path.is_file():
         return done
     for line in path.read_text().splitlines():
@@ -150,24 +150,29 @@ def read_done(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and "id" in record:
-            done[str(record["id"])] = record
+            done.append(record)
     return done
+
+
+def _key(record: dict) -> tuple[int, str]:
+    """Records are ordered by input line; a duplicate id has its own line, so it never hides another."""
+    return int(record.get("index", 0)), str(record["id"])
 
 
 class OutputWriter:
     """Appends each record as it completes (flushed, so a crash keeps it), and at ``close``
     rewrites the file in input order (atomically, through a temporary file)."""
 
-    def __init__(self, path: Path, existing: dict[str, dict]):
+    def __init__(self, path: Path, existing: list[dict]):
         self.path = path
-        self.records = dict(existing)
+        self.records = {_key(r): r for r in existing}
         path.parent.mkdir(parents=True, exist_ok=True)
         if existing:  # drop a torn last line before appending
-            self._rewrite(list(existing.values()))
+            self._rewrite(existing)
         self._file = open(path, "a")
 
     def write(self, record: dict) -> None:
-        self.records[str(record["id"])] = record
+        self.records[_key(record)] = record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
 
@@ -180,4 +185,4 @@ class OutputWriter:
 
     def close(self) -> None:
         self._file.close()
-        self._rewrite(sorted(self.records.values(), key=lambda r: (r.get("index", 0), str(r["id"]))))
+        self._rewrite([self.records[k] for k in sorted(self.records)])

@@ -1,0 +1,101 @@
+"""serve.py end to end on a tiny checkpoint with a sentencepiece tokenizer: input validation as
+error records, output in input order, --resume, refusing to overwrite, the summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from flax import nnx
+
+import serve
+from configs import load
+from data import tokenizer as sp
+from inference.engine import greedy_reference
+from model.checkpoint import save_params
+from model.transformer import init_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    cfg = load("configs/tiny.py")
+    source = Path(json.__file__).parent  # text every Python has
+    lines = [line for f in sorted(source.glob("*.py")) for line in f.read_text().splitlines()]
+    sp.train(lines, out / "tokenizer.model", cfg.model.vocab_size)
+    model = init_model(cfg.model, seed=3)
+    save_params(out, cfg, nnx.state(model))
+    return out, model
+
+
+LINES = [
+    '{"id": "a", "prompt": "def load(", "max_tokens": 6}',
+    "a plain text prompt",
+    '{"id": "b", "tokens": [5, 6, 7], "max_tokens": 5, "temperature": 0.8, "seed": 3, "top_k": 40}',
+    '{"id": "c", "prompt": ""}',
+    '{"id": "d", "prompt": "x", "colour": 1}',
+    '{"id": "e", "prompt": "import json", "top_p": 2}',
+    "{not json",
+    "",
+    '{"id": "f", "tokens": [9, 10], "max_tokens": 4}',
+    '{"id": "a", "tokens": [1], "max_tokens": 2}',
+    '{"id": "g", "tokens": [1, 2, 3], "max_tokens": 0}',
+    '{"id": "h", "tokens": [7, 7, 7, 7, 7, 7, 7, 7, 7, 7], "max_tokens": 3, "stop": "}"}',
+    '{"id": "long", "tokens": ' + json.dumps([4] * 300) + "}",
+]
+ERRORS = {"c": "empty prompt", "d": "unknown field", "e": "top_p", "6": "malformed JSON", "a": "duplicate id",
+          "g": "max_tokens", "long": "context"}
+
+
+def run(checkpoint_dir, prompts: Path, out: Path, *extra) -> dict:
+    argv = ["--checkpoint", str(checkpoint_dir), "--prompts", str(prompts), "--out", str(out), "--quiet",
+            "--set", "serve.max_batch=4", "--set", "serve.max_batched_tokens=16", *extra]
+    assert serve.main(argv) == 0
+    return argv
+
+
+def test_serve_writes_ordered_records_errors_and_summary(checkpoint, tmp_path, capsys):
+    ckpt, model = checkpoint
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(LINES) + "\n")
+    out = tmp_path / "out.jsonl"
+    run(ckpt, prompts, out)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["index"] for r in records] == sorted(r["index"] for r in records), "records must be in input order"
+    by_id = {}
+    for r in records:
+        by_id.setdefault(r["id"], []).append(r)
+    for rid, message in ERRORS.items():
+        assert any(message in r.get("error", "") for r in by_id[rid]), (rid, by_id[rid])
+    assert by_id["f"][0]["tokens"] == greedy_reference(model, [9, 10], 4)
+    assert by_id["f"][0]["finish_reason"] == "length" and by_id["f"][0]["completion_tokens"] == 4
+    assert by_id["1"][0]["text"] is not None and by_id["1"][0]["prompt_tokens"] > 0
+    assert len(by_id["b"][0]["tokens"]) == 5 and by_id["b"][0]["ttft_s"] > 0
+    assert summary["requests"] == 5 and summary["errors"] == len(ERRORS)
+    assert summary["generated_tokens"] == sum(len(r.get("tokens", [])) for r in records)
+    assert set(summary["ttft_s"]) == {"p50", "p90", "p99"} and summary["peak_pages"] > 0
+
+    # a second run must not overwrite; --resume skips what is there and adds only the new line
+    assert serve.main(["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--quiet"]) == 2
+    before = out.read_text()
+    with open(out, "a") as f:
+        f.write('{"id": "torn", "tex')  # a crash mid-write
+    prompts.write_text("\n".join(LINES + ['{"id": "new", "tokens": [3, 4], "max_tokens": 2}']) + "\n")
+    run(ckpt, prompts, out, "--resume")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["requests"] == 1 and summary["skipped"] > 0
+    after = out.read_text()
+    assert after.startswith(before.rstrip("\n").rsplit("\n", 1)[0]) and '"new"' in after and "torn" not in after
+
+
+def test_serve_rejects_model_overrides_and_missing_checkpoint(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    argv = ["--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")]
+    assert serve.main(["--checkpoint", str(ckpt), "--set", "model.num_layers=3", *argv]) == 2
+    assert "only serve.*" in capsys.readouterr().err
+    assert serve.main(["--checkpoint", str(tmp_path / "nothing"), *argv]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
