@@ -25,6 +25,7 @@ from inference.cache import PageAllocator, init_pool, kv_heads
 from inference.forward import Batch, forward
 from inference.sampling import SamplingArrays, sample
 from inference.scheduler import Chunk, Request, Scheduler, Sequence
+from model.transformer import abstract_model
 from parallel import layout as layout_lib
 
 
@@ -78,6 +79,7 @@ class Engine:
                 None, None, None, split, None))
         self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding)
         self.graphdef, self.state = nnx.split(model)
+        self._graphdefs: dict[int, object] = {}
         self._next_id = 0
         self.steps = 0
         self.compiled_shapes: set[tuple[int, int, int]] = set()
@@ -112,6 +114,20 @@ class Engine:
         batch = Batch(tokens, positions, slots, kv_lens, page_table, cu, np.int32(len(chunks)), last)
         return batch, params
 
+    def graphdef_for(self, tokens: int):
+        """The model's graph with MoE blocks sized for ``tokens`` rows. The blocked grouped matmul
+        pads every expert's rows to a whole block: 128-row blocks (training's default) would make
+        a 32-token decode step compute 17 blocks of 128 rows per layer, mostly padding. Serving
+        uses about one block per expert's expected share: T·k/E rows, a power of two in [8, 128]."""
+        moe = self.cfg.model.moe
+        if not moe.num_experts:
+            return self.graphdef
+        block = min(128, bucket(tokens * moe.experts_per_token // moe.num_experts, 8))
+        if block not in self._graphdefs:
+            model_cfg = dataclasses.replace(self.cfg.model, moe=dataclasses.replace(moe, block_rows=block))
+            self._graphdefs[block] = nnx.split(abstract_model(model_cfg))[0]
+        return self._graphdefs[block]
+
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one step; returns (sequence, new token) for every sequence that sampled."""
         chunks = self.scheduler.plan()
@@ -119,7 +135,8 @@ class Engine:
             raise RuntimeError("no sequence can run: the page pool is too small for the oldest waiting request "
                                f"({self.allocator.free} of {self.allocator.num_pages} pages free)")
         batch, params = self.pack(chunks)
-        tokens_dev, self.pool = _device_step(self.state, self.pool, batch, params, graphdef=self.graphdef,
+        graphdef = self.graphdef_for(len(batch.tokens))
+        tokens_dev, self.pool = _device_step(self.state, self.pool, batch, params, graphdef=graphdef,
                                              layout=self.layout, impl=self.cfg.serve.attention_impl)
         tokens = np.asarray(tokens_dev)
         self.scheduler.advance(chunks)
@@ -202,7 +219,7 @@ def greedy_reference(model, prompt: list[int], max_tokens: int, eos_id: int = -1
     every token. What the engine must reproduce, and the no-cache baseline of ``bench/serve.py``.
     The sequence is padded to a fixed length (causal: padding after the last token changes
     nothing before it), so the loop compiles once."""
-    length = bucket(len(prompt) + max_tokens, 16)
+    length = -(-(len(prompt) + max_tokens) // 16) * 16
     tokens = np.zeros((1, length), np.int32)
     tokens[0, :len(prompt)] = prompt
     n, out = len(prompt), []
