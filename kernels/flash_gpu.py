@@ -67,6 +67,14 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {value}")
 
 
+
+def _dot(a, b, trans_b: bool = False):
+    """a @ b (or a @ bᵀ), accumulated in float32 (float32 inputs in IEEE precision, not TF32);
+    ``pl.dot`` is deprecated in jax 0.11 and gone in 0.12."""
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jax.lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (max(n, 1) - 1).bit_length())
 
@@ -139,7 +147,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, first_ref, last_re
         acc, m, total = carry
         k = k_ref[pl.ds(j * geo.bk, geo.bk), :]
         v = v_ref[pl.ds(j * geo.bk, geo.bk), :]
-        s_qk = pl.dot(q, k, trans_b=True).astype(jnp.float32) * geo.scale
+        s_qk = _dot(q, k, trans_b=True).astype(jnp.float32) * geo.scale
         if masked:
             kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * geo.bk, geo.bk)]
             mask = geo.mask(i, j, geo.bq, geo.bk, 0, q_seg, kv_seg)
@@ -149,7 +157,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, first_ref, last_re
         if masked:
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m - m_next)
-        acc = acc * alpha[:, None] + pl.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v).astype(jnp.float32)
         return acc, m_next, total * alpha + jnp.sum(p, axis=1)
 
     clean, end = geo.kv_range(i)
@@ -173,14 +181,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_
     def body(j, acc, masked):
         k = k_ref[pl.ds(j * geo.bk, geo.bk), :]
         v = v_ref[pl.ds(j * geo.bk, geo.bk), :]
-        s_qk = pl.dot(q, k, trans_b=True).astype(jnp.float32) * geo.scale
+        s_qk = _dot(q, k, trans_b=True).astype(jnp.float32) * geo.scale
         p = jnp.exp(s_qk - lse[:, None])  # lse +inf on rows that see nothing: P = 0
         if masked:
             kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * geo.bk, geo.bk)]
             p = jnp.where(geo.mask(i, j, geo.bq, geo.bk, 0, q_seg, kv_seg), p, 0.0)
-        dp = pl.dot(do, v, trans_b=True).astype(jnp.float32)
+        dp = _dot(do, v, trans_b=True).astype(jnp.float32)
         ds = p * (dp - delta[:, None])
-        return acc + pl.dot(ds.astype(k.dtype), k).astype(jnp.float32)
+        return acc + _dot(ds.astype(k.dtype), k).astype(jnp.float32)
 
     clean, end = geo.kv_range(i)
     start, end = _spanned(0, end, first_ref, last_ref)
@@ -202,15 +210,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg
         q = q_ref[rows, head, :]
         do = do_ref[rows, head, :]
         lse, delta = lse_ref[head, rows], delta_ref[head, rows]
-        s_kq = pl.dot(k, q, trans_b=True).astype(jnp.float32) * geo.scale  # sᵀ [bk, bq]
+        s_kq = _dot(k, q, trans_b=True).astype(jnp.float32) * geo.scale  # sᵀ [bk, bq]
         p = jnp.exp(s_kq - lse[None, :])
         if masked:
             q_seg = None if qseg_ref is None else qseg_ref[rows]
             p = jnp.where(geo.mask(i, j, geo.bk, geo.bq, 1, q_seg, kv_seg), p, 0.0)
-        dv = dv + pl.dot(p.astype(do.dtype), do).astype(jnp.float32)
-        dp = pl.dot(v, do, trans_b=True).astype(jnp.float32)
+        dv = dv + _dot(p.astype(do.dtype), do).astype(jnp.float32)
+        dp = _dot(v, do, trans_b=True).astype(jnp.float32)
         ds = p * (dp - delta[None, :])
-        return dk + pl.dot(ds.astype(q.dtype), q).astype(jnp.float32), dv
+        return dk + _dot(ds.astype(q.dtype), q).astype(jnp.float32), dv
 
     carry = (jnp.zeros((geo.bk, k_ref.shape[-1]), jnp.float32), jnp.zeros((geo.bk, v_ref.shape[-1]), jnp.float32))
     for head in range(heads_per_kv):  # the kv head's query heads, unrolled: their sums stay in registers

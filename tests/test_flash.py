@@ -103,11 +103,11 @@ def check(case, got, want):
     assert got[0].dtype == case[-1] and got[2].dtype == case[-1]
 
 
-def run_case(case, target):
+def run_case(case, target, interpret=True):
     t, s, dims, heads, causal, seg, dtype = case
     q, k, v, q_seg, kv_seg, d_out, d_lse = inputs(case)
     kernel = lambda q, k, v: flash.attention(q, k, v, scale=SCALE, causal=causal, q_segment_ids=q_seg,  # noqa: E731
-                                            kv_segment_ids=kv_seg, target=target, interpret=True,
+                                            kv_segment_ids=kv_seg, target=target, interpret=interpret,
                                             blocks=BLOCKS[target])
     # the reference runs in float32 on the same (possibly bfloat16-rounded) inputs
     ref = lambda q, k, v: reference.attention(q, k, v, scale=SCALE, causal=causal, q_segment_ids=q_seg,  # noqa: E731
@@ -122,6 +122,12 @@ def run_case(case, target):
 @pytest.mark.parametrize("case", FAST, ids=case_id)
 def test_kernel_matches_reference(case, target):
     run_case(case, target)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_compiled_gpu_kernel_matches_reference(case):
+    run_case(case, "gpu", interpret=False)
 
 
 @pytest.mark.slow

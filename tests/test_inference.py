@@ -208,3 +208,30 @@ def test_latent_cache_is_smaller_than_expanded_kv():
     cfg = load("configs/bench.py").model
     b = bytes_per_token(cfg)
     assert b["stored"] == 6 * (128 + 32) * 4 and b["expanded_kv"] == 6 * 8 * (96 + 64) * 4
+
+
+def engine_through(impl: str, **serve):
+    cfg = tiny(init_std=0.1, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16, attention_impl=impl,
+               **serve)
+    model = init_model(cfg.model, seed=1)
+    reqs = [Request(str(i), p, max_tokens=5, index=i)
+            for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 21, 9]))]
+    for r in Engine(model, cfg).generate(reqs):
+        assert r.tokens == greedy_reference(model, reqs[r.index].tokens, 5), f"{impl}: request {r.id} diverged"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["interpret", "interpret_gpu"])
+def test_engine_through_the_interpreted_kernels_equals_no_cache_loop(impl):
+    engine_through(impl)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled Triton kernel needs a GPU")
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_engine_on_gpu_with_the_compiled_kernel(cache_dtype):
+    if cache_dtype == "float32":
+        engine_through("pallas")
+    else:  # a bfloat16 cache changes numerics: check the step runs and produces full-length output
+        cfg = tiny(init_std=0.1, page_size=16, num_pages=32, attention_impl="pallas", cache_dtype="bfloat16")
+        out = Engine(init_model(cfg.model), cfg).generate([Request("a", [1, 2, 3], 4)])
+        assert len(out[0].tokens) == 4
