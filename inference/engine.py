@@ -22,10 +22,9 @@ from flax import nnx
 
 from configs.schema import Config
 from inference.cache import PageAllocator, init_pool, kv_heads
-from inference.forward import Batch, forward
+from inference.forward import Batch, forward, output_rows
 from inference.sampling import SamplingArrays, sample
 from inference.scheduler import Chunk, Request, Scheduler, Sequence
-from model.transformer import abstract_model
 from parallel import layout as layout_lib
 
 
@@ -49,13 +48,25 @@ def bucket(n: int, lo: int = 1) -> int:
     return 1 << max(int(n), lo, 1).__sub__(1).bit_length()
 
 
-@partial(jax.jit, static_argnames=("graphdef", "layout", "impl"), donate_argnames=("pool",))
-def _device_step(state, pool, batch: Batch, sampling: SamplingArrays, *, graphdef, layout, impl):
-    """Forward + sampling; module-level so engines over the same model share compilations."""
+def _device_step(state, head_nd, pool, batch: Batch, sampling: SamplingArrays, *, graphdef, layout, impl):
+    """Forward + sampling over one packed batch."""
     model = nnx.merge(graphdef, state)
     with layout_lib.use(layout):
-        logits_sv, pool = forward(model, pool, batch, impl=impl)
+        logits_sv, pool = forward(model, pool, batch, impl=impl, head_nd=head_nd)
     return sample(logits_sv, sampling), pool
+
+
+_STEPS: dict[tuple, Callable] = {}
+
+
+def compiled_step(graphdef, layout, impl: str) -> Callable:
+    """The jitted step for one model graph, shared by every engine over an equal graph (tests and
+    benchmarks build many). Binding the graph once spares hashing it at every call (~2 ms)."""
+    key = (graphdef, layout, impl)
+    if key not in _STEPS:
+        _STEPS[key] = jax.jit(partial(_device_step, graphdef=graphdef, layout=layout, impl=impl),
+                              donate_argnums=(2,))
+    return _STEPS[key]
 
 
 class Engine:
@@ -79,7 +90,8 @@ class Engine:
                 None, None, None, split, None))
         self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding)
         self.graphdef, self.state = nnx.split(model)
-        self._graphdefs: dict[int, object] = {}
+        self._step = compiled_step(self.graphdef, layout, s.attention_impl)
+        self.head_nd = jax.jit(output_rows)(model)  # [N, D], once
         self._next_id = 0
         self.steps = 0
         self.compiled_shapes: set[tuple[int, int, int]] = set()
@@ -114,20 +126,6 @@ class Engine:
         batch = Batch(tokens, positions, slots, kv_lens, page_table, cu, np.int32(len(chunks)), last)
         return batch, params
 
-    def graphdef_for(self, tokens: int):
-        """The model's graph with MoE blocks sized for ``tokens`` rows. The blocked grouped matmul
-        pads every expert's rows to a whole block: 128-row blocks (training's default) would make
-        a 32-token decode step compute 17 blocks of 128 rows per layer, mostly padding. Serving
-        uses about one block per expert's expected share: T·k/E rows, a power of two in [8, 128]."""
-        moe = self.cfg.model.moe
-        if not moe.num_experts:
-            return self.graphdef
-        block = min(128, bucket(tokens * moe.experts_per_token // moe.num_experts, 8))
-        if block not in self._graphdefs:
-            model_cfg = dataclasses.replace(self.cfg.model, moe=dataclasses.replace(moe, block_rows=block))
-            self._graphdefs[block] = nnx.split(abstract_model(model_cfg))[0]
-        return self._graphdefs[block]
-
     def step(self) -> list[tuple[Sequence, int]]:
         """Run one step; returns (sequence, new token) for every sequence that sampled."""
         chunks = self.scheduler.plan()
@@ -135,9 +133,7 @@ class Engine:
             raise RuntimeError("no sequence can run: the page pool is too small for the oldest waiting request "
                                f"({self.allocator.free} of {self.allocator.num_pages} pages free)")
         batch, params = self.pack(chunks)
-        graphdef = self.graphdef_for(len(batch.tokens))
-        tokens_dev, self.pool = _device_step(self.state, self.pool, batch, params, graphdef=graphdef,
-                                             layout=self.layout, impl=self.cfg.serve.attention_impl)
+        tokens_dev, self.pool = self._step(self.state, self.head_nd, self.pool, batch, params)
         tokens = np.asarray(tokens_dev)
         self.scheduler.advance(chunks)
         self.steps += 1
