@@ -92,23 +92,22 @@ def serve_cfg(base, batch: int, tokens: int):
 
 
 def decode_steps(model, cfg, batch: int, prompt_len: int, steps: int) -> tuple[list[float], int]:
-    """Step times once all ``batch`` sequences decode; also the mean context length."""
+    """Wall time between consecutive engine steps once all ``batch`` sequences decode (host work
+    included: what a user waits), after two warm-up decode steps; also the mean context length."""
     rng = np.random.default_rng(batch)
     engine = Engine(model, serve_cfg(cfg, batch, prompt_len + steps + 4))
-    for i in range(batch):
-        engine.submit(Request(str(i), rng.integers(0, cfg.model.vocab_size, prompt_len).tolist(), steps + 4))
-    while engine.scheduler.waiting or any(s.computed < len(s.request.tokens) for s in engine.scheduler.running):
-        engine.step()
-    engine.step()
-    engine.step()  # compiled and warm
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    return times, prompt_len + 2 + steps // 2
+    reqs = [Request(str(i), rng.integers(0, cfg.model.vocab_size, prompt_len).tolist(), steps + 3, index=i)
+            for i in range(batch)]
+    marks: list[tuple[float, bool]] = []
 
+    def on_step(eng):
+        decoding = not eng.scheduler.waiting and all(s.computed == s.length - 1 for s in eng.scheduler.running)
+        marks.append((time.perf_counter(), decoding))
 
+    for _ in engine.run(reqs, on_step=on_step):
+        pass
+    times = [b[0] - a[0] for a, b in zip(marks, marks[1:]) if a[1] and b[1]]
+    return times[2:], prompt_len + steps // 2
 def moela_generate_time(model, cfg, prompts: list[list[int]], new_tokens: int, capacity: int) -> float:
     """Wall time of ``Engine.generate`` (a fresh cache of ``capacity`` tokens per sequence: the same
     shapes whatever ``new_tokens``, so nothing recompiles between calls)."""

@@ -22,7 +22,7 @@ from flax import nnx
 
 from configs.schema import Config
 from inference.cache import PageAllocator, init_pool, kv_heads
-from inference.forward import Batch, forward, output_rows
+from inference.forward import Batch, Weights, forward, split_model
 from inference.sampling import SamplingArrays, sample
 from inference.scheduler import Chunk, Request, Scheduler, Sequence
 from parallel import layout as layout_lib
@@ -48,24 +48,22 @@ def bucket(n: int, lo: int = 1) -> int:
     return 1 << max(int(n), lo, 1).__sub__(1).bit_length()
 
 
-def _device_step(state, head_nd, pool, batch: Batch, sampling: SamplingArrays, *, graphdef, layout, impl):
+def _device_step(weights: Weights, pool, batch: Batch, sampling: SamplingArrays, *, graph, layout, impl):
     """Forward + sampling over one packed batch."""
-    model = nnx.merge(graphdef, state)
     with layout_lib.use(layout):
-        logits_sv, pool = forward(model, pool, batch, impl=impl, head_nd=head_nd)
+        logits_sv, pool = forward(graph, weights, pool, batch, impl=impl)
     return sample(logits_sv, sampling), pool
 
 
 _STEPS: dict[tuple, Callable] = {}
 
 
-def compiled_step(graphdef, layout, impl: str) -> Callable:
+def compiled_step(graph, layout, impl: str) -> Callable:
     """The jitted step for one model graph, shared by every engine over an equal graph (tests and
     benchmarks build many). Binding the graph once spares hashing it at every call (~2 ms)."""
-    key = (graphdef, layout, impl)
+    key = (graph, layout, impl)
     if key not in _STEPS:
-        _STEPS[key] = jax.jit(partial(_device_step, graphdef=graphdef, layout=layout, impl=impl),
-                              donate_argnums=(2,))
+        _STEPS[key] = jax.jit(partial(_device_step, graph=graph, layout=layout, impl=impl), donate_argnums=(1,))
     return _STEPS[key]
 
 
@@ -89,9 +87,8 @@ class Engine:
             pool_sharding = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(
                 None, None, None, split, None))
         self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding)
-        self.graphdef, self.state = nnx.split(model)
-        self._step = compiled_step(self.graphdef, layout, s.attention_impl)
-        self.head_nd = jax.jit(output_rows)(model)  # [N, D], once
+        self.graph, self.weights = split_model(model)
+        self._step = compiled_step(self.graph, layout, s.attention_impl)
         self._next_id = 0
         self.steps = 0
         self.compiled_shapes: set[tuple[int, int, int]] = set()
@@ -133,7 +130,7 @@ class Engine:
             raise RuntimeError("no sequence can run: the page pool is too small for the oldest waiting request "
                                f"({self.allocator.free} of {self.allocator.num_pages} pages free)")
         batch, params = self.pack(chunks)
-        tokens_dev, self.pool = self._step(self.state, self.head_nd, self.pool, batch, params)
+        tokens_dev, self.pool = self._step(self.weights, self.pool, batch, params)
         tokens = np.asarray(tokens_dev)
         self.scheduler.advance(chunks)
         self.steps += 1

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from inference.experts import moe_ffn
 from kernels import paged
 from model.attention import MLA
-from model.experts import block_layout
 from model.layers import project
 from model.rope import Rotary
 from parallel import layout as layout_lib
@@ -101,82 +101,63 @@ def gqa_paged(attn, x_td, cos, sin, pool, batch: Batch, layer, impl: str):
     return project(out_thk.astype(cd), attn.wo[...].astype(cd), contract=2), pool
 
 
-def expert_block_rows(tokens: int, moe) -> int:
-    """Rows per block of the grouped expert matmul for a step of ``tokens`` tokens. Every expert's
-    rows are padded to whole blocks; training's 128 would make a 32-token decode step compute 17
-    blocks of 128 rows per layer, mostly padding. Serving takes about one block per expert's
-    expected share, T·k/E rows, as a power of two in [8, 128]."""
-    share = max(tokens * moe.experts_per_token // moe.num_experts, 1)
-    return min(128, max(8, 1 << (share - 1).bit_length()))
+def _layer(block, x_td, cos, sin, pool, batch: Batch, layer: int, real_t, impl: str):
+    attend = mla_absorbed if isinstance(block.attn, MLA) else gqa_paged
+    a_td, pool = attend(block.attn, block.attn_norm(x_td), cos, sin, pool, batch, layer, impl)
+    x_td = x_td + a_td.astype(x_td.dtype)
+    h_td = block.ffn_norm(x_td)
+    y_td = moe_ffn(block.ffn, h_td, real_t) if block.moe else block.ffn(h_td[None])[0]
+    return x_td + y_td.astype(x_td.dtype), pool
 
 
-def routed_experts(x_td, weights_tk, ids_tk, real_t, w_gate_ledf, w_up_ledf, w_down_lefd, layer, block: int):
-    """Dropless routed SwiGLU of one layer, reading experts straight from the layer-stacked
-    weights [L, E, ...]: each used block fetches only its expert, w[layer, e].
+@dataclasses.dataclass(frozen=True)
+class Graph:
+    """The static half of a split decoder (hashable: a jit static argument)."""
 
-    Slicing the layer out first (what a scan over stacked parameters does) would copy all E
-    experts of the layer every step, although a decode batch touches a few: at batch 1 on the
-    ``bench`` preset that copy was 22 of a 25 ms step. Padding tokens' pairs are routed to no
-    expert, so they cost nothing."""
-    t, k = ids_tk.shape
-    e, d = w_gate_ledf.shape[1], x_td.shape[-1]
-    key_p = jnp.where(real_t[:, None], ids_tk, e).reshape(-1)  # padding sorts past every group
-    order_p = jnp.argsort(key_p, stable=True)
-    group_sizes_e = jnp.bincount(key_p, length=e).astype(jnp.int32)
-    x_pd = jnp.take(x_td, order_p // k, axis=0)
-    dest_p, block_expert_n, num_blocks = block_layout(group_sizes_e, t * k, block)
-    used = jnp.sum((group_sizes_e + block - 1) // block).astype(jnp.int32)
-    x_nbd = jnp.zeros((num_blocks * block, d), x_td.dtype).at[dest_p].set(x_pd, mode="drop")
-    x_nbd = x_nbd.reshape(num_blocks, block, d)
-
-    def one_block(i, y_nbd):
-        x_bd, expert = x_nbd[i], block_expert_n[i]
-        gate = jnp.matmul(x_bd, w_gate_ledf[layer, expert].astype(x_bd.dtype))
-        up = jnp.matmul(x_bd, w_up_ledf[layer, expert].astype(x_bd.dtype))
-        y_bd = jnp.matmul(jax.nn.silu(gate) * up, w_down_lefd[layer, expert].astype(x_bd.dtype))
-        return jax.lax.dynamic_update_index_in_dim(y_nbd, y_bd, i, 0)
-
-    y_nbd = jax.lax.fori_loop(0, used, one_block, jnp.zeros_like(x_nbd))
-    y_pd = y_nbd.reshape(num_blocks * block, d).at[dest_p].get(mode="fill", fill_value=0)
-    weight_p = jnp.take(weights_tk.reshape(-1), order_p).astype(y_pd.dtype)
-    return jnp.zeros_like(x_td).at[order_p // k].add(y_pd * weight_p[:, None])
+    cfg: Any
+    embed: Any
+    final_norm: Any
+    dense: Any
+    moe: Any
 
 
-def _moe(block, stacked, h_td, real_t, layer):
-    """The MoE feed-forward of one layer: the block's router and shared experts, and the routed
-    experts read from the stacked weights (``routed_experts``)."""
-    moe = block.ffn
-    weights_tk, ids_tk, _ = moe.router(h_td)
-    block_rows = expert_block_rows(h_td.shape[0], moe.cfg)
-    y_td = routed_experts(h_td, weights_tk, ids_tk, real_t, *stacked, layer, block_rows)
-    if moe.shared is not None:
-        y_td = y_td + moe.shared(h_td).astype(y_td.dtype)
-    return y_td
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Weights:
+    """The array half: embedding, final norm, one state per layer (unstacked), and the output
+    projection as [N, D] rows."""
+
+    embed: Any
+    final_norm: Any
+    dense: list
+    moe: list
+    head_nd: jax.Array
 
 
-def _run_blocks(blocks, x_td, cos, sin, pool, batch: Batch, first_layer: int, real_t, impl: str):
-    graphdef, state = nnx.split(blocks)
-    count = jax.tree.leaves(state)[0].shape[0]
-    stacked = None
-    if blocks.moe:
-        experts = blocks.ffn.experts
-        cd = experts.compute_dtype
-        stacked = tuple(w[...].astype(cd) for w in (experts.w_gate, experts.w_up, experts.w_down))
+def split_model(model) -> tuple[Graph, Weights]:
+    """The decoder split for serving, with its layers *unstacked* into one state per layer.
 
-    def body(carry, xs):
-        x, pool = carry
-        layer_state, index = xs
-        block = nnx.merge(graphdef, layer_state)  # the routed experts' slices go unused: XLA drops them
-        attend = mla_absorbed if isinstance(block.attn, MLA) else gqa_paged
-        a_td, pool = attend(block.attn, block.attn_norm(x), cos, sin, pool, batch, first_layer + index, impl)
-        x = x + a_td.astype(x.dtype)
-        h_td = block.ffn_norm(x)
-        y_td = _moe(block, stacked, h_td, real_t, index) if block.moe else block.ffn(h_td[None])[0]
-        return (x + y_td.astype(x.dtype), pool), None
+    Training scans over layer-stacked weights; a decode step is memory-bound, and the scan's
+    per-layer dynamic slice copies every weight of the layer before reading it: at batch 1 on
+    the ``bench`` preset, copying the 16 experts of each layer (of which a token uses 2) took 22
+    of a 25 ms step. Separate buffers per layer, sliced once here, are read in place; the layer
+    loop is unrolled (one trace per layer: fine for serving's few compiled shapes)."""
 
-    indices = jnp.arange(count, dtype=jnp.int32)
-    (x_td, pool), _ = jax.lax.scan(body, (x_td, pool), (state, indices))
-    return x_td, pool
+    def unstack(blocks):
+        if blocks is None:
+            return None, []
+        graphdef, state = nnx.split(blocks)
+        count = jax.tree.leaves(state)[0].shape[0]
+
+        layers = jax.jit(lambda st: [jax.tree.map(lambda a: a[i], st) for i in range(count)])(state)
+        return graphdef, layers
+
+    embed_g, embed_s = nnx.split(model.embed)
+    norm_g, norm_s = nnx.split(model.final_norm)
+    dense_g, dense_s = unstack(model.dense_blocks)
+    moe_g, moe_s = unstack(model.moe_blocks)
+    head = jax.jit(output_rows)(model)
+    return Graph(model.cfg, embed_g, norm_g, dense_g, moe_g), Weights(embed_s, norm_s, dense_s, moe_s, head)
 
 
 def output_rows(model):
@@ -187,18 +168,20 @@ def output_rows(model):
     return weight if kind == "nd" else jnp.transpose(weight)
 
 
-def forward(model, pool, batch: Batch, impl: str = "auto", head_nd=None) -> tuple[jax.Array, Any]:
-    """(logits [S, V] float32 at each sequence's last token of the step, the updated pool).
-    ``head_nd`` is ``output_rows(model)``, computed once by the caller (else here)."""
-    cfg = model.cfg
+def forward(graph: Graph, weights: Weights, pool, batch: Batch, impl: str = "auto") -> tuple[jax.Array, Any]:
+    """(logits [S, V] float32 at each sequence's last token of the step, the updated pool)."""
+    cfg = graph.cfg
     cos, sin = Rotary(cfg.rope, cfg.attention.rope_dim).tables(batch.positions[None])
-    x_td = model.embed(batch.tokens[None])[0]
+    x_td = nnx.merge(graph.embed, weights.embed)(batch.tokens[None])[0]
     real_t = batch.slots >= 0
-    if model.dense_blocks is not None:
-        x_td, pool = _run_blocks(model.dense_blocks, x_td, cos, sin, pool, batch, 0, real_t, impl)
-    if model.moe_blocks is not None:
-        x_td, pool = _run_blocks(model.moe_blocks, x_td, cos, sin, pool, batch, cfg.num_dense_layers, real_t, impl)
-    h_sd = model.final_norm(x_td[batch.last_index])
-    head_nd = output_rows(model) if head_nd is None else head_nd
-    logits = jnp.einsum("sd,nd->sn", h_sd, head_nd.astype(h_sd.dtype), preferred_element_type=jnp.float32)
+    stack = [(graph.dense, s) for s in weights.dense] + [(graph.moe, s) for s in weights.moe]
+    for layer, (graphdef, state) in enumerate(stack):
+        x_td, pool = _layer(nnx.merge(graphdef, state), x_td, cos, sin, pool, batch, layer, real_t, impl)
+    h_sd = nnx.merge(graph.final_norm, weights.final_norm)(x_td[batch.last_index])
+    logits = jnp.einsum("sd,nd->sn", h_sd, weights.head_nd.astype(h_sd.dtype), preferred_element_type=jnp.float32)
     return logits, pool
+
+
+def forward_model(model, pool, batch: Batch, impl: str = "auto"):
+    """``forward`` straight from a ``Decoder`` (tests; the engine splits once)."""
+    return forward(*split_model(model), pool, batch, impl)

@@ -16,7 +16,7 @@ from configs import load
 from configs.schema import AttentionConfig, ServeConfig
 from inference.cache import OutOfPages, PageAllocator, bytes_per_token, init_pool
 from inference.engine import Engine, greedy_reference
-from inference.forward import Batch, forward, mla_absorbed
+from inference.forward import Batch, forward_model, mla_absorbed
 from inference.sampling import SamplingArrays, sample
 from inference.scheduler import Request, Scheduler, Sequence
 from model.attention import MLA
@@ -73,7 +73,7 @@ def test_paged_forward_logits_equal_training_forward(kind):
     for start, stop in [(0, 7), (7, 8), (8, 19)]:  # prefill chunk, one decode-like token, the rest
         batch = one_sequence_batch(start, stop, 4, pages)
         batch.tokens = jnp.asarray(tokens[start:stop], jnp.int32)
-        logits, pool = forward(model, pool, batch, impl="reference")
+        logits, pool = forward_model(model, pool, batch, impl="reference")
         got.append(np.asarray(logits[0]))
     np.testing.assert_allclose(np.stack(got), want[[6, 7, 18]], atol=1e-4, rtol=1e-4)
 
