@@ -12,8 +12,9 @@ Prints one JSON line per measurement:
 * ``decode`` per batch size: the median step time once every sequence decodes (prompt
   ``--prompt-len``), tokens/s, and the roofline: bytes a step must read (every weight, the
   experts the batch is expected to touch, the batch's cache rows) over the bandwidth.
-* ``vs_transformers`` (batch 8): decode tokens/s of both, alternating rounds, each from
-  generate(1 + n new tokens) minus generate(1) so prefill cancels out; the median ratio.
+* ``vs_transformers`` (batch 8, prompts of 128 and 1024 tokens): decode tokens/s of both,
+  alternating rounds: moela's from the median decode step (as ``decode``), transformers' from
+  generate(1 + n new tokens) minus generate(1), so its prefill cancels out; the median ratio.
 * ``vs_no_cache`` (batch 1): 256 greedy tokens through the engine vs re-running the whole
   sequence for every token (``inference.engine.greedy_reference``), same process.
 """
@@ -93,21 +94,22 @@ def serve_cfg(base, batch: int, tokens: int):
 
 def decode_steps(model, cfg, batch: int, prompt_len: int, steps: int) -> tuple[list[float], int]:
     """Wall time between consecutive engine steps once all ``batch`` sequences decode (host work
-    included: what a user waits), after two warm-up decode steps; also the mean context length."""
+    included: what a user waits); the workload runs twice and the second, compiled, is timed.
+    Also returns the mean context length."""
     rng = np.random.default_rng(batch)
-    engine = Engine(model, serve_cfg(cfg, batch, prompt_len + steps + 4))
-    reqs = [Request(str(i), rng.integers(0, cfg.model.vocab_size, prompt_len).tolist(), steps + 3, index=i)
-            for i in range(batch)]
-    marks: list[tuple[float, bool]] = []
+    prompts = [rng.integers(0, cfg.model.vocab_size, prompt_len).tolist() for _ in range(batch)]
+    for _ in range(2):
+        engine = Engine(model, serve_cfg(cfg, batch, prompt_len + steps + 4))
+        marks: list[tuple[float, bool]] = []
 
-    def on_step(eng):
-        decoding = not eng.scheduler.waiting and all(s.computed == s.length - 1 for s in eng.scheduler.running)
-        marks.append((time.perf_counter(), decoding))
+        def on_step(eng):
+            decoding = not eng.scheduler.waiting and all(s.computed == s.length - 1 for s in eng.scheduler.running)
+            marks.append((time.perf_counter(), decoding))
 
-    for _ in engine.run(reqs, on_step=on_step):
-        pass
+        for _ in engine.run([Request(str(i), p, steps + 1, index=i) for i, p in enumerate(prompts)], on_step=on_step):
+            pass
     times = [b[0] - a[0] for a, b in zip(marks, marks[1:]) if a[1] and b[1]]
-    return times[2:], prompt_len + steps // 2
+    return times, prompt_len + steps // 2
 def moela_generate_time(model, cfg, prompts: list[list[int]], new_tokens: int, capacity: int) -> float:
     """Wall time of ``Engine.generate`` (a fresh cache of ``capacity`` tokens per sequence: the same
     shapes whatever ``new_tokens``, so nothing recompiles between calls)."""
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hf-tokens", type=int, default=32, help="decode tokens per generate() in the comparison")
+    parser.add_argument("--hf-prompt-lens", default="128,1024",
+                        help="prompt lengths of the transformers comparison (its per-step cost grows with context)")
     parser.add_argument("--nocache-tokens", type=int, default=256)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-nocache", action="store_true")
@@ -195,20 +199,19 @@ def main() -> None:
 
     if not args.no_torch:
         hf_model = hf_model_for(cfg)
-        prompts = rng.integers(0, cfg.model.vocab_size, (8, args.prompt_len)).tolist()
         n = args.hf_tokens
-        ours, theirs = [], []
-        capacity = args.prompt_len + n + 1
-        moela_generate_time(model, cfg, prompts, 1 + n, capacity)  # compile
-        hf_generate_time(hf_model, prompts, 2)
-        for _ in range(args.rounds):
-            ours.append(8 * n / (moela_generate_time(model, cfg, prompts, 1 + n, capacity)
-                                 - moela_generate_time(model, cfg, prompts, 1, capacity)))
-            theirs.append(8 * n / (hf_generate_time(hf_model, prompts, 1 + n) - hf_generate_time(hf_model, prompts, 1)))
-        emit("vs_transformers", batch=8, prompt=args.prompt_len, new_tokens=n,
-             moela_decode_tokens_per_s=round(statistics.median(ours), 1),
-             transformers_decode_tokens_per_s=round(statistics.median(theirs), 1),
-             ratio=round(statistics.median([a / b for a, b in zip(ours, theirs)]), 2))
+        for prompt_len in [int(p) for p in args.hf_prompt_lens.split(",")]:
+            prompts = rng.integers(0, cfg.model.vocab_size, (8, prompt_len)).tolist()
+            hf_generate_time(hf_model, prompts, 2)
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(8 / statistics.median(decode_steps(model, cfg, 8, prompt_len, n)[0]))
+                theirs.append(8 * n / (hf_generate_time(hf_model, prompts, 1 + n)
+                                       - hf_generate_time(hf_model, prompts, 1)))
+            emit("vs_transformers", batch=8, prompt=prompt_len, new_tokens=n,
+                 moela_decode_tokens_per_s=round(statistics.median(ours), 1),
+                 transformers_decode_tokens_per_s=round(statistics.median(theirs), 1),
+                 ratio=round(statistics.median([a / b for a, b in zip(ours, theirs)]), 2))
 
     if not args.no_nocache:
         n = args.nocache_tokens

@@ -43,8 +43,9 @@ class Result:
 
 
 def bucket(n: int, lo: int = 1) -> int:
-    """The power of two >= max(n, lo): the padded size of one batch dimension (a few compiled
-    shapes cover every batch; the page table's floor of 4 pages saves compilations for free)."""
+    """The power of two >= max(n, lo): the padded size of one batch dimension. The engine's
+    floors (8 tokens, 4 sequences, 4 pages) cost a decode step almost nothing (it is bound by
+    reading the weights) and save compilations as batches shrink."""
     return 1 << max(int(n), lo, 1).__sub__(1).bit_length()
 
 
@@ -97,7 +98,7 @@ class Engine:
     def pack(self, chunks: list[Chunk]) -> tuple[Batch, SamplingArrays]:
         """The padded device batch for ``chunks`` (pages already reserved)."""
         total = sum(c.length for c in chunks)
-        t, s = bucket(total), bucket(len(chunks))
+        t, s = bucket(total, 8), bucket(len(chunks), 4)
         m = bucket(max(len(self.allocator.pages[c.seq.seq_id]) for c in chunks), 4)
         tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
         slots = np.full(t, -1, np.int32)

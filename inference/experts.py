@@ -1,8 +1,8 @@
 """The MoE feed-forward of a serving step: the layer's router and shared experts, and the routed
 experts computed the way a step of T tokens wants them.
 
-* Most experts touched, few pairs per each (``use_dense``: decode batches of 8 to 32 tokens on
-  the ``bench`` preset): every expert runs on every token, three batched matmuls over all
+* Most experts touched, few pairs per each (``dense_pays``, decided at run time: decode batches
+  of 8 to 32 tokens on the ``bench`` preset): every expert runs on every token, three batched matmuls over all
   experts, and the routing weights (zero off each token's top-k) combine them. The step reads each
   expert's weights once, in place; the extra FLOPs are cheap next to that read at these sizes.
   (A loop over the used experts paid a copy and a small matmul per expert: 16 of a 34 ms
@@ -30,14 +30,15 @@ def expert_block_rows(tokens: int, moe) -> int:
     return min(128, max(8, 1 << (share - 1).bit_length()))
 
 
-def use_dense(tokens: int, moe) -> bool:
-    """Dense when the step's tokens are expected to touch at least half the experts (uniform
-    routing: E·(1 - (1 - k/E)^T)) and bring at most ``DENSE_EXPERT_PAIRS`` pairs per expert.
-    A single decode token (2 of 16 experts on the bench preset) takes the grouped path: reading
-    all 16 cost it 30 ms a step against 19."""
+def dense_pays(real_tokens, moe):
+    """Should the step run every expert on every token? When its real tokens are expected to
+    touch at least half the experts (uniform routing: E·(1 - (1 - k/E)^n)) and bring at most
+    ``DENSE_EXPERT_PAIRS`` pairs per expert. Decided at run time from the count of real tokens
+    (padding does not count), so one compiled shape serves batch 1 (grouped: 2 of 16 experts
+    read on the bench preset, 14 ms a step against 30 dense) and batch 8 (dense)."""
     e, k = moe.num_experts, moe.experts_per_token
-    touched = e * (1 - (1 - k / e) ** tokens)
-    return touched >= e / 2 and tokens * k <= DENSE_EXPERT_PAIRS * e
+    touched = e * (1 - (1 - k / e) ** real_tokens.astype(jnp.float32))
+    return (touched >= e / 2) & (real_tokens * k <= DENSE_EXPERT_PAIRS * e)
 
 
 def dense_experts(x_td, weights_tk, ids_tk, real_t, w_gate_edf, w_up_edf, w_down_efd):
@@ -86,11 +87,13 @@ def moe_ffn(moe, h_td, real_t):
     weights_tk, ids_tk, _ = moe.router(h_td)
     cd = experts.compute_dtype
     ws = tuple(w[...].astype(cd) for w in (experts.w_gate, experts.w_up, experts.w_down))
-    t = h_td.shape[0]
-    if use_dense(t, cfg):
-        y_td = dense_experts(h_td.astype(cd), weights_tk, ids_tk, real_t, *ws)
+    t, x_td = h_td.shape[0], h_td.astype(cd)
+    args = (x_td, weights_tk, ids_tk, real_t, *ws)
+    grouped = lambda a: grouped_experts(*a, expert_block_rows(t, cfg))  # noqa: E731
+    if t * cfg.experts_per_token <= DENSE_EXPERT_PAIRS * cfg.num_experts:  # dense is possible
+        y_td = jax.lax.cond(dense_pays(jnp.sum(real_t), cfg), lambda a: dense_experts(*a), grouped, args)
     else:
-        y_td = grouped_experts(h_td.astype(cd), weights_tk, ids_tk, real_t, *ws, expert_block_rows(t, cfg))
+        y_td = grouped(args)
     if moe.shared is not None:
         y_td = y_td + moe.shared(h_td).astype(y_td.dtype)
     return y_td

@@ -57,7 +57,7 @@ class Batch:
 def _paged_attention(q_thk, pool, batch: Batch, layer, *, scale, fmt, impl):
     """``ragged_paged_attention`` under the current layout: GSPMD for the reference, one kernel call
     per tensor-parallel shard of the query heads (and kv heads, for GQA) for the Pallas kernels."""
-    args = (pool, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, layer)
+    args = (pool, batch.kv_lens, batch.page_table, batch.cu_q_lens, batch.num_seqs, jnp.asarray(layer, jnp.int32))
     layout = layout_lib.current()
     heads = None if layout is None else layout.axis("act_heads")
     if heads is None or paged.resolve(impl) == "reference":

@@ -235,3 +235,23 @@ def test_engine_on_gpu_with_the_compiled_kernel(cache_dtype):
         cfg = tiny(init_std=0.1, page_size=16, num_pages=32, attention_impl="pallas", cache_dtype="bfloat16")
         out = Engine(init_model(cfg.model), cfg).generate([Request("a", [1, 2, 3], 4)])
         assert len(out[0].tokens) == 4
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("interpret_gpu", marks=pytest.mark.slow)])
+def test_tensor_parallel_engine_equals_one_device(impl, tmp_path):
+    from configs.schema import MeshConfig
+    from model.checkpoint import load_model, save_params
+    from parallel.layout import Layout
+    from parallel.mesh import build_mesh
+
+    cfg = tiny(init_std=0.1, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16, attention_impl=impl)
+    model = init_model(cfg.model, seed=1)
+    save_params(tmp_path, cfg, nnx.state(model))
+    layout = Layout.of(build_mesh(MeshConfig(data=1, tensor=2, sequence=1), jax.devices()[:2]), "tp")
+    _, sharded = load_model(tmp_path, layout=layout)
+    assert "tensor" in str(sharded.dense_blocks.attn.wo[...].sharding.spec)
+    reqs = [Request(str(i), p, max_tokens=6, index=i) for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 21, 9]))]
+    engine = Engine(sharded, cfg, layout=layout)
+    got = engine.generate(reqs)
+    for r in got:
+        assert r.tokens == greedy_reference(model, reqs[r.index].tokens, 6), f"request {r.id} diverged"
