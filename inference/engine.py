@@ -46,7 +46,7 @@ def bucket(n: int, lo: int = 1) -> int:
     """The power of two >= max(n, lo): the padded size of one batch dimension. The engine's
     floors (8 tokens, 4 sequences, 4 pages) cost a decode step almost nothing (it is bound by
     reading the weights) and save compilations as batches shrink."""
-    return 1 << max(int(n), lo, 1).__sub__(1).bit_length()
+    return 1 << (max(int(n), lo, 1) - 1).bit_length()
 
 
 def _device_step(weights: Weights, pool, batch: Batch, sampling: SamplingArrays, *, graph, layout, impl):
@@ -72,7 +72,9 @@ class Engine:
     """Paged, continuously batched generation for one ``Decoder``.
 
     ``tokenizer`` (optional) decodes text for stop strings and results; ``layout`` (optional)
-    shards weights and the cache over a mesh (tensor parallel: heads, MLP, vocab)."""
+    shards weights and the cache over a mesh (tensor parallel: heads, MLP, vocab). The engine
+    keeps its own per-layer copy of the weights (``forward.split_model``): drop the model
+    afterwards to hold them once (serve.py does)."""
 
     def __init__(self, model, cfg: Config, tokenizer=None, layout=None):
         self.cfg, self.tokenizer, self.layout = cfg, tokenizer, layout

@@ -61,6 +61,7 @@ def test_absorbed_mla_equals_expanded_attention_in_float32():
     np.testing.assert_allclose(np.asarray(absorbed_td), np.asarray(expanded_td), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mla", "gqa"])
 def test_paged_forward_logits_equal_training_forward(kind):
     cfg = tiny(kind, init_std=0.1).model
@@ -237,7 +238,8 @@ def test_engine_on_gpu_with_the_compiled_kernel(cache_dtype):
         assert len(out[0].tokens) == 4
 
 
-@pytest.mark.parametrize("impl", ["reference", pytest.param("interpret_gpu", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["reference", "interpret_gpu"])
 def test_tensor_parallel_engine_equals_one_device(impl, tmp_path):
     from configs.schema import MeshConfig
     from model.checkpoint import load_model, save_params

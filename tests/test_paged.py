@@ -12,7 +12,8 @@ from tests.paged_cases import BATCHES, GQA_SMALL, MLA_SMALL, dense_expected, mak
 FORMS = {"mla": (8, 1, MLA_SMALL), "gqa": (8, 2, GQA_SMALL), "mqa": (4, 1, GQA_SMALL), "mha": (4, 4, GQA_SMALL)}
 
 
-@pytest.mark.parametrize("batch", sorted(BATCHES))
+@pytest.mark.parametrize("batch", [pytest.param(b, marks=[] if b == "mixed" else pytest.mark.slow)
+                                   for b in sorted(BATCHES)])
 @pytest.mark.parametrize("form", sorted(FORMS))
 def test_reference_equals_dense_attention_per_sequence(batch, form):
     page_size = 4 if form in ("mla", "mqa") else 16

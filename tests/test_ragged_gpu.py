@@ -53,7 +53,7 @@ def form_case(batch, form, page_size, **kwargs):
                      pad_seqs=2, seed=page_size, **kwargs)
 
 
-@pytest.mark.parametrize("form,page_size", [("mla-r4", 4), ("gqa-r2", 8)])
+@pytest.mark.parametrize("form,page_size", [("mla-r4", 4), pytest.param("gqa-r2", 8, marks=pytest.mark.slow)])
 def test_mixed_batch_matches_dense_and_reference(form, page_size):
     """Decode tokens, a chunk after cached context and whole prompts in one packed batch; with
     the default blocks (one step covers a table here) and with 16-position steps split over

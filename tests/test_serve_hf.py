@@ -21,8 +21,8 @@ from tests.test_hf_parity import BASE, CASES, build_hf  # noqa: E402
 NEW_TOKENS = 10
 
 
-@pytest.mark.parametrize("case", ["qlora_yarn_groups_dense1", pytest.param("direct_q_plain_dense2",
-                                                                            marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["qlora_yarn_groups_dense1", "direct_q_plain_dense2"])
 def test_engine_greedy_equals_transformers_generate(case, tmp_path):
     hf_model = build_hf("v3", CASES[case], seed=11)
     hf_model.save_pretrained(tmp_path / "hf")
