@@ -124,17 +124,9 @@ def hf_model_for(cfg):
     import torch
     import transformers
 
-    m, a, e = cfg.model, cfg.model.attention, cfg.model.moe
-    hf_cfg = transformers.DeepseekV3Config(
-        vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.d_ff, moe_intermediate_size=e.d_ff,
-        num_hidden_layers=m.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
-        n_shared_experts=e.num_shared_experts, n_routed_experts=e.num_experts, kv_lora_rank=a.kv_lora_rank,
-        q_lora_rank=a.q_lora_rank or None, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
-        qk_nope_head_dim=a.qk_nope_head_dim, n_group=e.n_group, topk_group=e.topk_group,
-        num_experts_per_tok=e.experts_per_token, first_k_dense_replace=m.first_k_dense,
-        routed_scaling_factor=e.routed_scaling_factor, max_position_embeddings=m.max_seq_len,
-        tie_word_embeddings=m.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
+    from model.hf_import import hf_config_kwargs
+
+    hf_cfg = transformers.DeepseekV3Config(**hf_config_kwargs(cfg.model))
     torch.set_num_threads(2)
     return transformers.DeepseekV3ForCausalLM(hf_cfg).eval()
 

@@ -7,9 +7,9 @@ experts computed the way a step of T tokens wants them.
   expert's weights once, in place; the extra FLOPs are cheap next to that read at these sizes.
   (A loop over the used experts paid a copy and a small matmul per expert: 16 of a 34 ms
   batch-8 step.)
-* Otherwise (prefill chunks): dropless grouped matmul, pairs sorted by expert and padded to
-  blocks of about T·k/E rows (``expert_block_rows``), one loop iteration per used block. Padding
-  tokens route to no expert.
+* Otherwise (prefill chunks): the model's dropless grouped matmul (``moe.impl``: ``ragged_dot`` on
+  TPU/GPU, used blocks of about T·k/E rows on CPU, ``expert_block_rows``); padding tokens route
+  to no expert.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from model.experts import block_layout
+from model.experts import routed_swiglu
 
 DENSE_EXPERT_PAIRS = 4
 
@@ -55,30 +55,12 @@ def dense_experts(x_td, weights_tk, ids_tk, real_t, w_gate_edf, w_up_edf, w_down
     return jnp.einsum("etd,te->td", y_etd, combine_te.astype(cd))
 
 
-def grouped_experts(x_td, weights_tk, ids_tk, real_t, w_gate_edf, w_up_edf, w_down_efd, block: int):
-    """Dropless grouped SwiGLU over the used blocks only (padding tokens' pairs go to no expert)."""
-    t, k = ids_tk.shape
-    e, d = w_gate_edf.shape[0], x_td.shape[-1]
-    key_p = jnp.where(real_t[:, None], ids_tk, e).reshape(-1)  # padding sorts past every group
-    order_p = jnp.argsort(key_p, stable=True)
-    group_sizes_e = jnp.bincount(key_p, length=e).astype(jnp.int32)
-    x_pd = jnp.take(x_td, order_p // k, axis=0)
-    dest_p, block_expert_n, num_blocks = block_layout(group_sizes_e, t * k, block)
-    used = jnp.sum((group_sizes_e + block - 1) // block).astype(jnp.int32)
-    x_nbd = jnp.zeros((num_blocks * block, d), x_td.dtype).at[dest_p].set(x_pd, mode="drop")
-    x_nbd = x_nbd.reshape(num_blocks, block, d)
-
-    def one_block(i, y_nbd):
-        x_bd, expert = x_nbd[i], block_expert_n[i]
-        gate = jnp.matmul(x_bd, w_gate_edf[expert].astype(x_bd.dtype))
-        up = jnp.matmul(x_bd, w_up_edf[expert].astype(x_bd.dtype))
-        y_bd = jnp.matmul(jax.nn.silu(gate) * up, w_down_efd[expert].astype(x_bd.dtype))
-        return jax.lax.dynamic_update_index_in_dim(y_nbd, y_bd, i, 0)
-
-    y_nbd = jax.lax.fori_loop(0, used, one_block, jnp.zeros_like(x_nbd))
-    y_pd = y_nbd.reshape(num_blocks * block, d).at[dest_p].get(mode="fill", fill_value=0)
-    weight_p = jnp.take(weights_tk.reshape(-1), order_p).astype(y_pd.dtype)
-    return jnp.zeros_like(x_td).at[order_p // k].add(y_pd * weight_p[:, None])
+def grouped_experts(x_td, weights_tk, ids_tk, real_t, w_gate_edf, w_up_edf, w_down_efd, *, impl: str, block: int):
+    """Dropless grouped SwiGLU (``model.experts.routed_swiglu``) over real tokens only: padding
+    tokens' pairs get the out-of-range expert id E, which sorts past every group and is never
+    computed."""
+    ids_tk = jnp.where(real_t[:, None], ids_tk, w_gate_edf.shape[0])
+    return routed_swiglu(x_td, weights_tk, ids_tk, w_gate_edf, w_up_edf, w_down_efd, impl=impl, block=block)
 
 
 def moe_ffn(moe, h_td, real_t):
@@ -89,7 +71,7 @@ def moe_ffn(moe, h_td, real_t):
     ws = tuple(w[...].astype(cd) for w in (experts.w_gate, experts.w_up, experts.w_down))
     t, x_td = h_td.shape[0], h_td.astype(cd)
     args = (x_td, weights_tk, ids_tk, real_t, *ws)
-    grouped = lambda a: grouped_experts(*a, expert_block_rows(t, cfg))  # noqa: E731
+    grouped = lambda a: grouped_experts(*a, impl=experts.impl, block=expert_block_rows(t, cfg))  # noqa: E731
     if t * cfg.experts_per_token <= DENSE_EXPERT_PAIRS * cfg.num_experts:  # dense is possible
         y_td = jax.lax.cond(dense_pays(jnp.sum(real_t), cfg), lambda a: dense_experts(*a), grouped, args)
     else:

@@ -65,6 +65,22 @@ def rope_from_hf(hf: dict) -> RopeConfig:
     )
 
 
+def hf_config_kwargs(cfg: ModelConfig) -> dict:
+    """transformers' ``DeepseekV3Config`` arguments for a moela model of plain RoPE (the inverse of
+    ``config_from_hf`` on what the benchmarks build: the same shapes, run by both)."""
+    a, e = cfg.attention, cfg.moe
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, moe_intermediate_size=e.d_ff,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
+        n_shared_experts=e.num_shared_experts, n_routed_experts=e.num_experts, kv_lora_rank=a.kv_lora_rank,
+        q_lora_rank=a.q_lora_rank or None, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
+        qk_nope_head_dim=a.qk_nope_head_dim, n_group=e.n_group, topk_group=e.topk_group,
+        num_experts_per_tok=e.experts_per_token, first_k_dense_replace=cfg.first_k_dense,
+        routed_scaling_factor=e.routed_scaling_factor, max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope.theta},
+    )
+
+
 def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
     """A moela ModelConfig equal to a HF DeepSeek-V2/V3 ``config.json``; refuses what it cannot map."""
     model_type = hf.get("model_type")

@@ -8,6 +8,7 @@ MoE and RoPE are DeepSeek's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -190,3 +191,21 @@ def test_unsupported_configs_are_refused_by_name():
                            ({"quantization_config": {"quant_method": "awq"}}, "quantization_config")]:
         with pytest.raises(UnsupportedCheckpoint, match=needle):
             config_from_hf({**ok, **change})
+
+
+def test_hf_config_kwargs_round_trips_through_the_importer():
+    """The benchmarks build transformers' model from ``hf_config_kwargs``: it must be the same shape."""
+    from configs import load
+    from model.hf_import import hf_config_kwargs
+
+    cfg = load("configs/bench.py").model
+    hf = transformers.DeepseekV3Config(**hf_config_kwargs(cfg)).to_dict()
+    back = config_from_hf(hf, dtype="float32")
+    for field in ("vocab_size", "d_model", "num_layers", "first_k_dense", "d_ff", "attention", "moe"):
+        got, want = getattr(back, field), getattr(cfg, field)
+        if field == "moe":
+            got, want = (got.num_experts, got.experts_per_token, got.d_ff, got.n_group, got.topk_group), \
+                (want.num_experts, want.experts_per_token, want.d_ff, want.n_group, want.topk_group)
+        if field == "attention":
+            got, want = dataclasses.replace(got, impl="auto"), dataclasses.replace(want, impl="auto")
+        assert got == want, field
