@@ -28,10 +28,12 @@ Two row forms share the layout:
 attention reads them (``slots`` = page · P + offset; -1 drops a padding token). It is an XLA
 scatter on every backend: on a donated pool it updates in place.
 
-Backends (``impl``): ``reference`` (this module: gathers each token's pages; the definition
-the kernels are tested against, and the CPU path), ``pallas`` (the kernel of the default
-platform), ``interpret`` (the TPU kernel under the TPU interpreter), ``interpret_gpu`` (the GPU
-kernel under the Pallas interpreter), ``auto`` (pallas on TPU/GPU, reference elsewhere).
+Backends (``impl``): ``reference`` (this module: gathers each token's whole page table; the
+definition everything else is tested against), ``xla`` (``kernels.paged_xla``: blocks of pages
+with an online softmax, only as far as the longest context; the CPU path), ``pallas`` (the
+kernel of the default platform), ``interpret`` (the TPU kernel under the TPU interpreter),
+``interpret_gpu`` (the GPU kernel under the Pallas interpreter), ``auto`` (pallas on TPU/GPU,
+xla elsewhere).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30
-IMPLS = ("auto", "reference", "pallas", "interpret", "interpret_gpu")
+IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +150,7 @@ def write_rows_reference(pool_lnpgw, rows_tgw, slots_t, layer):
 
 def resolve(impl: str) -> str:
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "reference"
+        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
     if impl not in IMPLS:
         raise ValueError(f"unknown paged attention impl {impl!r}; valid: {', '.join(IMPLS)}")
     return impl
@@ -162,7 +164,7 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
                            scale: float, fmt: RowFormat, impl: str = "auto", blocks=None):
     """Attention of packed ragged queries over a paged cache -> out [T, H, v_dim] in q's dtype.
 
-    ``blocks`` tunes the kernels (their module's ``BlockSizes``); the reference ignores it."""
+    ``blocks`` tunes the kernels (their module's ``BlockSizes``); the reference and xla paths ignore it."""
     validate(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, fmt)
     impl = resolve(impl)
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
@@ -171,6 +173,10 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
             cu_q_lens_s1.astype(jnp.int32), num_seqs, layer)
     if impl == "reference":
         return reference(*args, scale=scale, fmt=fmt)
+    if impl == "xla":
+        from kernels import paged_xla
+
+        return paged_xla.ragged_paged_attention(*args, scale=scale, fmt=fmt)
     if impl == "pallas":
         from kernels.flash import platform_target
 

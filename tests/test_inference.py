@@ -102,6 +102,39 @@ def test_engine_equals_no_cache_greedy_loop_with_chunks_and_preemption(kind):
     assert engine.allocator.used == 0, "finished sequences must free their pages"
 
 
+@pytest.mark.parametrize("routing", ["uniform", "one_expert_busy"])
+@pytest.mark.parametrize("tokens", [8, 32])
+def test_serving_expert_paths_equal_a_per_token_loop(tokens, routing):
+    """Both ways a serving step computes the routed experts (every expert on C of its own rows,
+    the grouped matmul) against a per-token NumPy loop, with
+    padding tokens that must come out zero. ``one_expert_busy`` routes every token to expert 3,
+    so the capacity path must pick C = T (nothing dropped)."""
+    from inference import experts as serving
+
+    rng = np.random.default_rng(tokens)
+    e, k, d, f = 8, 2, 16, 8
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    wg, wu = (rng.standard_normal((e, d, f)).astype(np.float32) / 4 for _ in range(2))
+    wd = rng.standard_normal((e, f, d)).astype(np.float32) / 3
+    ids = np.stack([rng.choice(e, k, replace=False) for _ in range(tokens)]).astype(np.int32)
+    if routing == "one_expert_busy":
+        ids[:, 0] = 3
+        ids[:, 1] = np.where(ids[:, 1] == 3, 5, ids[:, 1])
+    weights = rng.random((tokens, k)).astype(np.float32)
+    real = np.arange(tokens) < tokens - 3
+    want = np.zeros_like(x)
+    for i in np.flatnonzero(real):
+        for j in range(k):
+            h = x[i] @ wg[ids[i, j]]
+            want[i] += weights[i, j] * ((h / (1 + np.exp(-h))) * (x[i] @ wu[ids[i, j]])) @ wd[ids[i, j]]
+    args = tuple(jnp.asarray(a) for a in (x, weights, ids, real, wg, wu, wd))
+    for name, fn in [("capacity", serving.capacity_experts),
+                     ("grouped", lambda *a: serving.grouped_experts(*a, impl="auto", block=8))]:
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), want, atol=1e-5, rtol=1e-4, err_msg=name)
+    assert serving.capacities(32, 2, 16) == (4, 8, 16, 32) and serving.capacities(8, 2, 16) == (4, 8)
+    assert serving.capacities(128, 2, 16) == (16, 32, 64, 128)  # never below the mean load
+
+
 def test_sampling_is_seeded_per_request_whatever_the_batch():
     cfg = tiny(page_size=4, num_pages=64, max_batch=4, max_batched_tokens=32)
     model = init_model(cfg.model, seed=1)

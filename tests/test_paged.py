@@ -28,6 +28,35 @@ def test_reference_equals_dense_attention_per_sequence(batch, form):
     assert np.all(out[real:] == 0), "padding tokens must return zeros"
 
 
+@pytest.mark.parametrize("rows_per_step", [1 << 16, 64])
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+@pytest.mark.parametrize("form", ["mla", "gqa"])
+def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step, monkeypatch):
+    """The CPU path walks blocks of pages with an online softmax: with 64 rows per step every
+    context spans several blocks (and a long chunk gets blocks of one page)."""
+    from kernels import paged_xla
+
+    monkeypatch.setattr(paged_xla, "ROWS_PER_STEP", rows_per_step)
+    heads, kv_heads, fmt = FORMS[form]
+    case = make_case(BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=4, pad_tokens=3,
+                     pad_seqs=2, seed=7)
+    out = np.asarray(paged.ragged_paged_attention(*case.args(), scale=case.scale, fmt=fmt, impl="xla"))
+    assert np.isfinite(out).all(), "a NaN row of an unused page leaked into the output"
+    np.testing.assert_allclose(out, dense_expected(case), atol=1e-5, rtol=1e-5)
+    real = int(case.cu_q_lens[case.num_seqs])
+    assert np.all(out[real:] == 0), "padding tokens must return zeros"
+
+
+def test_xla_block_choice():
+    from kernels.paged_xla import pages_per_block
+
+    assert pages_per_block(8, 16, 8) == 8  # a decode step over a small table: one block
+    assert pages_per_block(8, 16, 128) == 16  # a long context: blocks of 16 pages, skipped past the longest
+    assert pages_per_block(512, 16, 64) == 8  # a 512-token chunk: 512 x 128 rows per block
+    assert pages_per_block(8192, 16, 4) == 1
+    assert pages_per_block(8, 16, 5) == 8  # the table is padded to whole blocks
+
+
 def test_reference_bfloat16_pool_close_to_float32():
     case = make_case(BATCHES["mixed"], heads=8, kv_heads=1, fmt=MLA_SMALL, page_size=8)
     want = dense_expected(case)
