@@ -215,7 +215,8 @@ class ServeConfig:
     seed: int = 0
     eos_id: int = -1  # -1: the tokenizer's end-of-sequence id (none without a tokenizer)
     cache_dtype: DType = "float32"
-    attention_impl: Literal["auto", "reference", "xla", "pallas", "interpret", "interpret_gpu"] = "auto"  # kernels.paged
+    # kernels.paged: auto = pallas on TPU/GPU, xla (blocked pages) on CPU
+    attention_impl: Literal["auto", "reference", "xla", "pallas", "interpret", "interpret_gpu"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ def test_reference_equals_dense_attention_per_sequence(batch, form):
 
 
 @pytest.mark.parametrize("rows_per_step", [1 << 16, 64])
-@pytest.mark.parametrize("batch", sorted(BATCHES))
+@pytest.mark.parametrize("batch", [pytest.param(b, marks=[] if b == "mixed" else pytest.mark.slow)
+                                   for b in sorted(BATCHES)])
 @pytest.mark.parametrize("form", ["mla", "gqa"])
 def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step, monkeypatch):
     """The CPU path walks blocks of pages with an online softmax: with 64 rows per step every
