@@ -199,9 +199,14 @@ def _single_threaded_blas():
     return threadpool_limits(limits=1, user_api="blas")
 
 
+def _exp(v: float) -> float:
+    """e^v, inf past float range: a bootstrap resample of few runs can send a or b to ~1e3."""
+    return math.exp(v) if v < 709 else math.inf
+
+
 def _as_fit(theta: np.ndarray, objective: float, n_runs: int) -> dict:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta,
+    return {"E": _exp(e), "A": _exp(a), "B": _exp(b), "alpha": alpha, "beta": beta,
             "loss": objective, "n_runs": n_runs, "convention": CONVENTION + "; L = E + A/N^alpha + B/D^beta"}
 
 

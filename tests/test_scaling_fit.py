@@ -245,3 +245,12 @@ def test_plot_all_writes_the_figures_it_has_fits_for(fits, tmp_path):
                                                                                "residuals.png"]
     assert [p.name for p in plot_all(rows, None, None, tmp_path / "none")] == ["frontier.png"]
     assert sorted(p.name for p in (tmp_path / "no3").iterdir()) == ["frontier.png", "isoflop.png", "optimal.png"]
+
+
+def test_fit_parameters_past_float_range_become_inf_not_an_error():
+    """A bootstrap resample of a small real sweep drove a to ~1e3 (A = e^a): that must not abort
+    the whole fit."""
+    from scaling.fit import _as_fit
+
+    got = _as_fit(np.array([1000.0, 2.0, 0.5, 3.0, 0.3]), 1e-3, 15)
+    assert got["A"] == float("inf") and got["B"] == pytest.approx(np.exp(2.0))
