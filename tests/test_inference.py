@@ -42,6 +42,7 @@ def one_sequence_batch(start: int, stop: int, page_size: int, pages: list[int]) 
                  jnp.asarray([stop - start - 1]))
 
 
+@pytest.mark.slow
 def test_absorbed_mla_equals_expanded_attention_in_float32():
     cfg = tiny(init_std=0.3).model  # large weights: scores spread, so a wrong absorption shows
     attn = MLA(cfg.attention, cfg.rope, cfg.ctx, rngs=nnx.Rngs(0))
@@ -135,6 +136,7 @@ def test_serving_expert_paths_equal_a_per_token_loop(tokens, routing):
     assert serving.capacities(128, 2, 16) == (16, 32, 64, 128)  # never below the mean load
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_per_request_whatever_the_batch():
     cfg = tiny(page_size=4, num_pages=64, max_batch=4, max_batched_tokens=32)
     model = init_model(cfg.model, seed=1)

@@ -12,9 +12,9 @@ from tests.paged_cases import BATCHES, GQA_SMALL, MLA_SMALL, dense_expected, mak
 FORMS = {"mla": (8, 1, MLA_SMALL), "gqa": (8, 2, GQA_SMALL), "mqa": (4, 1, GQA_SMALL), "mha": (4, 4, GQA_SMALL)}
 
 
-@pytest.mark.parametrize("batch", [pytest.param(b, marks=[] if b == "mixed" else pytest.mark.slow)
-                                   for b in sorted(BATCHES)])
-@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("form,batch", [
+    pytest.param(f, b, marks=[] if (b == "mixed" and f in ("mla", "gqa")) else pytest.mark.slow)
+    for f in sorted(FORMS) for b in sorted(BATCHES)])
 def test_reference_equals_dense_attention_per_sequence(batch, form):
     page_size = 4 if form in ("mla", "mqa") else 16
     heads, kv_heads, fmt = FORMS[form]
@@ -28,10 +28,9 @@ def test_reference_equals_dense_attention_per_sequence(batch, form):
     assert np.all(out[real:] == 0), "padding tokens must return zeros"
 
 
-@pytest.mark.parametrize("rows_per_step", [1 << 16, 64])
-@pytest.mark.parametrize("batch", [pytest.param(b, marks=[] if b == "mixed" else pytest.mark.slow)
-                                   for b in sorted(BATCHES)])
-@pytest.mark.parametrize("form", ["mla", "gqa"])
+@pytest.mark.parametrize("form,batch,rows_per_step", [
+    pytest.param(f, b, r, marks=[] if (b, f, r) == ("mixed", "mla", 64) else pytest.mark.slow)
+    for f in ("mla", "gqa") for b in sorted(BATCHES) for r in (1 << 16, 64)])
 def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step, monkeypatch):
     """The CPU path walks blocks of pages with an online softmax: with 64 rows per step every
     context spans several blocks (and a long chunk gets blocks of one page)."""

@@ -233,6 +233,7 @@ def test_load_rows_rejects_csv_without_a_column_and_other_suffixes(tmp_path):
         load_rows(tmp_path / "empty.jsonl")
 
 
+@pytest.mark.slow
 def test_plot_all_writes_the_figures_it_has_fits_for(fits, tmp_path):
     rows, fit2, fit3 = fits["besiroglu"]
     written = plot_all(rows, fit2, fit3, tmp_path / "all", target_budget=1e23)

@@ -63,7 +63,8 @@ def test_family_n_is_the_exact_flops_count(tiny):
         assert model.attention.num_heads == width // head_dim and model.vocab_size == 1024
 
 
-@pytest.mark.parametrize("path", ["cpu_tiny", "dense", "moe"])
+@pytest.mark.parametrize("path", ["cpu_tiny", pytest.param("dense", marks=pytest.mark.slow),
+                                  pytest.param("moe", marks=pytest.mark.slow)])
 def test_family_rules_are_monotone_and_close(path):
     family = load_family(ROOT / "configs" / "families" / f"{path}.py")
     lo, hi = family.sizer.n_range()
@@ -130,6 +131,7 @@ def test_grid_properties(capsys, tmp_path, tiny):
     assert [json.loads(x) for x in (tmp_path / "p" / "manifest.jsonl").read_text().splitlines()] == runs
 
 
+@pytest.mark.slow
 def test_run_names_are_deterministic(capsys, tmp_path):
     assert run_name(1e15, 2.3114e7) == "iso-C1e15-N2.31e07"
     assert run_name(3e20, 1.234e9) == "iso-C3e20-N1.23e09"
@@ -138,6 +140,7 @@ def test_run_names_are_deterministic(capsys, tmp_path):
     assert [r["name"] for r in manifest_runs(tmp_path / "a")] == [r["name"] for r in manifest_runs(tmp_path / "b")]
 
 
+@pytest.mark.slow
 def test_batch_and_lr_rules_clamp_and_fixed(capsys, tmp_path, tiny):
     # a tiny C: the rule's batch (545 tokens = 4.3 rows) lands on the floor of 4, its lr (0.0175) on the cap
     plan(capsys, tmp_path / "low", "--span", "0.3", "--force", budgets="1e10", sizes=2)
@@ -154,6 +157,7 @@ def test_batch_and_lr_rules_clamp_and_fixed(capsys, tmp_path, tiny):
     assert {r["lr"] for r in fixed} == {tiny.base.train.learning_rate}
 
 
+@pytest.mark.slow
 def test_replan_is_idempotent_and_a_different_plan_is_refused(capsys, tmp_path):
     out = tmp_path / "p"
     assert plan(capsys, out)["unchanged"] is False
