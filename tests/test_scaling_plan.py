@@ -305,7 +305,7 @@ def test_fit_and_plot_cli_on_results(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_cli_plan_run_round_trip(capsys, tmp_path, monkeypatch):
-    """Two real runs of ~20 steps (cpu_tiny at vocab 512 on a small corpus), trained by train.py
+    """Two real runs of 20-60 steps (cpu_tiny at vocab 512 on a small corpus), trained by train.py
     subprocesses; a second ``run`` skips both."""
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -316,7 +316,7 @@ def test_cli_plan_run_round_trip(capsys, tmp_path, monkeypatch):
     plan(capsys, out, "--force", "--span", "0.3", "--set", f"data.text_glob={corpus}/*.txt",
          "--set", f"data.data_dir={tmp_path / 'tfds'}", "--set", "model.vocab_size=512", budgets="6e9", sizes=2)
     runs = manifest_runs(out)
-    assert len(runs) == 2 and all(10 <= r["steps"] <= 40 for r in runs)
+    assert len(runs) == 2 and all(10 <= r["steps"] <= 60 for r in runs)
     code, summary, err = cli(capsys, "run", out / "manifest.json")
     assert code == 0, err + "".join((Path(r["run_dir"]) / "train.log").read_text()[-2000:] for r in runs)
     assert summary["trained"] == 2 and not summary["failed"]
