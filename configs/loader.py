@@ -160,15 +160,27 @@ def load_preset(path: str | os.PathLike) -> Config:
     if not p.is_file():
         presets = sorted(q.stem for q in Path(__file__).parent.glob("*.py") if _is_preset(q))
         raise ConfigError(f"config file '{path}' not found; presets: {', '.join(presets)}")
-    spec = importlib.util.spec_from_file_location(f"moela_preset_{p.stem}", p)
+    return call_file(p, "get_config", Config, ConfigError, label=str(path), kind="config file",
+                     module_prefix="moela_preset", returns="configs.Config")
+
+
+def call_file(p: Path, func: str, expected: type, error: type[Exception], *, label: str, kind: str,
+              module_prefix: str, returns: str):
+    """Import the Python file ``p`` and return ``func()``, which must be an ``expected``; every
+    mistake (the file fails to import, lacks ``func``, returns something else) is one ``error``
+    naming the file. Presets (``get_config``) and scaling families (``get_family``) load this way."""
+    spec = importlib.util.spec_from_file_location(f"{module_prefix}_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "get_config", None)):
-        raise ConfigError(f"config file '{path}' must define get_config() returning a configs.Config")
-    cfg = module.get_config()
-    if not isinstance(cfg, Config):
-        raise ConfigError(f"get_config() in '{path}' returned {type(cfg).__name__}, expected configs.Config")
-    return cfg
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken file: report it, do not crash the CLI
+        raise error(f"{kind} '{label}' failed to import: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, func, None)):
+        raise error(f"{kind} '{label}' must define {func}() returning a {returns}")
+    value = getattr(module, func)()
+    if not isinstance(value, expected):
+        raise error(f"{func}() in '{label}' returned {type(value).__name__}, expected {returns}")
+    return value
 
 
 def _is_preset(p: Path) -> bool:

@@ -25,12 +25,12 @@ give every depth. ``tests/test_scaling_plan.py`` checks this against a direct co
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from configs.loader import call_file
 from configs.schema import AttentionConfig, Config, ModelConfig
 from scaling.flops import flops_per_token
 
@@ -205,15 +205,5 @@ def load_family(path: str | Path) -> Family:
     if not p.is_file():
         known = sorted(q.name for q in (Path(__file__).parent.parent / "configs" / "families").glob("[!_]*.py"))
         raise FamilyError(f"family file '{path}' not found; families in configs/families/: {', '.join(known)}")
-    spec = importlib.util.spec_from_file_location(f"moela_family_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # a broken family file: report it, do not crash the CLI
-        raise FamilyError(f"family file '{path}' failed to import: {type(e).__name__}: {e}") from None
-    if not callable(getattr(module, "get_family", None)):
-        raise FamilyError(f"family file '{path}' must define get_family() returning a scaling.family.Family")
-    family = module.get_family()
-    if not isinstance(family, Family):
-        raise FamilyError(f"get_family() in '{path}' returned {type(family).__name__}, expected scaling.family.Family")
-    return family
+    return call_file(p, "get_family", Family, FamilyError, label=str(path), kind="family file",
+                     module_prefix="moela_family", returns="scaling.family.Family")
