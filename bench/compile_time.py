@@ -1,6 +1,6 @@
 """Compile time of a forward+backward step against depth: scanned layers keep it flat.
 
-    python bench/compile_time.py [--config configs/tiny.py] [--layers 2,4,8,16] [--repeats 3]
+    python bench/compile_time.py [--config tiny] [--layers 2,4,8,16] [--repeats 3]
 
 Prints one JSON line per depth with the median lowering and compile seconds over repeats
 (each repeat lowers and compiles afresh) and the HLO text size.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parallel.host import fast_allocator  # noqa: E402
+from moela.parallel.host import fast_allocator  # noqa: E402
 
 fast_allocator()  # the allocator train.py runs with (parallel/host.py)
 
@@ -25,8 +25,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import load  # noqa: E402
-from model.transformer import Decoder  # noqa: E402
+from moela.configs import load  # noqa: E402
+from moela.model.transformer import Decoder  # noqa: E402
 
 
 def measure(cfg, batch: int, seq: int) -> dict:
@@ -47,7 +47,7 @@ def measure(cfg, batch: int, seq: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/tiny.py")
+    parser.add_argument("--config", default="tiny")
     parser.add_argument("--layers", default="2,4,8,16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)

@@ -49,7 +49,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import flash_gpu, flash_tpu  # noqa: E402
+from moela.kernels import flash_gpu, flash_tpu  # noqa: E402
 
 CHIPS = {  # bfloat16 dense peak FLOP/s, HBM bytes/s
     "v5p": (459e12, 2765e9),

@@ -1,6 +1,6 @@
 """Grouped expert matmul on this backend: ragged_dot against the blocked loop.
 
-    python bench/moe.py [--tokens 4096] [--config configs/bench.py] [--repeats 5]
+    python bench/moe.py [--tokens 4096] [--config bench] [--repeats 5]
 
 One MoE layer of the config (routing included), forward and forward+backward, jitted;
 alternating implementations, median of repeats. A 2048^3 float32 calibration matmul (best of 5) runs
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parallel.host import fast_allocator  # noqa: E402
+from moela.parallel.host import fast_allocator  # noqa: E402
 
 fast_allocator()  # the allocator train.py runs with (parallel/host.py)
 
@@ -28,9 +28,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import load  # noqa: E402
-from model.moe import MoE  # noqa: E402
-from training.metrics import measure_matmul_flops  # noqa: E402
+from moela.configs import load  # noqa: E402
+from moela.model.moe import MoE  # noqa: E402
+from moela.training.metrics import measure_matmul_flops  # noqa: E402
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -50,7 +50,7 @@ def calibrate() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/bench.py")
+    parser.add_argument("--config", default="bench")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()

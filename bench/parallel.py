@@ -26,20 +26,20 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parallel.host import active_allocator, fast_allocator  # noqa: E402
+from moela.parallel.host import active_allocator, fast_allocator  # noqa: E402
 
 fast_allocator()
 
 import jax  # noqa: E402
 
 from bench.train import synthetic_batch  # noqa: E402
-from configs import load  # noqa: E402
-from configs.schema import MeshConfig  # noqa: E402
-from parallel import sharded  # noqa: E402
-from parallel.layout import Layout, state_bytes  # noqa: E402
-from parallel.mesh import build_mesh  # noqa: E402
-from training.optim import optimizer  # noqa: E402
-from training.step import make_train_step  # noqa: E402
+from moela.configs import load  # noqa: E402
+from moela.configs.schema import MeshConfig  # noqa: E402
+from moela.parallel import sharded  # noqa: E402
+from moela.parallel.layout import Layout, state_bytes  # noqa: E402
+from moela.parallel.mesh import build_mesh  # noqa: E402
+from moela.training.optim import optimizer  # noqa: E402
+from moela.training.step import make_train_step  # noqa: E402
 
 MESHES = {  # strategy -> (data, tensor, sequence)
     "dp": (8, 1, 1),
@@ -73,7 +73,7 @@ def stepper(cfg, strategy: str, batch_np):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/bench.py")
+    parser.add_argument("--config", default="bench")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")

@@ -2,7 +2,7 @@
 self time of every XLA operation (children subtracted), grouped into matmuls, copies and the
 rest, then the top operations. Profile before optimising.
 
-    python bench/profile_train.py [--config configs/bench.py] [--batch 8] [--seq 256] [--top 25]
+    python bench/profile_train.py [--config bench] [--batch 8] [--seq 256] [--top 25]
                                   [--set model.compute_dtype=bfloat16 ...] [--keep DIR]
 
 Times are per step. XLA's CPU runtime runs independent operations concurrently on the
@@ -27,14 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parallel.host import fast_allocator  # noqa: E402
+from moela.parallel.host import fast_allocator  # noqa: E402
 
 fast_allocator()
 
 import jax  # noqa: E402
 
 from bench.train import moela_stepper, synthetic_batch  # noqa: E402
-from configs import load  # noqa: E402
+from moela.configs import load  # noqa: E402
 
 RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt", "ParseArguments", "while")
 
@@ -72,7 +72,7 @@ def self_times(trace_file: Path) -> dict[str, tuple[float, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/bench.py")
+    parser.add_argument("--config", default="bench")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3, help="traced steps")

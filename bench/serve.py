@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parallel.host import active_allocator, fast_allocator  # noqa: E402
+from moela.parallel.host import active_allocator, fast_allocator  # noqa: E402
 
 fast_allocator()
 
@@ -40,12 +40,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import load  # noqa: E402
-from configs.schema import ServeConfig  # noqa: E402
-from inference.cache import bytes_per_token  # noqa: E402
-from inference.engine import Engine, greedy_reference  # noqa: E402
-from inference.scheduler import Request  # noqa: E402
-from model.transformer import init_model  # noqa: E402
+from moela.configs import load  # noqa: E402
+from moela.configs.schema import ServeConfig  # noqa: E402
+from moela.inference.cache import bytes_per_token  # noqa: E402
+from moela.inference.engine import Engine, greedy_reference  # noqa: E402
+from moela.inference.scheduler import Request  # noqa: E402
+from moela.model.transformer import init_model  # noqa: E402
 
 
 def emit(kind: str, **fields) -> dict:
@@ -124,7 +124,7 @@ def hf_model_for(cfg):
     import torch
     import transformers
 
-    from model.hf_import import hf_config_kwargs
+    from moela.model.hf_import import hf_config_kwargs
 
     hf_cfg = transformers.DeepseekV3Config(**hf_config_kwargs(cfg.model))
     torch.set_num_threads(2)
@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-nocache", action="store_true")
     args = parser.parse_args()
-    cfg = load("configs/bench.py")
+    cfg = load("bench")
     model = init_model(cfg.model, seed=0)
     bandwidth = measure_bandwidth()
     emit("bandwidth", bytes_per_s=round(bandwidth), allocator=active_allocator(), platform=jax.default_backend())

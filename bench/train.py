@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from parallel.host import active_allocator, fast_allocator  # noqa: E402
+from moela.parallel.host import active_allocator, fast_allocator  # noqa: E402
 
 fast_allocator()  # both implementations run in this process, under the same allocator
 
@@ -31,12 +31,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import load  # noqa: E402
-from model.transformer import init_model  # noqa: E402
-from scaling.flops import training_flops_per_token  # noqa: E402
-from training.metrics import measure_matmul_flops  # noqa: E402
-from training.optim import optimizer  # noqa: E402
-from training.step import make_train_step  # noqa: E402
+from moela.configs import load  # noqa: E402
+from moela.model.transformer import init_model  # noqa: E402
+from moela.model.flops import training_flops_per_token  # noqa: E402
+from moela.training.metrics import measure_matmul_flops  # noqa: E402
+from moela.training.optim import optimizer  # noqa: E402
+from moela.training.step import make_train_step  # noqa: E402
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -68,7 +68,7 @@ def torch_stepper(cfg, batch_np):
     import torch
     import transformers
 
-    from model.hf_import import hf_config_kwargs
+    from moela.model.hf_import import hf_config_kwargs
 
     hf_cfg = transformers.DeepseekV3Config(**hf_config_kwargs(cfg.model))
     torch.set_num_threads(2)
@@ -92,7 +92,7 @@ def torch_stepper(cfg, batch_np):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/bench.py")
+    parser.add_argument("--config", default="bench")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")

@@ -13,8 +13,8 @@ import dataclasses
 
 import numpy as np
 
-from kernels import reference as dense
-from kernels.paged import RowFormat
+from moela.kernels import reference as dense
+from moela.kernels.paged import RowFormat
 
 
 @dataclasses.dataclass

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import reference
+from moela import kernels
+from moela.kernels import reference
 
 # One compiled program per shape is much cheaper on CPU than dispatching every op eagerly;
 # ``test_jit_matches_eager`` covers the eager path.

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import reference, xla
+from moela.kernels import reference, xla
 
 CASES = [  # b, t, s, h, g, kd, vd, causal, segments
     (2, 7, 7, 4, 4, 16, 16, True, False),

@@ -7,15 +7,15 @@ import sys
 
 import pytest
 
-from configs import Config, ConfigError, apply_overrides, load, load_json, save_json
-from configs.loader import from_dict, to_dict
+from moela.configs import Config, ConfigError, apply_overrides, load, load_json, save_json
+from moela.configs.loader import from_dict, to_dict
 
 PRESETS = ["tiny", "small", "bench", "deepseek_v3", "deepseek_v2_lite"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_load_and_round_trip_through_json(name, tmp_path):
-    cfg = load(f"configs/{name}.py")
+    cfg = load(name)
     assert isinstance(cfg, Config) and cfg.name == name
     save_json(cfg, tmp_path / "c.json")
     assert load_json(tmp_path / "c.json") == cfg
@@ -89,12 +89,12 @@ def test_json_with_unknown_or_mistyped_keys_is_refused(tmp_path):
 
 def test_missing_preset_lists_the_presets():
     with pytest.raises(ConfigError) as err:
-        load("configs/nope.py")
+        load("nope")
     assert "not found" in str(err.value) and "tiny" in str(err.value) and "deepseek_v3" in str(err.value)
 
 
 def test_cli_reports_a_config_error_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "model.params", "--config", "configs/tiny.py",
+    out = subprocess.run([sys.executable, "-m", "moela.model.params", "--config", "tiny",
                           "--set", "model.moe.experts_per_token=20"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "model.moe.experts_per_token" in out.stderr

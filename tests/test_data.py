@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import load
-from data import tokenizer as spm_tokenizer
-from data.packing import pack_documents, stream
-from configs.schema import MeshConfig
-from data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
-from data.sources import document, open_split
-from data.text_builder import DataError, build, split_files
+from moela.configs import load
+from moela.data import tokenizer as spm_tokenizer
+from moela.data.packing import pack_documents, stream
+from moela.configs.schema import MeshConfig
+from moela.data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
+from moela.data.sources import document, open_split
+from moela.data.text_builder import DataError, build, split_files
 
 CORPUS_SRC = Path(json_module.__file__).parent  # a few stdlib files: the same text on every machine
 
@@ -129,9 +129,9 @@ def test_eval_batches_keep_their_shape_and_pad_without_loss():
 
 
 def test_global_batch_is_assembled_from_process_rows():
-    from parallel.layout import Layout
-    from parallel.mesh import build_mesh
-    from parallel.sharded import batch_sharding
+    from moela.parallel.layout import Layout
+    from moela.parallel.mesh import build_mesh
+    from moela.parallel.sharded import batch_sharding
 
     rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
     sharding = batch_sharding(Layout.of(build_mesh(MeshConfig(data=4, tensor=2, sequence=1)), "tp"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from parallel.distributed import DistributedConfigError, distributed_args, initialize
+from moela.parallel.distributed import DistributedConfigError, distributed_args, initialize
 
 
 def test_single_process_environments_do_nothing():

@@ -16,13 +16,13 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from configs.schema import LayerContext, MeshConfig, MoEConfig
-from model.experts import block_layout, routed_swiglu
-from model.moe import MoE, RoutedExperts
-from parallel.experts import expert_parallel_swiglu
-from parallel.layout import Layout, state_shardings, use
-from parallel.mesh import build_mesh
-from parallel.rules import ShardingRuleError
+from moela.configs.schema import LayerContext, MeshConfig, MoEConfig
+from moela.model.experts import block_layout, routed_swiglu
+from moela.model.moe import MoE, RoutedExperts
+from moela.parallel.experts import expert_parallel_swiglu
+from moela.parallel.layout import Layout, state_shardings, use
+from moela.parallel.mesh import build_mesh
+from moela.parallel.rules import ShardingRuleError
 
 B, T, D, F, E, K = 4, 8, 8, 8, 16, 2
 M = B * T

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.experts import GROUPED_SWIGLU, block_layout, blocked_swiglu, ragged_swiglu, resolve
+from moela.model.experts import GROUPED_SWIGLU, block_layout, blocked_swiglu, ragged_swiglu, resolve
 
 
 def dense_reference(x, wg, wu, wd, sizes):

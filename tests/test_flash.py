@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from configs import load
-from configs.schema import AttentionConfig
-from kernels import flash, flash_gpu, flash_tpu, reference
-from model.transformer import init_model
+from moela import kernels
+from moela.configs import load
+from moela.configs.schema import AttentionConfig
+from moela.kernels import flash, flash_gpu, flash_tpu, reference
+from moela.model.transformer import init_model
 
 SCALE = 0.125
 F32, BF16 = jnp.float32, jnp.bfloat16

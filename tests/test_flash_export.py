@@ -25,7 +25,7 @@ from jax._src.lib import tpu as mosaic
 from jax._src.lib.mlir import ir, passmanager
 from jax._src.pallas.triton import lowering as triton_lowering
 
-from kernels import flash
+from moela.kernels import flash
 
 B, T, H, DQK, DV = 1, 4096, 16, 192, 128
 TRITON = "__gpu$xla.gpu.triton"

@@ -21,8 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from model.checkpoint import load_model  # noqa: E402
-from model.hf_import import UnsupportedCheckpoint, config_from_hf, import_checkpoint  # noqa: E402
+from moela.model.checkpoint import load_model  # noqa: E402
+from moela.model.hf_import import UnsupportedCheckpoint, config_from_hf, import_checkpoint  # noqa: E402
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 16,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
@@ -195,10 +195,10 @@ def test_unsupported_configs_are_refused_by_name():
 
 def test_hf_config_kwargs_round_trips_through_the_importer():
     """The benchmarks build transformers' model from ``hf_config_kwargs``: it must be the same shape."""
-    from configs import load
-    from model.hf_import import hf_config_kwargs
+    from moela.configs import load
+    from moela.model.hf_import import hf_config_kwargs
 
-    cfg = load("configs/bench.py").model
+    cfg = load("bench").model
     hf = transformers.DeepseekV3Config(**hf_config_kwargs(cfg)).to_dict()
     back = config_from_hf(hf, dtype="float32")
     for field in ("vocab_size", "d_model", "num_layers", "first_k_dense", "d_ff", "attention", "moe"):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from parallel import host
+from moela.parallel import host
 
 ROOT = Path(__file__).resolve().parent.parent
 glibc_linux = pytest.mark.skipif(sys.platform != "linux" or host.platform.libc_ver()[0] != "glibc",

@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import load
-from configs.schema import AttentionConfig, ServeConfig
-from inference.cache import OutOfPages, PageAllocator, bytes_per_token, init_pool
-from inference.engine import Engine, greedy_reference
-from inference.forward import Batch, forward_model, mla_absorbed
-from inference.sampling import SamplingArrays, sample
-from inference.scheduler import Request, Scheduler, Sequence
-from model.attention import MLA
-from model.rope import Rotary
-from model.transformer import init_model
+from moela.configs import load
+from moela.configs.schema import AttentionConfig, ServeConfig
+from moela.inference.cache import OutOfPages, PageAllocator, bytes_per_token, init_pool
+from moela.inference.engine import Engine, greedy_reference
+from moela.inference.forward import Batch, forward_model, mla_absorbed
+from moela.inference.sampling import SamplingArrays, sample
+from moela.inference.scheduler import Request, Scheduler, Sequence
+from moela.model.attention import MLA
+from moela.model.rope import Rotary
+from moela.model.transformer import init_model
 
 GQA = AttentionConfig(kind="gqa", num_heads=4, num_kv_heads=2, head_dim=16)
 
 
 def tiny(kind="mla", init_std=0.02, **serve):
-    cfg = load("configs/tiny.py")
+    cfg = load("tiny")
     model_cfg = cfg.model if kind == "mla" else dataclasses.replace(cfg.model, attention=GQA)
     model_cfg = dataclasses.replace(model_cfg, init_std=init_std)
     return dataclasses.replace(cfg, model=model_cfg, serve=ServeConfig(**serve))
@@ -110,7 +110,7 @@ def test_serving_expert_paths_equal_a_per_token_loop(tokens, routing):
     the grouped matmul) against a per-token NumPy loop, with
     padding tokens that must come out zero. ``one_expert_busy`` routes every token to expert 3,
     so the capacity path must pick C = T (nothing dropped)."""
-    from inference import experts as serving
+    from moela.inference import experts as serving
 
     rng = np.random.default_rng(tokens)
     e, k, d, f = 8, 2, 16, 8
@@ -241,7 +241,7 @@ def test_page_allocator_free_list():
 
 
 def test_latent_cache_is_smaller_than_expanded_kv():
-    cfg = load("configs/bench.py").model
+    cfg = load("bench").model
     b = bytes_per_token(cfg)
     assert b["stored"] == 6 * (128 + 32) * 4 and b["expanded_kv"] == 6 * 8 * (96 + 64) * 4
 
@@ -276,10 +276,10 @@ def test_engine_on_gpu_with_the_compiled_kernel(cache_dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["reference", "interpret_gpu"])
 def test_tensor_parallel_engine_equals_one_device(impl, tmp_path):
-    from configs.schema import MeshConfig
-    from model.checkpoint import load_model, save_params
-    from parallel.layout import Layout
-    from parallel.mesh import build_mesh
+    from moela.configs.schema import MeshConfig
+    from moela.model.checkpoint import load_model, save_params
+    from moela.parallel.layout import Layout
+    from moela.parallel.mesh import build_mesh
 
     cfg = tiny(init_std=0.1, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16, attention_impl=impl)
     model = init_model(cfg.model, seed=1)

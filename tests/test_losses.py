@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from training.losses import head_loss, loss_chunks
+from moela.training.losses import head_loss, loss_chunks
 
 
 def reference(x_btd, w, targets_bt, weights_bt, z_coef, layout):

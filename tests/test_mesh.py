@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import pytest
 
-from configs.schema import MeshConfig
-from parallel.mesh import AXES, MeshError, build_mesh, mesh_shape
+from moela.configs.schema import MeshConfig
+from moela.parallel.mesh import AXES, MeshError, build_mesh, mesh_shape
 
 
 @pytest.mark.parametrize("cfg, devices, shape", [

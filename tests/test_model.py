@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import load
-from model.checkpoint import CheckpointError, load_model, save_params
-from model.transformer import Decoder, init_model
+from moela.configs import load
+from moela.model.checkpoint import CheckpointError, load_model, save_params
+from moela.model.transformer import Decoder, init_model
 
 MODEL_AXES = {"layers", "embed", "vocab", "mlp", "heads", "kv_heads", "qk", "v", "q_lora", "kv_lora", "rope",
               "expert", "norm"}

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.schema import LayerContext, MoEConfig
-from model.moe import MoE
+from moela.configs.schema import LayerContext, MoEConfig
+from moela.model.moe import MoE
 
 D = 16
 CTX = LayerContext(d_model=D, param_dtype="float32", compute_dtype="float32", init_std=0.3, norm_eps=1e-6)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.packing import pack_documents
-from data.pipeline import Batches
+from moela.data.packing import pack_documents
+from moela.data.pipeline import Batches
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,12 +26,12 @@ WORKER = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id=int(sys.argv[1]))
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
-    from configs.schema import MeshConfig
-    from data.packing import pack_documents
-    from data.pipeline import Batches, process_span, to_global
-    from parallel.layout import Layout
-    from parallel.mesh import build_mesh
-    from parallel.sharded import batch_sharding
+    from moela.configs.schema import MeshConfig
+    from moela.data.packing import pack_documents
+    from moela.data.pipeline import Batches, process_span, to_global
+    from moela.parallel.layout import Layout
+    from moela.parallel.mesh import build_mesh
+    from moela.parallel.sharded import batch_sharding
 
     rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
     sharding = batch_sharding(Layout.of(build_mesh(MeshConfig()), "dp"))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import paged
+from moela.kernels import paged
 from tests.paged_cases import BATCHES, GQA_SMALL, MLA_SMALL, dense_expected, make_case
 
 FORMS = {"mla": (8, 1, MLA_SMALL), "gqa": (8, 2, GQA_SMALL), "mqa": (4, 1, GQA_SMALL), "mha": (4, 4, GQA_SMALL)}
@@ -34,7 +34,7 @@ def test_reference_equals_dense_attention_per_sequence(batch, form):
 def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step, monkeypatch):
     """The CPU path walks blocks of pages with an online softmax: with 64 rows per step every
     context spans several blocks (and a long chunk gets blocks of one page)."""
-    from kernels import paged_xla
+    from moela.kernels import paged_xla
 
     monkeypatch.setattr(paged_xla, "ROWS_PER_STEP", rows_per_step)
     heads, kv_heads, fmt = FORMS[form]
@@ -48,7 +48,7 @@ def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step
 
 
 def test_xla_block_choice():
-    from kernels.paged_xla import pages_per_block
+    from moela.kernels.paged_xla import pages_per_block
 
     assert pages_per_block(8, 16, 8) == 8  # a decode step over a small table: one block
     assert pages_per_block(8, 16, 128) == 16  # a long context: blocks of 16 pages, skipped past the longest

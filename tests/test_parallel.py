@@ -11,14 +11,14 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import load
-from configs.schema import MeshConfig
-from model.transformer import init_model
-from parallel import sharded
-from parallel.layout import Layout, format_report, sharding_report, use
-from parallel.mesh import build_mesh
-from parallel.rules import ShardingRuleError
-from training.step import training_objective
+from moela.configs import load
+from moela.configs.schema import MeshConfig
+from moela.model.transformer import init_model
+from moela.parallel import sharded
+from moela.parallel.layout import Layout, format_report, sharding_report, use
+from moela.parallel.mesh import build_mesh
+from moela.parallel.rules import ShardingRuleError
+from moela.training.step import training_objective
 
 B, T = 8, 32
 
@@ -142,8 +142,8 @@ def test_sharded_train_step_with_microbatches_equals_one_device():
     """The trainer's step (2 microbatches, AdamW, router-bias update) on a (2, 2, 2) mesh with
     ring attention and expert parallelism lands on the one-device parameters, in the
     shardings it started with."""
-    from training.optim import optimizer
-    from training.step import make_train_step
+    from moela.training.optim import optimizer
+    from moela.training.step import make_train_step
 
     cfg = load("tiny", ["train.microbatches=2", "model.moe.bias_update_rate=0.01"])
     tx = optimizer(cfg.train)

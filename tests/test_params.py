@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from configs import load
-from model.params import count_params
+from moela.configs import load
+from moela.model.params import count_params
 
 
 def test_bench_shape_is_72_9m_total_45_4m_active():
@@ -43,7 +43,7 @@ def test_tied_embeddings_drop_the_head_and_dense_models_are_all_active():
 
 @pytest.mark.parametrize("preset", ["tiny", "deepseek_v3"])
 def test_cli_last_line_is_json_with_total_and_active(preset):
-    out = subprocess.run([sys.executable, "-m", "model.params", "--config", f"configs/{preset}.py"],
+    out = subprocess.run([sys.executable, "-m", "moela.model.params", "--config", preset],
                          capture_output=True, text=True, check=True)
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["total"] == count_params(load(preset).model)["total"] and "active" in last

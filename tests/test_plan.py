@@ -12,11 +12,11 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from configs import load
-from model.params import count_params
-from model.transformer import abstract_model
-from parallel import plan as planner
-from training.step import training_objective
+from moela.configs import load
+from moela.model.params import count_params
+from moela.model.transformer import abstract_model
+from moela.planner import memory as planner
+from moela.training.step import training_objective
 
 ONE_DEVICE = {"data": 1, "tensor": 1, "sequence": 1}
 # Two scanned layers of each kind: XLA inlines a one-trip scan and then schedules that layer's
@@ -151,7 +151,7 @@ def test_cli_errors(capsys, argv, message):
 
 
 def test_cli_deepseek_v3(capsys):
-    argv = ["--config", "configs/deepseek_v3.py", "--mesh", "data=64,tensor=8,sequence=4", "--strategy",
+    argv = ["--config", "deepseek_v3", "--mesh", "data=64,tensor=8,sequence=4", "--strategy",
             "fsdp_tp_sp", "--batch", "256", "--seq", "4096", "--chip", "v5p"]
     assert planner.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -166,7 +166,7 @@ def test_cli_deepseek_v3(capsys):
     assert any(line.startswith("v5p") for line in lines)
     # 671B bf16 weights: the experts (most of them) are split over data x tensor = 512 devices; the
     # attention up-projections over tensor only and the norms not at all, so a little more.
-    total = count_params(load("configs/deepseek_v3.py").model)["total"]
+    total = count_params(load("deepseek_v3").model)["total"]
     assert 1.0 <= b["params"] / (total * 2 / 512) < 1.5
     # remat full keeps each layer's input x [4, 1024, 7168] in bfloat16, and activations hold them all
     assert r["saved_per_layer"]["dense"] == 4 * 1024 * 7168 * 2

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels import paged, ragged_gpu
+from moela.kernels import paged, ragged_gpu
 from tests.paged_cases import BATCHES, GQA_SMALL, MLA_SMALL, dense_expected, make_case
 from tests.test_flash_export import TRITON, export, kernel_calls, triton_modules_verify
 

@@ -22,8 +22,8 @@ from jax._src.interpreters import mlir as jax_mlir
 from jax._src.lib import tpu as mosaic
 from jax._src.lib.mlir import ir, passmanager
 
-from kernels import paged, ragged_tpu
-from kernels.paged import RowFormat
+from moela.kernels import paged, ragged_tpu
+from moela.kernels.paged import RowFormat
 from tests.paged_cases import BATCHES, GQA_SMALL, MLA_SMALL, dense_expected, make_case
 from tests.test_flash_export import export, kernel_calls, mosaic_modules_verify
 

@@ -19,7 +19,7 @@ def test_quickstart_has_the_two_commands_and_ci_runs_the_test_one_verbatim():
     lines = quickstart_lines()
     assert len(lines) == 2
     main, tests = lines
-    assert "train.py --config configs/tiny.py" in main and "pip install" in main
+    assert "train.py --config tiny" in main and "pip install" in main
     assert "pytest" in tests and "pip install -e '.[test]'" in tests
     ci = (ROOT / ".ci" / "run").read_text()
     assert tests in ci.splitlines()

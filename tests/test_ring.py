@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import kernels
-from configs.schema import MeshConfig
-from kernels import reference
-from parallel.layout import Layout, use
-from parallel.mesh import build_mesh
-from parallel.ring import inverse_permutation, ring_attention, sharded_attention, zigzag_permutation
+from moela import kernels
+from moela.configs.schema import MeshConfig
+from moela.kernels import reference
+from moela.parallel.layout import Layout, use
+from moela.parallel.mesh import build_mesh
+from moela.parallel.ring import inverse_permutation, ring_attention, sharded_attention, zigzag_permutation
 
 SCALE = 0.3
 

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs.schema import RopeConfig
-from model.rope import Rotary, cos_sin_scale, inv_frequencies, softmax_scale, yarn_mscale
+from moela.configs.schema import RopeConfig
+from moela.model.rope import Rotary, cos_sin_scale, inv_frequencies, softmax_scale, yarn_mscale
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

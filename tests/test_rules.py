@@ -6,9 +6,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from configs import load
-from model.transformer import abstract_model
-from parallel.rules import DP_TP, STRATEGIES, ShardingRuleError, logical_to_spec
+from moela.configs import load
+from moela.model.transformer import abstract_model
+from moela.parallel.rules import DP_TP, STRATEGIES, ShardingRuleError, logical_to_spec
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -15,9 +15,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: see sc
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from scaling.fit import (approach2, approach3, compute_optimal, huber_objective, load_rows,  # noqa: E402
+from moela.scaling.fit import (approach2, approach3, compute_optimal, huber_objective, load_rows,  # noqa: E402
                          power_law_optimal, predict_loss, synthetic_rows)
-from scaling.plot import plot_all  # noqa: E402
+from moela.scaling.plot import plot_all  # noqa: E402
 
 HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 BESIROGLU = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
@@ -251,7 +251,7 @@ def test_plot_all_writes_the_figures_it_has_fits_for(fits, tmp_path):
 def test_fit_parameters_past_float_range_become_inf_not_an_error():
     """A bootstrap resample of a small real sweep drove a to ~1e3 (A = e^a): that must not abort
     the whole fit."""
-    from scaling.fit import _as_fit
+    from moela.scaling.fit import _as_fit
 
     got = _as_fit(np.array([1000.0, 2.0, 0.5, 3.0, 0.3]), 1e-3, 15)
     assert got["A"] == float("inf") and got["B"] == pytest.approx(np.exp(2.0))

@@ -12,9 +12,9 @@ import dataclasses
 
 import pytest
 
-from configs import load
-from configs.schema import AttentionConfig, ModelConfig
-from scaling.flops import CONVENTION, SCALING_CONVENTION, param_summary, training_flops_per_token
+from moela.configs import load
+from moela.configs.schema import AttentionConfig, ModelConfig
+from moela.model.flops import CONVENTION, SCALING_CONVENTION, param_summary, training_flops_per_token
 
 
 def dense_mha(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int, vocab: int,
@@ -128,12 +128,12 @@ def test_deepseek_llm_table3(n_layers, d_model, r1, r2):
 # ---------------------------------------------------------------- DeepSeek-V3
 
 def test_deepseek_v3_params_and_budget():
-    """671B total / 37B active (main model; the 14B MTP module is not part of configs/deepseek_v3).
+    """671B total / 37B active (main model; the 14B MTP module is not part of the deepseek_v3 preset).
     Pre-training compute at 14.8T tokens: the usual 6·N_active·D with our 37.55B active gives
     6 · 37.55e9 · 14.8e12 = 3.33e24 FLOPs (~3.3e24). Our scaling convention adds the attention
     scores at seq 4096 (causal) and drops the embedding lookup: flops_per_token = 250.5 GFLOP,
     N = flops_per_token/6 = 41.7B, C = 3.71e24 (11% above 6·N_active·D)."""
-    s = param_summary(load("configs/deepseek_v3.py"))
+    s = param_summary(load("deepseek_v3"))
     assert s["total"] == pytest.approx(671e9, rel=0.01)
     assert s["active"] == pytest.approx(37e9, rel=0.03)
     tokens = 14.8e12

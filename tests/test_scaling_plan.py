@@ -1,4 +1,4 @@
-"""IsoFLOP planning, families, the sweep runner and the ``python -m scaling`` CLI.
+"""IsoFLOP planning, families, the sweep runner and the ``python -m moela.scaling`` CLI.
 
 Fast tests plan the ``cpu_tiny`` family (parameter counts only) and drive the runner with a fake
 trainer; the slow one plans two real runs of a few steps on a small corpus, trains them with
@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import load, load_json
-from scaling.__main__ import main
-from scaling.family import FamilyError, load_family
-from scaling.flops import SCALING_CONVENTION, flops_per_token
-from scaling.plan import PlanError, deepseek_batch_tokens, deepseek_lr, parse_budgets, run_name
-from scaling.run import PREEMPTED, RunError, parse_shard, read_rows, run_sweep, shard
+from moela.configs import load, load_json
+from moela.scaling.__main__ import main
+from moela.scaling.family import FamilyError, load_family
+from moela.model.flops import SCALING_CONVENTION, flops_per_token
+from moela.scaling.plan import PlanError, deepseek_batch_tokens, deepseek_lr, parse_budgets, run_name
+from moela.scaling.run import PREEMPTED, RunError, parse_shard, read_rows, run_sweep, shard
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = str(ROOT / "configs" / "families" / "cpu_tiny.py")
+TINY = "cpu_tiny"
 BUDGETS = "1e14,1e15"  # both windows (±0.5 decade around sqrt(C/120)) lie inside cpu_tiny's range
 
 
@@ -33,7 +33,7 @@ def tiny():
 
 
 def cli(capsys, *argv) -> tuple[int, dict | None, str]:
-    """Run ``python -m scaling`` in-process: (exit code, last-line JSON or None, stderr)."""
+    """Run ``python -m moela.scaling`` in-process: (exit code, last-line JSON or None, stderr)."""
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
@@ -66,7 +66,7 @@ def test_family_n_is_the_exact_flops_count(tiny):
 @pytest.mark.parametrize("path", ["cpu_tiny", pytest.param("dense", marks=pytest.mark.slow),
                                   pytest.param("moe", marks=pytest.mark.slow)])
 def test_family_rules_are_monotone_and_close(path):
-    family = load_family(ROOT / "configs" / "families" / f"{path}.py")
+    family = load_family(path)
     lo, hi = family.sizer.n_range()
     targets = np.geomspace(lo * 1.5, min(hi / 1.5, lo * 300), 9 if path == "cpu_tiny" else 4)
     models = [family.model_for(t) for t in targets]
@@ -180,7 +180,7 @@ def test_replan_is_idempotent_and_a_different_plan_is_refused(capsys, tmp_path):
     (["--sizes", "4"], "between 5 and 9"),
     (["--sizes", "10"], "--force"),
     (["--span", "9"], "wider than the family's range"),
-    (["--family", "configs/families/nope.py"], "not found"),
+    (["--family", "nope"], "not found"),
 ])
 def test_bad_plan_input_is_one_error(capsys, tmp_path, args, message):
     argv = {"--budgets": BUDGETS, "--family": TINY, "--out": str(tmp_path / "p"), "--sizes": "5"}
@@ -279,7 +279,7 @@ def test_flops_mismatch_is_an_error_row(capsys, tmp_path):
 
 def test_fit_and_plot_cli_on_results(capsys, tmp_path):
     """fit/plot read the runner's rows (failed rows left out) and end with a JSON line."""
-    from scaling.fit import synthetic_rows
+    from moela.scaling.fit import synthetic_rows
 
     rows = synthetic_rows(E=1.8, A=480, B=2000, alpha=0.35, beta=0.37, budgets=[1e17, 1e18, 1e19],
                           sizes_per_budget=7, noise=0.002, seed=0)

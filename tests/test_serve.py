@@ -9,18 +9,18 @@ from pathlib import Path
 import pytest
 from flax import nnx
 
-import serve
-from configs import load
-from data import tokenizer as sp
-from inference.engine import greedy_reference
-from model.checkpoint import save_params
-from model.transformer import init_model
+from moela.cli import serve
+from moela.configs import load
+from moela.data import tokenizer as sp
+from moela.inference.engine import greedy_reference
+from moela.model.checkpoint import save_params
+from moela.model.transformer import init_model
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt")
-    cfg = load("configs/tiny.py")
+    cfg = load("tiny")
     source = Path(json.__file__).parent  # text every Python has
     lines = [line for f in sorted(source.glob("*.py")) for line in f.read_text().splitlines()]
     sp.train(lines, out / "tokenizer.model", cfg.model.vocab_size)

@@ -11,11 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from configs.schema import ServeConfig  # noqa: E402
-from inference.engine import Engine  # noqa: E402
-from inference.scheduler import Request  # noqa: E402
-from model.checkpoint import load_model  # noqa: E402
-from model.hf_import import import_checkpoint  # noqa: E402
+from moela.configs.schema import ServeConfig  # noqa: E402
+from moela.inference.engine import Engine  # noqa: E402
+from moela.inference.scheduler import Request  # noqa: E402
+from moela.model.checkpoint import load_model  # noqa: E402
+from moela.model.hf_import import import_checkpoint  # noqa: E402
 from tests.test_hf_parity import BASE, CASES, build_hf  # noqa: E402
 
 NEW_TOKENS = 10

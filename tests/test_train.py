@@ -19,11 +19,11 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import load
-from data.pipeline import Batches, prepare
-from model.checkpoint import load_model
-from model.transformer import init_model
-from training.step import loss_terms, make_train_step
+from moela.configs import load
+from moela.data.pipeline import Batches, prepare
+from moela.model.checkpoint import load_model
+from moela.model.transformer import init_model
+from moela.training.step import loss_terms, make_train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_SRC = Path(json.__file__).parent
@@ -55,7 +55,7 @@ def overrides(corpus: Path, data_dir: Path, out: Path, **train) -> list[str]:
 
 
 def train_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--config", "configs/tiny.py"] + \
+    return [sys.executable, str(ROOT / "train.py"), "--config", "tiny"] + \
         [x for a in args for x in ("--set", a)]
 
 
@@ -324,8 +324,8 @@ def test_train_step_runs_for_dense_and_gqa_models(micro, extra):
 
 
 def test_checkpointer_keeps_the_last_k_and_the_best(tmp_path):
-    from configs.schema import TrainConfig
-    from training.checkpoints import Checkpointer
+    from moela.configs.schema import TrainConfig
+    from moela.training.checkpoints import Checkpointer
 
     state = nnx.state(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     ckpt = Checkpointer(tmp_path, TrainConfig(keep_checkpoints=2, keep_best=True, async_checkpoints=False))

@@ -1,0 +1,167 @@
+"""Batch generation from a moela checkpoint (a training run or an imported DeepSeek model).
+
+    python serve.py --checkpoint DIR --prompts prompts.jsonl --out completions.jsonl \
+        [--set serve.max_batch=32 ...] [--tensor N] [--resume]
+
+Input: one request per line, JSON ``{"id", "prompt" | "tokens", "max_tokens", "temperature",
+"top_p", "top_k", "seed", "stop"}`` (missing fields take ``serve.*`` config defaults) or plain
+text. Output: one JSON record per request, written as each finishes and re-sorted into input
+order at the end; bad lines get ``{"id", "index", "error"}`` records. ``--resume`` skips ids
+already in the output. A summary (throughput, TTFT / ITL percentiles, peak pages) is printed as
+one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def percentiles(values, qs=(50, 90, 99)) -> dict[str, float | None]:
+    values = np.asarray(values, np.float64)
+    return {f"p{q}": (round(float(np.percentile(values, q)), 6) if values.size else None) for q in qs}
+
+
+def build_engine(args):
+    import jax
+
+    from moela.configs import apply_overrides
+    from moela.configs.validate import validate
+    from moela.inference.engine import Engine
+    from moela.inference.requests import load_tokenizer
+    from moela.model.checkpoint import load_config, load_model
+
+    cfg = load_config(args.checkpoint)
+    bad = [item for item in args.set if not item.startswith("serve.")]
+    if bad:
+        raise ValueError(f"--set may change only serve.* keys (the model is the checkpoint's); got {', '.join(bad)}")
+    cfg = validate(apply_overrides(cfg, args.set))
+    layout = None
+    if args.tensor > 1:
+        from moela.configs.schema import MeshConfig
+        from moela.parallel.layout import Layout
+        from moela.parallel.mesh import build_mesh
+
+        mesh = build_mesh(MeshConfig(data=1, tensor=args.tensor, sequence=1), jax.devices()[:args.tensor])
+        layout = Layout.of(mesh, "tp")
+    _, model = load_model(args.checkpoint, args.step, layout=layout)
+    tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
+    return Engine(model, cfg, tokenizer, layout), cfg
+
+
+def record(result) -> dict:
+    return {"id": result.id, "index": result.index, "text": result.text, "tokens": result.tokens,
+            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": len(result.tokens), "ttft_s": round(result.ttft_s, 6),
+            "tpot_s": None if result.tpot_s is None else round(result.tpot_s, 6), "preemptions": result.preemptions}
+
+
+def serve(args) -> dict:
+    from tqdm import tqdm
+
+    from moela.inference.requests import OutputWriter, Problem, parse_line, read_done
+
+    engine, cfg = build_engine(args)
+    try:
+        lines = Path(args.prompts).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read prompts '{args.prompts}': {e}") from None
+    out = Path(args.out)
+    done = read_done(out) if args.resume else []
+    if not args.resume and out.exists() and out.stat().st_size:
+        raise ValueError(f"'{out}' already holds completions; pass --resume to continue it or choose another --out")
+    writer = OutputWriter(out, done)
+    done = {str(r["id"]) for r in done}
+    requests, errors, seen = [], 0, set(done)
+    skipped = 0
+    for index, line in enumerate(lines):
+        item = parse_line(line, index, cfg.serve, engine.tokenizer)
+        if item is None:
+            continue
+        if item.id in done:
+            skipped += 1
+            continue
+        if isinstance(item, Problem) or item.id in seen:
+            problem = item if isinstance(item, Problem) else Problem(item.id, index, f"duplicate id {item.id!r}")
+            writer.write(problem.record())
+            errors += 1
+            seen.add(item.id)
+            continue
+        seen.add(item.id)
+        reason = engine.check(item)
+        if reason:
+            writer.write(Problem(item.id, index, reason).record())
+            errors += 1
+            continue
+        requests.append(item)
+
+    start = time.perf_counter()
+    prompt_tokens = sum(len(r.tokens) for r in requests)
+    generated, ttfts, itls = 0, [], []
+    bar = tqdm(total=len(requests), desc="requests", unit="req", disable=args.quiet, file=sys.stderr)
+
+    def on_step(eng):
+        elapsed = time.perf_counter() - start
+        bar.set_postfix_str(f"{generated / max(elapsed, 1e-9):.1f} tok/s, pages {eng.allocator.used}/"
+                            f"{eng.allocator.num_pages}", refresh=False)
+
+    try:
+        for result in engine.run(requests, on_step=on_step):
+            writer.write(record(result))
+            generated += len(result.tokens)
+            ttfts.append(result.ttft_s)
+            itls.extend(np.diff(result.token_times).tolist())
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+    wall = time.perf_counter() - start
+    return {"requests": len(requests), "errors": errors, "skipped": skipped, "prompt_tokens": prompt_tokens,
+            "generated_tokens": generated, "wall_s": round(wall, 3),
+            "generated_tokens_per_s": round(generated / wall, 2) if wall else None,
+            "total_tokens_per_s": round((generated + prompt_tokens) / wall, 2) if wall else None,
+            "ttft_s": percentiles(ttfts), "itl_s": percentiles(itls), "steps": engine.steps,
+            "peak_pages": engine.allocator.peak_used, "num_pages": engine.allocator.num_pages,
+            "preemptions": engine.scheduler.preemptions, "compiled_shapes": len(engine.compiled_shapes),
+            "out": str(out)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python serve.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="moela checkpoint dir (train.py run or hf_import output)")
+    parser.add_argument("--prompts", required=True, help="JSONL requests or plain-text prompts, one per line")
+    parser.add_argument("--out", required=True, help="JSONL completions to write")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. serve.max_batch=32 (repeatable)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.model / tokenizer.json (default: the checkpoint's)")
+    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices (default 1)")
+    parser.add_argument("--resume", action="store_true", help="keep --out and skip the ids already in it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    from moela.configs import ConfigError
+    from moela.data.text_builder import DataError
+    from moela.model.checkpoint import CheckpointError
+
+    try:
+        summary = serve(args)
+    except (CheckpointError, ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+def entry() -> None:
+    """The console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

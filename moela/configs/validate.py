@@ -1,0 +1,120 @@
+"""Cross-field rules of a :class:`~configs.schema.Config`, checked before any compute.
+
+Each rule raises :class:`~configs.loader.ConfigError` naming the dotted key(s) involved
+and the values that would be valid.
+"""
+
+from __future__ import annotations
+
+from moela.configs.loader import ConfigError
+from moela.configs.schema import Config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive(section: object, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(section, name)
+        _require(value > 0, f"config key '{prefix}.{name}' = {value} must be > 0")
+
+
+def validate(cfg: Config) -> Config:
+    m, a, r, e = cfg.model, cfg.model.attention, cfg.model.rope, cfg.model.moe
+    _positive(m, "model", "vocab_size", "d_model", "num_layers", "d_ff", "max_seq_len", "init_std", "norm_eps")
+    _positive(a, "model.attention", "num_heads")
+    _require(
+        0 <= m.first_k_dense <= m.num_layers,
+        f"config key 'model.first_k_dense' = {m.first_k_dense} must be between 0 and "
+        f"model.num_layers = {m.num_layers}",
+    )
+
+    if a.kind == "mla":
+        _positive(a, "model.attention", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        _require(a.q_lora_rank >= 0, f"config key 'model.attention.q_lora_rank' = {a.q_lora_rank} must be >= 0 "
+                 "(0 = direct query projection)")
+    else:
+        _positive(a, "model.attention", "num_kv_heads", "head_dim")
+        _require(
+            a.num_heads % a.num_kv_heads == 0,
+            f"config key 'model.attention.num_kv_heads' = {a.num_kv_heads} must divide "
+            f"model.attention.num_heads = {a.num_heads}; valid: "
+            f"{[d for d in range(1, a.num_heads + 1) if a.num_heads % d == 0]}",
+        )
+    _require(
+        a.rope_dim % 2 == 0,
+        f"the rotary dimension ({'model.attention.qk_rope_head_dim' if a.kind == 'mla' else 'model.attention.head_dim'}"
+        f" = {a.rope_dim}) must be even: RoPE rotates pairs",
+    )
+
+    _positive(r, "model.rope", "theta")
+    if r.scaling == "yarn":
+        _require(r.factor >= 1.0, f"config key 'model.rope.factor' = {r.factor} must be >= 1 with yarn scaling")
+        _positive(r, "model.rope", "original_max_position", "beta_fast", "beta_slow")
+        _require(r.beta_fast > r.beta_slow, f"config key 'model.rope.beta_fast' = {r.beta_fast} must exceed "
+                 f"model.rope.beta_slow = {r.beta_slow}")
+
+    if e.num_experts > 0:
+        _positive(e, "model.moe", "experts_per_token", "d_ff", "n_group", "topk_group", "routed_scaling_factor",
+                  "block_rows")
+        _require(e.num_shared_experts >= 0, "config key 'model.moe.num_shared_experts' must be >= 0")
+        _require(
+            e.experts_per_token <= e.num_experts,
+            f"config key 'model.moe.experts_per_token' = {e.experts_per_token} must be <= "
+            f"model.moe.num_experts = {e.num_experts}",
+        )
+        _require(
+            e.num_experts % e.n_group == 0,
+            f"config key 'model.moe.n_group' = {e.n_group} must divide model.moe.num_experts = {e.num_experts}; "
+            f"valid: {[d for d in range(1, e.num_experts + 1) if e.num_experts % d == 0]}",
+        )
+        _require(
+            e.topk_group <= e.n_group,
+            f"config key 'model.moe.topk_group' = {e.topk_group} must be <= model.moe.n_group = {e.n_group}",
+        )
+        per_group = e.num_experts // e.n_group
+        _require(
+            e.experts_per_token <= e.topk_group * per_group,
+            f"config key 'model.moe.experts_per_token' = {e.experts_per_token} exceeds the experts in the "
+            f"selected groups (topk_group {e.topk_group} x {per_group} experts per group)",
+        )
+        _require(
+            e.group_score != "top2_sum" or e.n_group == 1 or per_group >= 2,
+            "config key 'model.moe.group_score' = 'top2_sum' needs at least 2 experts per group; "
+            "use 'max' or fewer groups",
+        )
+        _require(e.seq_aux_loss_coef >= 0, "config key 'model.moe.seq_aux_loss_coef' must be >= 0")
+
+    t = cfg.train
+    _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate",
+              "loss_chunk_tokens")
+    _require(
+        t.global_batch_size % t.microbatches == 0,
+        f"config key 'train.microbatches' = {t.microbatches} must divide train.global_batch_size = "
+        f"{t.global_batch_size}",
+    )
+    _require(
+        t.seq_len <= m.max_seq_len,
+        f"config key 'train.seq_len' = {t.seq_len} exceeds the model's context model.max_seq_len = {m.max_seq_len}; "
+        "lower train.seq_len, or raise model.max_seq_len (to extend a trained rope context, also set "
+        "model.rope.scaling=yarn with model.rope.factor >= max_seq_len / model.rope.original_max_position)",
+    )
+
+    _require(cfg.data.max_documents >= 0, f"config key 'data.max_documents' = {cfg.data.max_documents} must be "
+             ">= 0 (0 = all)")
+    for name in ("data", "tensor", "sequence"):
+        size = getattr(cfg.mesh, name)
+        _require(size == -1 or size >= 1, f"config key 'mesh.{name}' = {size} must be >= 1, or -1 (fill)")
+    _require(
+        [cfg.mesh.data, cfg.mesh.tensor, cfg.mesh.sequence].count(-1) <= 1,
+        "at most one of mesh.data, mesh.tensor, mesh.sequence may be -1",
+    )
+
+    s = cfg.serve
+    _positive(s, "serve", "page_size", "num_pages", "max_batch", "max_batched_tokens", "max_new_tokens")
+    _require(s.temperature >= 0, f"config key 'serve.temperature' = {s.temperature} must be >= 0")
+    _require(0 < s.top_p <= 1, f"config key 'serve.top_p' = {s.top_p} must be in (0, 1]")
+    _require(s.top_k >= 0, f"config key 'serve.top_k' = {s.top_k} must be >= 0 (0 = off)")
+    return cfg

@@ -1,0 +1,234 @@
+"""The generation engine: one jitted step over a ragged batch, driven by the scheduler.
+
+``Engine.run(requests)`` yields each request's ``Result`` as soon as it finishes. Every step
+the scheduler picks chunks (decode tokens, prefill chunks); the host packs them into a
+``forward.Batch`` padded to power-of-two buckets (tokens T, sequences S, page-table width M),
+so a handful of compiled shapes serve any mix of requests; the device runs the model over
+the batch, writes the new cache rows, samples one token per sequence that reached its end,
+and returns those tokens. The pool is donated to the step, so the cache is updated in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Callable, Iterable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moela.configs.schema import Config
+from moela.inference.cache import PageAllocator, init_pool, kv_heads
+from moela.inference.forward import Batch, Weights, forward, split_model
+from moela.inference.sampling import SamplingArrays, sample
+from moela.inference.scheduler import Chunk, Request, Scheduler, Sequence
+from moela.parallel import layout as layout_lib
+
+
+@dataclasses.dataclass
+class Result:
+    id: str
+    index: int
+    tokens: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens or the context)
+    prompt_tokens: int
+    ttft_s: float
+    tpot_s: float | None  # mean time per output token after the first
+    preemptions: int
+    token_times: list[float]
+
+
+def bucket(n: int, lo: int = 1) -> int:
+    """The power of two >= max(n, lo): the padded size of one batch dimension. The engine's
+    floors (8 tokens, 4 sequences, 4 pages) cost a decode step almost nothing (it is bound by
+    reading the weights) and save compilations as batches shrink."""
+    return 1 << (max(int(n), lo, 1) - 1).bit_length()
+
+
+def _device_step(weights: Weights, pool, batch: Batch, sampling: SamplingArrays, *, graph, layout, impl):
+    """Forward + sampling over one packed batch."""
+    with layout_lib.use(layout):
+        logits_sv, pool = forward(graph, weights, pool, batch, impl=impl)
+    return sample(logits_sv, sampling), pool
+
+
+_STEPS: dict[tuple, Callable] = {}
+
+
+def compiled_step(graph, layout, impl: str) -> Callable:
+    """The jitted step for one model graph, shared by every engine over an equal graph (tests and
+    benchmarks build many). Binding the graph once spares hashing it at every call (~2 ms)."""
+    key = (graph, layout, impl)
+    if key not in _STEPS:
+        _STEPS[key] = jax.jit(partial(_device_step, graph=graph, layout=layout, impl=impl), donate_argnums=(1,))
+    return _STEPS[key]
+
+
+class Engine:
+    """Paged, continuously batched generation for one ``Decoder``.
+
+    ``tokenizer`` (optional) decodes text for stop strings and results; ``layout`` (optional)
+    shards weights and the cache over a mesh (tensor parallel: heads, MLP, vocab). The engine
+    keeps its own per-layer copy of the weights (``forward.split_model``): drop the model
+    afterwards to hold them once (serve.py does)."""
+
+    def __init__(self, model, cfg: Config, tokenizer=None, layout=None):
+        self.cfg, self.tokenizer, self.layout = cfg, tokenizer, layout
+        s = cfg.serve
+        self.page_size, self.max_seq_len = s.page_size, cfg.model.max_seq_len
+        self.allocator = PageAllocator(s.num_pages, s.page_size)
+        self.scheduler = Scheduler(self.allocator, s.max_batch, s.max_batched_tokens)
+        eos = s.eos_id if s.eos_id >= 0 else (tokenizer.eos_id if tokenizer is not None else -1)
+        self.eos_id = eos
+        pool_sharding = None
+        if layout is not None:
+            split = layout.axis("act_kv_heads") if kv_heads(cfg.model) > 1 else None
+            pool_sharding = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(
+                None, None, None, split, None))
+        self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding)
+        self.graph, self.weights = split_model(model)
+        self._step = compiled_step(self.graph, layout, s.attention_impl)
+        self._next_id = 0
+        self.steps = 0
+        self.compiled_shapes: set[tuple[int, int, int]] = set()
+
+    # -- the device step ------------------------------------------------------------------
+    def pack(self, chunks: list[Chunk]) -> tuple[Batch, SamplingArrays]:
+        """The padded device batch for ``chunks`` (pages already reserved)."""
+        total = sum(c.length for c in chunks)
+        t, s = bucket(total, 8), bucket(len(chunks), 4)
+        m = bucket(max(len(self.allocator.pages[c.seq.seq_id]) for c in chunks), 4)
+        tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
+        slots = np.full(t, -1, np.int32)
+        kv_lens, last = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        page_table = np.zeros((s, m), np.int32)
+        cu = np.full(s + 1, total, np.int32)
+        params = SamplingArrays.greedy(s)
+        at = 0
+        for i, c in enumerate(chunks):
+            seq, req = c.seq, c.seq.request
+            stop = c.start + c.length
+            tokens[at:at + c.length] = seq.tokens[c.start:stop]
+            positions[at:at + c.length] = np.arange(c.start, stop)
+            slots[at:at + c.length] = self.allocator.slots(seq.seq_id, c.start, stop)
+            pages = self.allocator.pages[seq.seq_id]
+            page_table[i, :len(pages)] = pages
+            kv_lens[i], cu[i], last[i] = stop, at, at + c.length - 1
+            params.temperature[i], params.top_k[i], params.top_p[i] = req.temperature, req.top_k, req.top_p
+            params.seed[i], params.index[i] = np.uint32(req.seed % 2**32), len(seq.generated)
+            at += c.length
+        cu[len(chunks)] = total
+        self.compiled_shapes.add((t, s, m))
+        batch = Batch(tokens, positions, slots, kv_lens, page_table, cu, np.int32(len(chunks)), last)
+        return batch, params
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Run one step; returns (sequence, new token) for every sequence that sampled."""
+        chunks = self.scheduler.plan()
+        if not chunks:
+            raise RuntimeError("no sequence can run: the page pool is too small for the oldest waiting request "
+                               f"({self.allocator.free} of {self.allocator.num_pages} pages free)")
+        batch, params = self.pack(chunks)
+        tokens_dev, self.pool = self._step(self.weights, self.pool, batch, params)
+        tokens = np.asarray(tokens_dev)
+        self.scheduler.advance(chunks)
+        self.steps += 1
+        return [(c.seq, int(tokens[i])) for i, c in enumerate(chunks) if c.samples]
+
+    # -- requests -------------------------------------------------------------------------
+    def check(self, req: Request) -> str | None:
+        """Why ``req`` cannot run here, or None."""
+        n = len(req.tokens)
+        if n == 0:
+            return "empty prompt"
+        if n >= self.max_seq_len:
+            return f"prompt of {n} tokens does not fit the model's context of {self.max_seq_len} tokens"
+        vocab = self.cfg.model.vocab_size
+        if min(req.tokens) < 0 or max(req.tokens) >= vocab:
+            return f"token ids must lie in [0, {vocab})"
+        need = self.allocator.pages_for(min(n + req.max_tokens, self.max_seq_len))
+        if need > self.allocator.num_pages:
+            return (f"prompt + max_tokens needs {need} pages of {self.page_size} tokens but the cache has "
+                    f"{self.allocator.num_pages} (raise serve.num_pages or lower max_tokens)")
+        return None
+
+    def submit(self, req: Request) -> Sequence:
+        problem = self.check(req)
+        if problem:
+            raise ValueError(f"request {req.id!r}: {problem}")
+        seq = Sequence(self._next_id, req, arrival=self._next_id)
+        self._next_id += 1
+        self.scheduler.add(seq)
+        return seq
+
+    def _text(self, ids: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(ids)
+
+    def _finished(self, seq: Sequence, token: int) -> tuple[str, list[int], str | None] | None:
+        """Append ``token``; (reason, tokens, text) when the sequence is done, else None."""
+        req = seq.request
+        if token == self.eos_id:
+            return "stop", list(seq.generated), self._text(seq.generated)
+        seq.generated.append(token)
+        if req.stop and self.tokenizer is not None:
+            text = self._text(seq.generated)
+            hits = [text.find(s) for s in req.stop if s and s in text]
+            if hits:
+                return "stop", list(seq.generated), text[:min(hits)]
+        if len(seq.generated) >= req.max_tokens or seq.length >= self.max_seq_len:
+            return "length", list(seq.generated), self._text(seq.generated)
+        return None
+
+    def run(self, requests: Iterable[Request], on_step: Callable[["Engine"], None] | None = None) -> Iterator[Result]:
+        """Generate for all ``requests``; yields each ``Result`` when its request finishes."""
+        for req in requests:
+            self.submit(req)
+        while self.scheduler.busy:
+            for seq, token in self.step():
+                now = time.perf_counter()
+                seq.token_times.append(now)
+                done = self._finished(seq, token)
+                if done is None:
+                    continue
+                reason, tokens, text = done
+                self.scheduler.finish(seq)
+                times = seq.token_times
+                tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+                yield Result(seq.request.id, seq.request.index, tokens, text, reason, len(seq.request.tokens),
+                             times[0] - seq.submitted, tpot, seq.preemptions, times)
+            if on_step is not None:
+                on_step(self)
+
+    def generate(self, requests: Iterable[Request]) -> list[Result]:
+        """All results, in the order of ``requests``."""
+        requests = list(requests)
+        order = {r.id: i for i, r in enumerate(requests)}
+        return sorted(self.run(requests), key=lambda r: order[r.id])
+
+
+def greedy_reference(model, prompt: list[int], max_tokens: int, eos_id: int = -1) -> list[int]:
+    """A plain full-recompute greedy loop (no cache): the model over the whole sequence for
+    every token. What the engine must reproduce, and the no-cache baseline of ``bench/serve.py``.
+    The sequence is padded to a fixed length (causal: padding after the last token changes
+    nothing before it), so the loop compiles once."""
+    length = -(-(len(prompt) + max_tokens) // 16) * 16
+    tokens = np.zeros((1, length), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    n, out = len(prompt), []
+    for _ in range(max_tokens):
+        token = int(_next_token(model, jnp.asarray(tokens), n - 1))
+        if token == eos_id:
+            break
+        out.append(token)
+        tokens[0, n] = token
+        n += 1
+    return out
+
+
+@nnx.jit
+def _next_token(model, tokens_bt, last):
+    return jnp.argmax(model(tokens_bt)[0][0, last])

@@ -1,0 +1,111 @@
+"""Training checkpoints with orbax: async saves, keep-last-K (+ the best by eval loss), and
+restore that falls back to an earlier step when the latest cannot be read.
+
+Layout (shared with ``model.checkpoint``, so ``model.logits`` reads a run directly):
+``RUN/checkpoints/<step>/{params, opt_state, meta}``; ``params`` is the whole model state
+(parameters and router biases), ``meta`` a JSON dict (step, eval loss).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from moela.configs.schema import TrainConfig
+from moela.model.checkpoint import CHECKPOINTS, PARAMS, CheckpointError
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, t: TrainConfig):
+        self.keep, self.keep_best = t.keep_checkpoints, t.keep_best
+        self.mngr = ocp.CheckpointManager(
+            Path(run_dir).absolute() / CHECKPOINTS,
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=t.async_checkpoints),
+        )
+        self.eval_losses: dict[int, float] = {}
+
+    def save(self, step: int, model_state, opt_state, meta: dict) -> None:
+        """Start saving (async); prune to the last K steps plus, optionally, the best eval loss."""
+        if meta.get("eval_loss") is not None:
+            self.eval_losses[step] = meta["eval_loss"]
+        self.mngr.save(step, args=ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(model_state.to_pure_dict()),
+            "opt_state": ocp.args.StandardSave(opt_state),
+            "meta": ocp.args.JsonSave({**meta, "eval_losses": {str(k): v for k, v in self.eval_losses.items()}}),
+        }), force=True)
+        steps = sorted(self.mngr.all_steps())
+        keep = set(steps[-self.keep:])
+        if self.keep_best and self.eval_losses:
+            keep.add(min(self.eval_losses, key=self.eval_losses.get))
+        for old in steps:
+            if old not in keep and old != step:
+                self.mngr.delete(old)
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def restore_latest(self, abstract_model_state, abstract_opt_state, log=print):
+        """(step, model pure dict, opt_state, meta) of the newest readable step, or None if none exist.
+
+        An unreadable step (truncated, missing files) is reported and the one before it tried.
+        """
+        steps = sorted(self.mngr.all_steps(), reverse=True)
+        unreadable = []
+        for step in steps:
+            try:
+                restored = self.mngr.restore(step, args=ocp.args.Composite(**{
+                    PARAMS: ocp.args.StandardRestore(abstract_model_state.to_pure_dict()),
+                    "opt_state": ocp.args.StandardRestore(abstract_opt_state),
+                    "meta": ocp.args.JsonRestore(),
+                }))
+            except Exception as e:  # orbax/tensorstore raise many types for damaged data
+                log(f"warning: checkpoint step {step} cannot be restored ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); trying the previous one", file=sys.stderr)
+                unreadable.append(step)
+                continue
+            self._set_aside(unreadable, log)
+            for key, value in restored["meta"].get("eval_losses", {}).items():
+                self.eval_losses[int(key)] = value
+            return step, restored[PARAMS], restored["opt_state"], restored["meta"]
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} under '{self.mngr.directory}' can be restored; "
+                               "move the directory away to start afresh")
+        return None
+
+    def _set_aside(self, steps: list[int], log) -> None:
+        """Move unreadable steps to RUN/unreadable_checkpoints/ (kept for inspection, out of the way)."""
+        if not steps:
+            return
+        if jax.process_count() > 1:  # process 0 moves them; everyone waits, then sees the same steps
+            from jax.experimental import multihost_utils
+
+            if jax.process_index() == 0:
+                self._move_aside(steps, log)
+            multihost_utils.sync_global_devices("moela: unreadable checkpoints set aside")
+            self.mngr.reload()
+            return
+        self._move_aside(steps, log)
+        self.mngr.reload()
+
+    def _move_aside(self, steps: list[int], log) -> None:
+        directory = Path(self.mngr.directory)
+        aside = directory.parent / "unreadable_checkpoints"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / f"{step}-{int(time.time())}"
+            shutil.move(str(directory / str(step)), str(target))
+            log(f"moved unreadable checkpoint {step} to {target}", file=sys.stderr)
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def abstract_like(tree):
+    """Shapes, dtypes and shardings of ``tree``: a restore target that lands where ``tree`` lives."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)

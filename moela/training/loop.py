@@ -1,0 +1,210 @@
+"""The training loop: data, model, optimiser, checkpoints, evaluation, metrics, preemption.
+
+``run(cfg)`` trains from scratch, or resumes from the newest readable checkpoint in
+``train.out_dir`` with no flag, and returns a summary dict. SIGTERM saves a checkpoint and
+stops (exit code 143 from train.py); a non-finite loss stops the run before anything of
+that step is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from moela.configs import Config, ConfigError, load_json, save_json
+from moela.data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
+from moela.model.layers import dtype
+from moela.parallel import sharded
+from moela.parallel.layout import Layout, state_bytes
+from moela.parallel.mesh import MeshError, build_mesh
+from moela.parallel.rules import ShardingRuleError
+from moela.model.flops import CONVENTION, training_flops_per_token
+from moela.training.checkpoints import Checkpointer, abstract_like
+from moela.training.metrics import MetricsLog, peak_flops
+from moela.training.optim import learning_rate, optimizer
+from moela.training.step import make_eval_step, make_train_step
+
+PREEMPTED = 143  # 128 + SIGTERM
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """A run directory belongs to one model: refuse to resume a different one into it."""
+    path = run_dir / "config.json"
+    if path.exists():
+        try:
+            previous = load_json(path)
+        except ConfigError as e:
+            raise ConfigError(f"'{path}' is unreadable ({e}); choose another train.out_dir") from None
+        if previous.model != cfg.model:
+            raise ConfigError(f"train.out_dir '{run_dir}' holds a run of a different model; choose another "
+                              "train.out_dir (or delete the old run)")
+
+
+def _evaluate(eval_step, params, rest, rows, cfg: Config, sharding) -> dict:
+    b = cfg.train.global_batch_size
+    n = min(len(rows), cfg.train.eval_batches * b)
+    span = process_span(sharding, (b, cfg.train.seq_len))
+    ce, tokens = 0.0, 0.0
+    for start in range(0, n, b):  # a short last batch is padded with no-loss rows: one compiled shape
+        c, t = eval_step(params, rest, to_global(eval_batch(rows, start, b, span), sharding, b))
+        ce, tokens = ce + float(c), tokens + float(t)
+    loss = ce / max(tokens, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
+
+
+def _prepare_data(cfg: Config, primary: bool):
+    """Train rows, tokenizer, validation rows. With several processes, process 0 builds the
+    dataset, tokenizer and token caches first and the others then read them (no two
+    processes write the same files)."""
+    def both():
+        train_rows, tok = prepare(cfg, "train")
+        return train_rows, tok, prepare(cfg, cfg.data.validation_split)[0]
+
+    if jax.process_count() == 1:
+        return both()
+    from jax.experimental import multihost_utils
+
+    result = both() if primary else None
+    multihost_utils.sync_global_devices("moela: data prepared by process 0")
+    return result if primary else both()
+
+
+def make_layout(cfg: Config) -> Layout:
+    """The mesh and strategy of ``cfg``, with every mistake reported as a ConfigError."""
+    t = cfg.train
+    try:
+        layout = Layout.of(build_mesh(cfg.mesh), cfg.mesh.strategy)
+        sharded.model_shardings(cfg.model, layout)  # every parameter's names resolve and divide
+    except (MeshError, ShardingRuleError) as e:
+        raise ConfigError(f"mesh: {e}") from None
+    rows = layout.size("batch")
+    if t.global_batch_size % (rows * t.microbatches):
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be divisible by the {rows} devices "
+                          f"the batch is split over x train.microbatches {t.microbatches}")
+    ring = layout.size("length")
+    if ring > 1 and t.seq_len % (2 * ring):
+        raise ConfigError(f"train.seq_len {t.seq_len} must be divisible by 2 x mesh.sequence ({2 * ring}) for "
+                          "zig-zag ring attention")
+    return layout
+
+
+def run(cfg: Config, log=print) -> dict:
+    t = cfg.train
+    run_dir = Path(t.out_dir)
+    primary = jax.process_index() == 0
+    _check_run_dir(run_dir, cfg)
+    layout = make_layout(cfg)
+    rows_sharding = sharded.batch_sharding(layout)
+    saved_tokenizer = run_dir / "tokenizer.model"
+    if saved_tokenizer.is_file() and not cfg.data.tokenizer_model:
+        # a resumed run keeps the tokenizer it started with, wherever it resumes
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_model=str(saved_tokenizer)))
+    if not primary:
+        log = lambda *args, **kwargs: None  # noqa: E731 -- only process 0 reports
+    train_rows, tok, val_rows = _prepare_data(cfg, primary)
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not saved_tokenizer.exists():
+            shutil.copy(tok.path, saved_tokenizer)
+        save_json(cfg, run_dir / "config.json")
+
+    tx = optimizer(t)
+    # born sharded: no full copy anywhere
+    graphdef, params, rest, opt_state, state_shardings = sharded.init_train_state(cfg.model, tx, layout, t.seed)
+    ckpt = Checkpointer(run_dir, t)
+    start_step = 0
+    restored = ckpt.restore_latest(nnx.merge_state(params, rest), abstract_like(opt_state), log=log)
+    if restored is not None:
+        step, model_dict, opt_state, _ = restored
+        state = nnx.merge_state(params, rest)
+        state.replace_by_pure_dict(model_dict)
+        _, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
+        start_step = step + 1
+        log(f"resumed from {run_dir}/checkpoints/{step}")
+    metrics_log = MetricsLog(run_dir, start_step - 1 if restored else None, primary)
+
+    batches = Batches(train_rows, t.global_batch_size, t.seed)
+    span = process_span(rows_sharding, (t.global_batch_size, t.seq_len))
+    train_step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
+    eval_step = make_eval_step(graphdef, layout)
+    lr = learning_rate(t)
+    flops = training_flops_per_token(cfg.model, t.seq_len)
+    peak, peak_source = peak_flops(t.peak_flops, dtype(cfg.model.compute_dtype))
+    entropy = unigram_entropy(val_rows.targets[val_rows.segment_ids > 0], tok.vocab_size)
+    log(f"{cfg.name}: {len(train_rows)} train rows x {t.seq_len} tokens, {t.global_batch_size} rows a step; "
+        f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source}); "
+        f"mesh {dict(layout.mesh.shape)} ({cfg.mesh.strategy}) over {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices in {jax.process_count()} process(es), this one loading batch rows "
+        f"[{span[0]}, {span[1]}); parameters {state_bytes(params, layout) / 2**20:.1f} MiB per device")
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    history, last_eval, exit_code, eval_step_done = [], {}, 0, None
+    bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, disable=not primary,
+               desc=cfg.name, file=sys.stderr, dynamic_ncols=True)
+    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+    step = start_step - 1
+    try:
+        for step in bar:
+            batch = to_global(batches.local(step, span), rows_sharding, t.global_batch_size)
+            params, rest, opt_state, m = train_step(params, rest, opt_state, batch)
+            loss = float(m["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping without saving this step "
+                                    f"(last checkpoint: {max(ckpt.mngr.all_steps(), default=None)}). "
+                                    "Lower train.learning_rate or check the data.")
+            window_tokens += float(m["tokens"])
+            window_steps += 1
+            last = step == t.steps - 1
+            if step % t.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / max(elapsed, 1e-9)
+                load = np.asarray(m["expert_load"])
+                record = {"step": step, "loss": round(loss, 6), "lr": float(lr(step)),
+                          "grad_norm": round(float(m["grad_norm"]), 6), "tokens_per_s": round(tps, 1),
+                          "step_time_s": round(elapsed / window_steps, 4),
+                          "model_tflops_per_s": round(flops["total"] * tps / 1e12, 4),
+                          "mfu": round(flops["total"] * tps / (peak * jax.device_count()), 4)}
+                if cfg.model.num_moe_layers:
+                    record["expert_load_max_over_mean"] = round(float((load.max(-1) / load.mean(-1)).max()), 4)
+                    record["aux_loss"] = round(float(m["aux_loss"]), 6)
+                history.append((step, loss))
+                metrics_log.write(record)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+            preempted = stop["signal"] is not None
+            save = (step + 1) % t.checkpoint_every == 0 or last or preempted
+            if step % t.eval_every == 0 or last or (save and t.keep_best):
+                last_eval = _evaluate(eval_step, params, rest, val_rows, cfg, rows_sharding)
+                eval_step_done = step
+                metrics_log.write({"step": step, **{k: round(v, 6) for k, v in last_eval.items()}})
+            if save:
+                fresh = last_eval.get("eval_loss") if eval_step_done == step else None
+                ckpt.save(step, nnx.merge_state(params, rest), opt_state, {"step": step, "eval_loss": fresh})
+            if preempted:
+                ckpt.wait()
+                log(f"SIGTERM: saved step {step} to {run_dir}; restart the same command to resume")
+                exit_code = PREEMPTED
+                break
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+        metrics_log.close()
+    return {"run_dir": str(run_dir), "start_step": start_step, "last_step": step, "exit_code": exit_code,
+            "history": history, "unigram_entropy": entropy, **last_eval,
+            "flops_per_token": flops["total"], "flops_convention": CONVENTION}

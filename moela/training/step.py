@@ -1,0 +1,113 @@
+"""The jitted training and evaluation steps, functional over (params, rest, opt_state).
+
+``params`` is the model's ``nnx.Param`` state, ``rest`` everything else (the router biases).
+The loss is token-weighted cross-entropy over the loss mask (+ optional z-loss, + the MoE
+sequence aux loss); with ``train.microbatches`` = M the batch is split M ways and gradients
+are accumulated in a ``lax.scan``, each microbatch normalised by the whole batch's token
+count, so the accumulated gradient equals the one-batch gradient.
+
+Training never forms the batch's logits: the model returns its final hidden states and
+``training.losses.head_loss`` computes the output layer's loss and gradient in chunks of
+about ``train.loss_chunk_tokens`` rows (``loss_terms``, the plain logits path, is what
+evaluation uses and what the tests compare against).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moela.configs.schema import Config
+from moela.model.transformer import update_router_bias
+from moela.parallel.layout import Layout, use
+from moela.training.losses import head_loss, loss_chunks
+
+
+def loss_terms(graphdef, params, rest, batch):
+    """(summed CE over the mask, summed logsumexp² over the mask, aux dict) of one (micro)batch."""
+    model = nnx.merge(graphdef, params, rest)
+    logits_btn, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btn, batch["targets"])
+    mask_bt = batch["loss_mask"]
+    z_bt = jax.nn.logsumexp(logits_btn, axis=-1) ** 2
+    return jnp.sum(ce_bt * mask_bt), jnp.sum(z_bt * mask_bt), aux
+
+
+def training_objective(graphdef, params, rest, batch, *, z_coef: float, chunk_tokens: int):
+    """(Σ mask·(CE + z_coef·lse²), summed CE, summed lse², aux) of one (micro)batch via ``head_loss``."""
+    model = nnx.merge(graphdef, params, rest)
+    x_btd, aux = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+    w, layout = model.output_weight()
+    b, t = batch["inputs"].shape
+    objective, stats = head_loss(x_btd, w, batch["targets"], batch["loss_mask"], z_coef=z_coef,
+                                 chunks=loss_chunks(b, t, chunk_tokens), layout=layout)
+    return objective, stats["ce"], stats["z"], aux
+
+
+def split_microbatches(batch, m: int):
+    """[B, ...] -> [m, B/m, ...] with microbatch k = rows k, k + m, k + 2m, ...: rows sharded over
+    ``data`` stay on their devices (each device holds an equal share of every microbatch)."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), batch)
+
+
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, layout: Layout | None = None,
+                    state_shardings=None):
+    """The jitted step (params, rest, opt_state, batch) -> (params, rest, opt_state, metrics).
+
+    With a ``layout`` the step is traced under it (activation constraints, ring attention,
+    expert dispatch) and ``state_shardings`` = (params, rest, opt_state) shardings pin the
+    outputs to the layout the inputs came in."""
+    t, moe = cfg.train, cfg.model.moe
+    m = t.microbatches
+
+    def step(params, rest, opt_state, batch):
+        with use(layout):
+            return _step(params, rest, opt_state, batch)
+
+    def _step(params, rest, opt_state, batch):
+        tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+
+        def micro_step(mb):
+            def objective(p):
+                obj, ce, z, aux = training_objective(graphdef, p, rest, mb, z_coef=t.z_loss,
+                                                     chunk_tokens=t.loss_chunk_tokens)
+                return obj / tokens + aux["aux_loss"] / m, (ce, z, aux)
+
+            (_, (ce, z, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return grads, {"ce": ce, "z": z, "aux_loss": aux["aux_loss"] / m,
+                           "load": aux.get("expert_load", jnp.zeros((0, 1)))}
+
+        if m == 1:
+            grads, acc = micro_step(batch)
+        else:
+            def accumulate(carry, mb):
+                grads, stats = micro_step(mb)
+                return jax.tree.map(jnp.add, carry, (grads, stats)), None
+
+            micro = split_microbatches(batch, m)
+            zeros = jax.eval_shape(micro_step, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+            (grads, acc), _ = jax.lax.scan(accumulate, zeros, micro)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if cfg.model.num_moe_layers:
+            model = nnx.merge(graphdef, params, rest)
+            update_router_bias(model, acc["load"], moe.bias_update_rate)
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+        metrics = {"loss": acc["ce"] / tokens, "z_loss": acc["z"] / tokens, "aux_loss": acc["aux_loss"],
+                   "grad_norm": optax.global_norm(grads), "tokens": tokens, "expert_load": acc["load"]}
+        return params, rest, opt_state, metrics
+
+    out_shardings = None if state_shardings is None else (*state_shardings, None)
+    return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
+
+
+def make_eval_step(graphdef, layout: Layout | None = None):
+    def evaluate(params, rest, batch):
+        with use(layout):
+            ce, _, _ = loss_terms(graphdef, params, rest, batch)
+        return ce, jnp.sum(batch["loss_mask"])
+
+    return jax.jit(evaluate)
