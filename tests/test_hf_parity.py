@@ -126,7 +126,7 @@ def test_deepseek_v2_softmax_group_limited_logits_match(tmp_path):
 def test_logits_cli_matches_transformers(tmp_path):
     hf_model = build_hf("v3", CASES["qlora_yarn_groups_dense1"], seed=3)
     hf_model.save_pretrained(tmp_path / "hf")
-    run = [sys.executable, "-m", "model.hf_import", str(tmp_path / "hf"), str(tmp_path / "moela")]
+    run = [sys.executable, "-m", "moela.model.hf_import", str(tmp_path / "hf"), str(tmp_path / "moela")]
     subprocess.run(run, check=True, capture_output=True)
     again = subprocess.run(run, capture_output=True, text=True)  # never overwrite silently
     assert again.returncode == 2 and "already holds a moela checkpoint" in again.stderr
@@ -134,7 +134,7 @@ def test_logits_cli_matches_transformers(tmp_path):
     assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
     tokens = np.random.default_rng(0).integers(0, BASE["vocab_size"], (2, 11)).astype(np.int32)
     np.save(tmp_path / "in.npy", tokens)
-    cmd = [sys.executable, "-m", "model.logits", "--checkpoint", str(tmp_path / "moela"),
+    cmd = [sys.executable, "-m", "moela.model.logits", "--checkpoint", str(tmp_path / "moela"),
            "--tokens", str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy")]
     subprocess.run(cmd, check=True, capture_output=True)
     out = np.load(tmp_path / "out.npy")

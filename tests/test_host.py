@@ -57,7 +57,7 @@ def test_a_script_is_re_executed_once_with_its_arguments(tmp_path):
     script.write_text(
         "import json, os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from parallel.host import active_allocator, fast_allocator\n"
+        "from moela.parallel.host import active_allocator, fast_allocator\n"
         "print('start', flush=True)\n"
         "fast_allocator()\n"
         "print(json.dumps({'argv': sys.argv[1:], 'allocator': active_allocator()}))\n")
