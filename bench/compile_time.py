@@ -11,22 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moela.parallel.host import fast_allocator
 
-from moela.parallel.host import fast_allocator  # noqa: E402
 
-fast_allocator()  # the allocator train.py runs with (parallel/host.py)
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from moela.configs import load  # noqa: E402
-from moela.model.transformer import Decoder  # noqa: E402
+from moela.configs import load
+from moela.model.transformer import Decoder
 
 
 def measure(cfg, batch: int, seq: int) -> dict:
@@ -46,6 +41,7 @@ def measure(cfg, batch: int, seq: int) -> dict:
 
 
 def main() -> None:
+    fast_allocator()  # re-executes once with the allocator train.py runs with (moela.parallel.host)
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--layers", default="2,4,8,16")

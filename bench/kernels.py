@@ -29,7 +29,7 @@ modelled from the kernels' own block schedules:
   989 TFLOP/s dense, 3,350 GB/s (nvidia.com H100 datasheet). Real kernels reach 40-70% of
   it; the table says which bound applies and how far the useful work is from the executed.
 
-Measured: ``kernels.attention(impl="xla")`` forward and forward + backward (jitted, float32,
+Measured: ``kernels.attention(backend="xla")`` forward and forward + backward (jitted, float32,
 median of ``--repeats`` after a warm-up) for shapes whose B·H·T·S is at most ``--measure-max``.
 """
 
@@ -40,16 +40,14 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import kernels  # noqa: E402
-from moela.kernels import flash_gpu, flash_tpu  # noqa: E402
+from moela import kernels
+from moela.kernels import flash_gpu, flash_tpu
+from moela.kernels.common import LANES, SUBLANES, fit_block, lane_aligned, pow2
 
 CHIPS = {  # bfloat16 dense peak FLOP/s, HBM bytes/s
     "v5p": (459e12, 2765e9),
@@ -88,7 +86,7 @@ def tpu_blocks(t, s, causal, doc, bq, bk, over):
     kernel, from its own tables: the body runs where causal visibility and segment ranges
     meet; the index maps fetch each block in [first, last] once (a whole empty range: one)."""
     q_seg, kv_seg = segments(1, t, s, doc)
-    geo = flash_tpu._Geometry(t, s, flash_tpu._block(t, bq, 8), flash_tpu._block(s, bk, 128), causal,
+    geo = flash_tpu._Geometry(t, s, fit_block(t, bq, SUBLANES), fit_block(s, bk, LANES), causal,
                               doc > 0, 1.0)
     tb = flash_tpu._Tables.build(q_seg, kv_seg, geo, 1, over=over)
     q_lo, q_hi, kv_lo, kv_hi = (np.asarray(x[0]) for x in (tb.q_lo, tb.q_hi, tb.kv_lo, tb.kv_hi))
@@ -122,13 +120,13 @@ def cost(shape, target, dtype_bytes=2):
     pairs = visible_pairs(t, s, causal, doc)
     if target == "tpu":
         bl = flash_tpu.BlockSizes()
-        dkp, dvp, lse_width = flash_tpu._aligned(dk), flash_tpu._aligned(dv), 128
+        dkp, dvp, lse_width = lane_aligned(dk), lane_aligned(dv), LANES
         fwd_n, fwd_f, fwd = tpu_blocks(t, s, causal, doc, bl.block_q, bl.block_k, "kv")
         dq_n, dq_f, dq = tpu_blocks(t, s, causal, doc, bl.block_q_dq, bl.block_k_dq, "kv")
         dkv_n, dkv_f, dkv = tpu_blocks(t, s, causal, doc, bl.block_q_dkv, bl.block_k_dkv, "q")
     else:
         bl = flash_gpu.BlockSizes()
-        dkp, dvp, lse_width = flash_gpu._pow2(dk), flash_gpu._pow2(dv), 1
+        dkp, dvp, lse_width = pow2(dk, 16), pow2(dv, 16), 1
         fwd_n, fwd_f, fwd = gpu_blocks(t, s, causal, doc, bl.block_q, bl.block_k, "kv")
         dq_n, dq_f, dq = gpu_blocks(t, s, causal, doc, bl.block_q_dq, bl.block_k_dq, "kv")
         dkv_n, dkv_f, dkv = gpu_blocks(t, s, causal, doc, bl.block_q_dkv, bl.block_k_dkv, "q")
@@ -158,7 +156,7 @@ def measure(shape, repeats):
     q, k, v = (jnp.asarray(rng.standard_normal(x), jnp.float32) for x in ((b, t, h, dk), (b, s, g, dk), (b, s, g, dv)))
     q_seg, kv_seg = segments(b, t, s, doc)
     attend = lambda q, k, v: kernels.attention(q, k, v, scale=dk ** -0.5, causal=causal, q_segment_ids=q_seg,  # noqa: E731
-                                               kv_segment_ids=kv_seg, impl="xla")[0]
+                                               kv_segment_ids=kv_seg, backend="xla")[0]
     fwd = jax.jit(attend)
     both = jax.jit(lambda q, k, v: jax.grad(lambda *a: jnp.sum(attend(*a) ** 2), argnums=(0, 1, 2))(q, k, v))
     times = []

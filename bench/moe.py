@@ -12,25 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moela.parallel.host import fast_allocator
 
-from moela.parallel.host import fast_allocator  # noqa: E402
 
-fast_allocator()  # the allocator train.py runs with (parallel/host.py)
+import dataclasses
 
-import dataclasses  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from moela.configs import load  # noqa: E402
-from moela.model.moe import MoE  # noqa: E402
-from moela.training.metrics import measure_matmul_flops  # noqa: E402
+from moela.configs import RuntimeConfig, load
+from moela.model.moe import MoE
+from moela.model.runtime import Runtime
+from moela.training.metrics import measure_matmul_flops
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -49,6 +45,7 @@ def calibrate() -> float:
 
 
 def main() -> None:
+    fast_allocator()  # re-executes once with the allocator train.py runs with (moela.parallel.host)
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="bench")
     parser.add_argument("--tokens", type=int, default=4096)
@@ -60,9 +57,10 @@ def main() -> None:
     results = {}
     for rnd in range(2):  # alternate A/B twice
         for impl in ("ragged_dot", "blocked"):
-            moe = MoE(dataclasses.replace(cfg.moe, impl=impl), cfg.ctx, rngs=nnx.Rngs(0))
-            fwd = nnx.jit(lambda m, v: m(v)[0])
-            bwd = nnx.jit(nnx.grad(lambda m, v: jnp.sum(m(v)[0] ** 2)))
+            moe = MoE(cfg.moe, cfg.ctx, rngs=nnx.Rngs(0))
+            rt = Runtime(RuntimeConfig(grouped_matmul=impl))
+            fwd = nnx.jit(lambda m, v, rt=rt: m(v, rt=rt)[0])
+            bwd = nnx.jit(nnx.grad(lambda m, v, rt=rt: jnp.sum(m(v, rt=rt)[0] ** 2)))
             results.setdefault((impl, "forward"), []).append(timed(fwd, moe, x, repeats=args.repeats))
             results.setdefault((impl, "forward_backward"), []).append(timed(bwd, moe, x, repeats=args.repeats))
     gflops_after = calibrate()

@@ -19,27 +19,23 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moela.parallel.host import active_allocator, fast_allocator
 
-from moela.parallel.host import active_allocator, fast_allocator  # noqa: E402
 
-fast_allocator()
+import jax
 
-import jax  # noqa: E402
-
-from bench.train import synthetic_batch  # noqa: E402
-from moela.configs import load  # noqa: E402
-from moela.configs.schema import MeshConfig  # noqa: E402
-from moela.parallel import sharded  # noqa: E402
-from moela.parallel.layout import Layout, state_bytes  # noqa: E402
-from moela.parallel.mesh import build_mesh  # noqa: E402
-from moela.training.optim import optimizer  # noqa: E402
-from moela.training.step import make_train_step  # noqa: E402
+from harness import synthetic_batch
+from moela.configs import load
+from moela.configs.schema import MeshConfig
+from moela.model.runtime import Runtime
+from moela.parallel import sharded
+from moela.parallel.layout import Layout, state_bytes
+from moela.parallel.mesh import build_mesh
+from moela.training.optim import optimizer
+from moela.training.step import make_train_step
 
 MESHES = {  # strategy -> (data, tensor, sequence)
     "dp": (8, 1, 1),
@@ -56,7 +52,7 @@ def stepper(cfg, strategy: str, batch_np):
     layout = Layout.of(build_mesh(MeshConfig(*MESHES[strategy])), strategy)
     tx = optimizer(cfg.train)
     graphdef, params, rest, opt, state_shardings = sharded.init_train_state(cfg.model, tx, layout)
-    step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
+    step = make_train_step(graphdef, cfg, tx, Runtime(cfg.runtime, layout), state_shardings)
     batch = jax.device_put(batch_np, sharded.batch_sharding(layout))
     state = {"params": params, "rest": rest, "opt": opt}
     param_mib = state_bytes(params, layout) / 2**20
@@ -72,6 +68,7 @@ def stepper(cfg, strategy: str, batch_np):
 
 
 def main() -> None:
+    fast_allocator()  # re-executes once with the allocator train.py runs with (moela.parallel.host)
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="bench")
     parser.add_argument("--batch", type=int, default=8)

@@ -20,21 +20,17 @@ import gzip
 import json
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from moela.parallel.host import fast_allocator
 
-from moela.parallel.host import fast_allocator  # noqa: E402
 
-fast_allocator()
+import jax
 
-import jax  # noqa: E402
-
-from bench.train import moela_stepper, synthetic_batch  # noqa: E402
-from moela.configs import load  # noqa: E402
+from harness import moela_stepper, synthetic_batch
+from moela.configs import load
 
 RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction", "CommonPjRt", "ParseArguments", "while")
 
@@ -71,6 +67,7 @@ def self_times(trace_file: Path) -> dict[str, tuple[float, int]]:
 
 
 def main() -> None:
+    fast_allocator()  # re-executes once with the allocator train.py runs with (moela.parallel.host)
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default="bench")
     parser.add_argument("--batch", type=int, default=8)

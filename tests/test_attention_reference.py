@@ -20,7 +20,7 @@ from moela.kernels import reference
 # One compiled program per shape is much cheaper on CPU than dispatching every op eagerly;
 # ``test_jit_matches_eager`` covers the eager path.
 ref_attention = jax.jit(reference.attention, static_argnames=("scale", "causal"))
-dispatch_attention = jax.jit(kernels.attention, static_argnames=("scale", "causal", "impl"))
+dispatch_attention = jax.jit(kernels.attention, static_argnames=("scale", "causal", "backend"))
 
 
 def naive_attention(q, k, v, *, scale, causal, q_seg=None, kv_seg=None):
@@ -144,19 +144,19 @@ def test_dispatch_matches_naive(impl):
     kv_seg = _packed_segments(rng, b, s)
     q_seg = kv_seg[:, s - t:]
     out, lse = dispatch_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.3, causal=True,
-                                 q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg), impl=impl)
+                                 q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg), backend=impl)
     ref_out, ref_lse = naive_attention(q, k, v, scale=0.3, causal=True, q_seg=q_seg, kv_seg=kv_seg)
     _check(out, lse, ref_out, ref_lse, rtol=1e-5, atol=2e-6)
     out_nc, lse_nc = dispatch_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.3, causal=False,
-                                       impl=impl)
+                                       backend=impl)
     ref_out, ref_lse = naive_attention(q, k, v, scale=0.3, causal=False)
     _check(out_nc, lse_nc, ref_out, ref_lse, rtol=1e-5, atol=2e-6)
 
 
 def test_unknown_impl_raises():
     q = jnp.zeros((1, 2, 2, 4))
-    with pytest.raises(ValueError, match="unknown attention impl"):
-        kernels.attention(q, q, q, scale=1.0, impl="nope")
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'; valid: auto, xla, reference, pallas, interpret, interpret_gpu"):
+        kernels.attention(q, q, q, scale=1.0, backend="nope")
 
 
 def test_jit_matches_eager():
@@ -246,7 +246,7 @@ def test_mismatched_segment_ids_raise():
     with pytest.raises(ValueError, match="segment"):
         reference.attention(q, q, q, scale=1.0, kv_segment_ids=seg)
     with pytest.raises(ValueError, match="segment"):
-        kernels.attention(q, q, q, scale=1.0, q_segment_ids=seg, impl="xla")
+        kernels.attention(q, q, q, scale=1.0, q_segment_ids=seg, backend="xla")
 
 
 def test_heads_not_multiple_of_kv_heads_raises():

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import pytest
 
-from moela.configs import Config, ConfigError, apply_overrides, load, load_json, save_json
+from moela.configs import Config, ConfigError, RuntimeConfig, apply_overrides, load, load_json, save_json
 from moela.configs.loader import from_dict, to_dict
+from moela.configs.migrate import MOVED
 
 PRESETS = ["tiny", "small", "bench", "deepseek_v3", "deepseek_v2_lite"]
 
@@ -99,3 +101,53 @@ def test_cli_reports_a_config_error_in_one_line():
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "model.moe.experts_per_token" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+# ----------------------------------------------------------------------------- model apart from runtime
+
+
+OLD_KEYS = {("model", "attention", "impl"): "interpret", ("model", "moe", "impl"): "ragged_dot",
+            ("model", "moe", "block_rows"): 64, ("model", "moe", "expert_dispatch"): "gather",
+            ("model", "remat"): "full", ("serve", "attention_impl"): "reference"}
+
+
+def old_config_json(cfg: Config) -> dict:
+    """``cfg`` as a config.json from before the runtime section: execution settings inside model/serve."""
+    data = to_dict(cfg)
+    del data["runtime"]
+    for path, value in OLD_KEYS.items():
+        node = data
+        for name in path[:-1]:
+            node = node[name]
+        node[path[-1]] = value
+    return data
+
+
+def test_a_config_written_before_the_runtime_section_loads_with_its_settings_moved(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(old_config_json(load("tiny"))))
+    notes = []
+    cfg = load_json(path, log=notes.append)
+    assert cfg.model == load("tiny").model  # the model's identity is untouched
+    assert cfg.runtime == RuntimeConfig(attention="interpret", grouped_matmul="ragged_dot", grouped_block_rows=64,
+                                        expert_dispatch="gather", remat="full", paged_attention="reference")
+    assert len(notes) == 1 and "model.attention.impl -> runtime.attention" in notes[0]
+    assert "serve.attention_impl -> runtime.paged_attention" in notes[0]
+    save_json(cfg, path)  # written back in the current layout: no note the next time
+    assert load_json(path, log=notes.append) == cfg and len(notes) == 1
+
+
+@pytest.mark.parametrize("old,new", sorted(MOVED.items()))
+def test_setting_a_moved_key_names_its_new_place(old, new):
+    with pytest.raises(ConfigError, match=f"'{old}' has moved to '{new}'"):
+        load("tiny", [f"{old}=1"])
+
+
+def test_runtime_overrides_parse_and_validate():
+    cfg = load("tiny", ["runtime.attention=reference", "runtime.remat=dots", "runtime.grouped_block_rows=32"])
+    assert (cfg.runtime.attention, cfg.runtime.remat, cfg.runtime.grouped_block_rows) == ("reference", "dots", 32)
+    assert cfg.model == load("tiny").model
+    with pytest.raises(ConfigError, match="'runtime.attention' = 'flash' is not valid; expected one of 'auto'"):
+        load("tiny", ["runtime.attention=flash"])
+    with pytest.raises(ConfigError, match="'runtime.grouped_block_rows' = 0 must be > 0"):
+        load("tiny", ["runtime.grouped_block_rows=0"])

@@ -17,10 +17,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moela.configs.schema import LayerContext, MeshConfig, MoEConfig
-from moela.model.experts import block_layout, routed_swiglu
+from moela.kernels.grouped import block_layout, routed_swiglu
 from moela.model.moe import MoE, RoutedExperts
-from moela.parallel.experts import expert_parallel_swiglu
-from moela.parallel.layout import Layout, state_shardings, use
+from moela.parallel.experts import ExpertAxes, expert_parallel_swiglu
+from moela.configs.schema import RuntimeConfig
+from moela.model.runtime import ONE_DEVICE, Runtime
+from moela.parallel.layout import Layout, state_shardings
 from moela.parallel.mesh import build_mesh
 from moela.parallel.rules import ShardingRuleError
 
@@ -68,12 +70,11 @@ def assert_close(actual, expected, what):
 # ----------------------------------------------------------------------------- RoutedExperts
 
 
-def experts_step(graphdef, layout):
-    """Jitted (y, (d state, dx, d weights)) of sum(RoutedExperts(x, w, ids) · cot), under ``layout``."""
+def experts_step(graphdef, rt):
+    """Jitted (y, (d state, dx, d weights)) of sum(RoutedExperts(x, w, ids) · cot), under ``rt``."""
 
     def loss(state, x_md, w_mk, ids_mk, cot_md):
-        with use(layout):
-            y_md = nnx.merge(graphdef, state)(x_md, w_mk, ids_mk)
+        y_md = nnx.merge(graphdef, state)(x_md, w_mk, ids_mk, rt=rt)
         return jnp.sum(y_md * cot_md), y_md
 
     @jax.jit
@@ -89,7 +90,8 @@ def experts_step(graphdef, layout):
 @pytest.mark.parametrize("shape,strategy", MESHES, ids=MESH_IDS)
 def test_routed_experts_match_unsharded(shape, strategy, impl, dispatch):
     """Each compiled step runs all three routings (they are data, not shapes)."""
-    cfg = MoEConfig(num_experts=E, experts_per_token=K, d_ff=F, impl=impl, block_rows=4, expert_dispatch=dispatch)
+    cfg = MoEConfig(num_experts=E, experts_per_token=K, d_ff=F)
+    runtime = RuntimeConfig(grouped_matmul=impl, grouped_block_rows=4, expert_dispatch=dispatch)
     graphdef, state = random_module(RoutedExperts, cfg)
     rng = np.random.default_rng(1)
     x, cot = (jnp.asarray(rng.standard_normal((M, D)), jnp.float32) for _ in range(2))
@@ -98,7 +100,7 @@ def test_routed_experts_match_unsharded(shape, strategy, impl, dispatch):
                                                                          layout.axis("length")) if a)))
     placed_state = jax.device_put(state, state_shardings(state, layout))
     assert placed_state["w_gate"][...].sharding.spec[0] == "data"
-    sharded, reference = experts_step(graphdef, layout), experts_step(graphdef, None)
+    sharded, reference = experts_step(graphdef, Runtime(runtime, layout)), experts_step(graphdef, Runtime(runtime))
     for kind in ROUTINGS:
         w, ids = routing(kind)
         y_ref, (ds_ref, dx_ref, dw_ref) = reference(state, x, w, ids, cot)
@@ -119,13 +121,13 @@ def test_routed_experts_match_unsharded(shape, strategy, impl, dispatch):
 
 
 MOE_CFG = MoEConfig(num_experts=E, experts_per_token=K, num_shared_experts=1, d_ff=F, n_group=4, topk_group=2,
-                    routed_scaling_factor=2.0, seq_aux_loss_coef=0.01, block_rows=4)
+                    routed_scaling_factor=2.0, seq_aux_loss_coef=0.01)
+MOE_RUNTIME = RuntimeConfig(grouped_block_rows=4)
 
 
-def moe_step(graphdef, layout):
+def moe_step(graphdef, partitioner):
     def loss(params, rest, x_btd, cot_btd):
-        with use(layout):
-            y_btd, stats = nnx.merge(graphdef, params, rest)(x_btd)
+        y_btd, stats = nnx.merge(graphdef, params, rest)(x_btd, rt=Runtime(MOE_RUNTIME, partitioner))
         return jnp.sum(y_btd * cot_btd) + stats["aux_loss"], (y_btd, stats)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 2), has_aux=True))
@@ -140,7 +142,7 @@ def test_moe_layer_matches_unsharded(shape, strategy):
     x, cot = (jnp.asarray(rng.standard_normal((B, T, D)), jnp.float32) for _ in range(2))
     layout = layout_of(shape, strategy)
     acts = layout.sharding(("batch", "length", "act_embed"))
-    (_, (y_ref, stats_ref)), (dp_ref, dx_ref) = moe_step(graphdef, None)(params, rest, x, cot)
+    (_, (y_ref, stats_ref)), (dp_ref, dx_ref) = moe_step(graphdef, ONE_DEVICE)(params, rest, x, cot)
     placed = [jax.device_put(s, state_shardings(s, layout)) for s in (params, rest)]
     (_, (y, stats)), (dp, dx) = moe_step(graphdef, layout)(*placed, *jax.device_put((x, cot), acts))
     assert_close(y, y_ref, "y")
@@ -162,8 +164,8 @@ def test_island_only_where_experts_are_split():
 
     def jaxpr(strategy):
         layout = layout_of((4, 2, 1) if strategy in ("ep_tp", "tp") else (2, 2, 2), strategy)
-        with use(layout):
-            return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x, w, ids))(state))
+        rt = Runtime(partitioner=layout)
+        return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x, w, ids, rt=rt))(state))
 
     assert "shard_map" in jaxpr("ep_tp") and "shard_map" in jaxpr("dp_tp_sp")
     assert "shard_map" not in jaxpr("tp") and "shard_map" not in jaxpr("fsdp_tp_sp")
@@ -191,7 +193,7 @@ def test_expert_slices_sum_to_the_whole(impl):
     wg, wu = (jnp.asarray(rng.standard_normal((E, D, F)) / 3, jnp.float32) for _ in range(2))
     wd = jnp.asarray(rng.standard_normal((E, F, D)) / 3, jnp.float32)
     w, ids = routing("random", seed=6)
-    run = jax.jit(lambda first, *ws: routed_swiglu(x, w, ids, *ws, impl=impl, block=4, first_expert=first))
+    run = jax.jit(lambda first, *ws: routed_swiglu(x, w, ids, *ws, backend=impl, block=4, first_expert=first))
     whole = run(0, wg, wu, wd)
     q = E // 4
     parts = [run(i * q, wg[i * q:(i + 1) * q], wu[i * q:(i + 1) * q], wd[i * q:(i + 1) * q]) for i in range(4)]
@@ -205,4 +207,5 @@ def test_indivisible_experts_are_rejected():
     x, w = jnp.zeros((M, D)), jnp.zeros((M, K))
     wg, wd = jnp.zeros((12, D, F)), jnp.zeros((12, F, D))
     with pytest.raises(ShardingRuleError, match="12 is not divisible by 8"):
-        expert_parallel_swiglu(x, w, w.astype(jnp.int32), wg, wg, wd, layout=layout)
+        expert_parallel_swiglu(x, w, w.astype(jnp.int32), wg, wg, wd, mesh=layout.mesh,
+                               axes=ExpertAxes(expert="data", batch="data"))

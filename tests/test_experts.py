@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moela.model.experts import GROUPED_SWIGLU, block_layout, blocked_swiglu, ragged_swiglu, resolve
+from moela.kernels.grouped import GROUPED, block_layout, blocked_swiglu, ragged_swiglu
 
 
 def dense_reference(x, wg, wu, wd, sizes):
@@ -37,7 +37,7 @@ SIZES = [[5, 0, 7, 1], [0, 0, 16, 0], [3, 3, 3, 3, 3, 3], [1, 0, 0, 0, 0, 30], [
 @pytest.mark.parametrize("impl", ["blocked", "ragged_dot"])
 def test_grouped_swiglu_matches_a_per_row_reference(sizes, block, impl):
     x, wg, wu, wd, gs = problem(sizes)
-    y = jax.jit(GROUPED_SWIGLU[impl], static_argnums=5)(x, wg, wu, wd, gs, block)
+    y = jax.jit(GROUPED[impl], static_argnums=5)(x, wg, wu, wd, gs, block)
     np.testing.assert_allclose(y, dense_reference(x, wg, wu, wd, sizes), rtol=1e-5, atol=1e-5)
 
 
@@ -64,4 +64,4 @@ def test_block_layout_starts_every_group_on_a_block():
 
 
 def test_auto_picks_blocked_on_cpu():
-    assert jax.default_backend() == "cpu" and resolve("auto") == "blocked" and resolve("ragged_dot") == "ragged_dot"
+    assert jax.default_backend() == "cpu" and GROUPED.resolve("auto") == "blocked" and GROUPED.resolve("ragged_dot") == "ragged_dot"

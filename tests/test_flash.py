@@ -1,7 +1,7 @@
 """Pallas flash attention (TPU and GPU kernels, run by the Pallas interpreter) against the
 pure-jnp reference: outputs, log-sum-exp and the gradients of both, over a grid of lengths,
 head dims, head ratios, causal offsets, packed segments and dtypes; plus the model with
-``attention.impl=interpret`` against ``xla``.
+``runtime.attention=interpret`` against ``xla``.
 
 The grid covers every value of every axis (T, S in {1, 7, 128, 300}; Dqk/Dv in {(64, 64),
 (48, 32), (192, 128)}; Hq/Hkv in {(4, 4), (8, 2), (4, 1)}; causal on/off; segments on/off;
@@ -12,8 +12,6 @@ cases per kernel and the ``slow`` step runs them all.
 
 from __future__ import annotations
 
-import typing
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +19,9 @@ import pytest
 
 from moela import kernels
 from moela.configs import load
-from moela.configs.schema import AttentionConfig
+from moela.configs.schema import RuntimeConfig
 from moela.kernels import flash, flash_gpu, flash_tpu, reference
+from moela.model.runtime import Runtime
 from moela.model.transformer import init_model
 
 SCALE = 0.125
@@ -147,13 +146,13 @@ def test_attention_bwd_blocks_of_a_larger_attention(impl):
     q, k, v, q_seg, kv_seg, d_out, d_lse = inputs(case, b=1, seed=3)
     kw = dict(scale=SCALE, q_segment_ids=q_seg, d_lse_bht=d_lse)
     out, lse = reference.attention(q, k, v, scale=SCALE, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
-    whole = kernels.attention_bwd(q, k, v, out, lse, d_out, causal=True, kv_segment_ids=kv_seg, impl="xla", **kw)
+    whole = kernels.attention_bwd(q, k, v, out, lse, d_out, causal=True, kv_segment_ids=kv_seg, backend="xla", **kw)
     # queries are positions 240..255: they see all of keys 0..127 (no causal mask) and keys
     # 128..255 causally with offset 112, exactly as the whole attention does
     first = kernels.attention_bwd(q, k[:, :128], v[:, :128], out, lse, d_out, causal=False,
-                                  kv_segment_ids=kv_seg[:, :128], impl=impl, **kw)
+                                  kv_segment_ids=kv_seg[:, :128], backend=impl, **kw)
     second = kernels.attention_bwd(q, k[:, 128:], v[:, 128:], out, lse, d_out, causal=True,
-                                   kv_segment_ids=kv_seg[:, 128:], impl=impl, **kw)
+                                   kv_segment_ids=kv_seg[:, 128:], backend=impl, **kw)
     np.testing.assert_allclose(first[0] + second[0], whole[0], atol=2e-5)
     np.testing.assert_allclose(jnp.concatenate([first[1], second[1]], 1), whole[1], atol=2e-5)
     np.testing.assert_allclose(jnp.concatenate([first[2], second[2]], 1), whole[2], atol=2e-5)
@@ -201,15 +200,13 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="unknown flash-attention target"):
         flash.attention(q[:, :, :4], k, v, scale=1.0, target="cpu")
     with pytest.raises(ValueError, match="needs a TPU or GPU"):
-        kernels.attention(q[:, :, :4], k, v, scale=1.0, impl="pallas")
+        kernels.attention(q[:, :, :4], k, v, scale=1.0, backend="pallas")
     with pytest.raises(ValueError, match="multiple of 128"):
         flash_tpu.BlockSizes(block_q=100)
 
 
 def test_auto_is_xla_on_cpu_and_blocks_per_generation():
-    assert kernels.resolve("auto") == "xla"
-    impl_field = typing.get_type_hints(AttentionConfig)["impl"]
-    assert set(typing.get_args(impl_field)) == set(kernels.IMPLS)  # the config offers exactly the backends
+    assert kernels.ATTENTION.resolve("auto") == "xla"
     assert flash_tpu.BlockSizes.for_generation("TPU v5 lite").block_q == 256
     assert flash_tpu.BlockSizes.for_generation("TPU v5p") == flash_tpu.BlockSizes()
 
@@ -218,14 +215,14 @@ def test_model_forward_backward_interpret_equals_xla():
     """A tiny MLA + MoE model on packed rows: logits and every parameter gradient agree."""
     from flax import nnx
 
-    def loss_and_grads(impl):
-        cfg = load("tiny", [f"model.attention.impl={impl}"]).model
+    def loss_and_grads(backend):
+        cfg = load("tiny").model
         model = init_model(cfg)
         tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 24)), jnp.int32)
         seg = jnp.asarray([[1] * 10 + [2] * 14, [1] * 24], jnp.int32)
 
         def loss(model):
-            logits, _ = model(tokens, segment_ids_bt=seg)
+            logits, _ = model(tokens, segment_ids_bt=seg, rt=Runtime(RuntimeConfig(attention=backend)))
             return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0])
 
         return nnx.jit(nnx.value_and_grad(loss))(model)

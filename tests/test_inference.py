@@ -1,6 +1,7 @@
-"""The serving engine: absorbed MLA against the expanded layer, the paged forward against the
-training forward, generation against a no-cache greedy loop (mixed batches, chunked prefill,
-preemption), sampling, stopping, the scheduler and the allocator."""
+"""The serving engine and the serving half of the one forward: absorbed MLA against the expanded
+layer, the model's paged step against its training forward (stacked and serving layouts),
+generation against the training forward's argmax and a no-cache greedy loop (mixed batches,
+chunked prefill, preemption), sampling, stopping, the scheduler and the allocator."""
 
 from __future__ import annotations
 
@@ -13,24 +14,30 @@ import pytest
 from flax import nnx
 
 from moela.configs import load
-from moela.configs.schema import AttentionConfig, ServeConfig
-from moela.inference.cache import OutOfPages, PageAllocator, bytes_per_token, init_pool
-from moela.inference.engine import Engine, greedy_reference
-from moela.inference.forward import Batch, forward_model, mla_absorbed
+from moela.configs.schema import AttentionConfig, RuntimeConfig, ServeConfig
+from moela.inference.engine import Batch, Engine, greedy_reference
+from moela.inference.pages import OutOfPages, PageAllocator
 from moela.inference.sampling import SamplingArrays, sample
 from moela.inference.scheduler import Request, Scheduler, Sequence
+from moela.kernels import grouped
 from moela.model.attention import MLA
+from moela.model.cache import bytes_per_token, init_pool
 from moela.model.rope import Rotary
-from moela.model.transformer import init_model
+from moela.model.runtime import Runtime
+from moela.model.transformer import init_model, to_serving_layout
 
 GQA = AttentionConfig(kind="gqa", num_heads=4, num_kv_heads=2, head_dim=16)
 
 
-def tiny(kind="mla", init_std=0.02, **serve):
+REFERENCE = Runtime(RuntimeConfig(paged_attention="reference"))
+
+
+def tiny(kind="mla", init_std=0.02, paged_attention="auto", **serve):
     cfg = load("tiny")
     model_cfg = cfg.model if kind == "mla" else dataclasses.replace(cfg.model, attention=GQA)
     model_cfg = dataclasses.replace(model_cfg, init_std=init_std)
-    return dataclasses.replace(cfg, model=model_cfg, serve=ServeConfig(**serve))
+    return dataclasses.replace(cfg, model=model_cfg, serve=ServeConfig(**serve),
+                               runtime=RuntimeConfig(paged_attention=paged_attention))
 
 
 def one_sequence_batch(start: int, stop: int, page_size: int, pages: list[int]) -> Batch:
@@ -49,35 +56,56 @@ def test_absorbed_mla_equals_expanded_attention_in_float32():
     t, page = 23, 4
     x_btd = jax.random.normal(jax.random.key(1), (1, t, cfg.d_model))
     cos, sin = Rotary(cfg.rope, cfg.attention.rope_dim).tables(jnp.arange(t)[None])
-    expanded_td = attn(x_btd, cos, sin)[0]
+    expanded_td = attn(x_btd, cos, sin)[0][0]
     pool = jnp.full((1, 8, page, 1, cfg.attention.kv_lora_rank + cfg.attention.qk_rope_head_dim), jnp.nan)
     pages = [5, 2, 7, 0, 3, 6]
     # the first 10 tokens as one chunk, then the other 13 attending to them through the cache
-    first, pool = mla_absorbed(attn, x_btd[0, :10], cos[:, :10], sin[:, :10], pool,
-                               one_sequence_batch(0, 10, page, pages), 0, "reference")
-    rest, _ = mla_absorbed(attn, x_btd[0, 10:], cos[:, 10:], sin[:, 10:], pool, one_sequence_batch(10, t, page, pages),
-                           0, "reference")
-    absorbed_td = jnp.concatenate([first, rest])
+    first, cache = attn(x_btd[:, :10], cos[:, :10], sin[:, :10], rt=REFERENCE,
+                        cache=one_sequence_batch(0, 10, page, pages).cache(pool))
+    rest, _ = attn(x_btd[:, 10:], cos[:, 10:], sin[:, 10:], rt=REFERENCE,
+                   cache=one_sequence_batch(10, t, page, pages).cache(cache.pool))
+    absorbed_td = jnp.concatenate([first[0], rest[0]])
     assert float(jnp.std(expanded_td)) > 0.1
     np.testing.assert_allclose(np.asarray(absorbed_td), np.asarray(expanded_td), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["mla", "gqa"])
-def test_paged_forward_logits_equal_training_forward(kind):
+@pytest.mark.parametrize("kind,layout", [("mla", "serving"), pytest.param("mla", "stacked", marks=pytest.mark.slow),
+                                         pytest.param("gqa", "serving", marks=pytest.mark.slow)])
+def test_serve_step_logits_equal_training_forward(kind, layout):
+    """One forward: the model's paged step over a prefill chunk, one decode-like token and the rest
+    gives the logits its training forward gives on the whole sequence, in the serving layout
+    (unrolled layers, LM head rows) and in the training one (a scan carrying the cache)."""
     cfg = tiny(kind, init_std=0.1).model
     model = init_model(cfg, seed=2)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 19)
     want = np.asarray(model(jnp.asarray(tokens[None]))[0][0])
+    runner = to_serving_layout(model) if layout == "serving" else model
+    step = nnx.jit(lambda m, b, pool: m.serve_step(b.tokens, b.positions, b.cache(pool), b.last_index, rt=REFERENCE))
     pool = init_pool(cfg, 8, 4)
     pages = [3, 1, 6, 0, 7]
     got = []
     for start, stop in [(0, 7), (7, 8), (8, 19)]:  # prefill chunk, one decode-like token, the rest
         batch = one_sequence_batch(start, stop, 4, pages)
         batch.tokens = jnp.asarray(tokens[start:stop], jnp.int32)
-        logits, pool = forward_model(model, pool, batch, impl="reference")
+        logits, cache = step(runner, batch, pool)
+        pool = cache.pool
         got.append(np.asarray(logits[0]))
     np.testing.assert_allclose(np.stack(got), want[[6, 7, 18]], atol=1e-4, rtol=1e-4)
+
+
+def test_engine_prefill_and_decode_equal_the_training_forward_argmax():
+    """Three prompts prefilled (one in two chunks) and decoded together: every generated token is
+    the argmax of the training forward over the prompt and the tokens before it."""
+    cfg = tiny(init_std=0.1, page_size=4, num_pages=32, max_batch=4, max_batched_tokens=16)
+    model = init_model(cfg.model, seed=3)
+    reqs = [Request(str(i), p, max_tokens=8, index=i)
+            for i, p in enumerate(prompts(cfg.model.vocab_size, [5, 23, 2], seed=4))]
+    forward = nnx.jit(lambda m, t: m(t)[0])
+    for r in Engine(model, cfg).generate(reqs):
+        prompt = reqs[r.index].tokens
+        seq = jnp.asarray([prompt + r.tokens], jnp.int32)
+        argmax = np.asarray(jnp.argmax(forward(model, seq)[0], axis=-1))
+        assert r.tokens == argmax[len(prompt) - 1:-1].tolist(), f"request {r.id}"
 
 
 def prompts(vocab, lengths, seed=0):
@@ -110,8 +138,6 @@ def test_serving_expert_paths_equal_a_per_token_loop(tokens, routing):
     the grouped matmul) against a per-token NumPy loop, with
     padding tokens that must come out zero. ``one_expert_busy`` routes every token to expert 3,
     so the capacity path must pick C = T (nothing dropped)."""
-    from moela.inference import experts as serving
-
     rng = np.random.default_rng(tokens)
     e, k, d, f = 8, 2, 16, 8
     x = rng.standard_normal((tokens, d)).astype(np.float32)
@@ -128,12 +154,13 @@ def test_serving_expert_paths_equal_a_per_token_loop(tokens, routing):
         for j in range(k):
             h = x[i] @ wg[ids[i, j]]
             want[i] += weights[i, j] * ((h / (1 + np.exp(-h))) * (x[i] @ wu[ids[i, j]])) @ wd[ids[i, j]]
-    args = tuple(jnp.asarray(a) for a in (x, weights, ids, real, wg, wu, wd))
-    for name, fn in [("capacity", serving.capacity_experts),
-                     ("grouped", lambda *a: serving.grouped_experts(*a, impl="auto", block=8))]:
+    ids = np.where(real[:, None], ids, e)  # padding routes to no expert
+    args = tuple(jnp.asarray(a) for a in (x, weights, ids, wg, wu, wd))
+    for name, fn in [("capacity", grouped.capacity_swiglu),
+                     ("grouped", lambda *a: grouped.routed_swiglu(*a, backend="auto", block=8))]:
         np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), want, atol=1e-5, rtol=1e-4, err_msg=name)
-    assert serving.capacities(32, 2, 16) == (4, 8, 16, 32) and serving.capacities(8, 2, 16) == (4, 8)
-    assert serving.capacities(128, 2, 16) == (16, 32, 64, 128)  # never below the mean load
+    assert grouped.capacities(32, 2, 16) == (4, 8, 16, 32) and grouped.capacities(8, 2, 16) == (4, 8)
+    assert grouped.capacities(128, 2, 16) == (16, 32, 64, 128)  # never below the mean load
 
 
 @pytest.mark.slow
@@ -247,7 +274,7 @@ def test_latent_cache_is_smaller_than_expanded_kv():
 
 
 def engine_through(impl: str, **serve):
-    cfg = tiny(init_std=0.1, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16, attention_impl=impl,
+    cfg = tiny(init_std=0.1, paged_attention=impl, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16,
                **serve)
     model = init_model(cfg.model, seed=1)
     reqs = [Request(str(i), p, max_tokens=5, index=i)
@@ -268,7 +295,7 @@ def test_engine_on_gpu_with_the_compiled_kernel(cache_dtype):
     if cache_dtype == "float32":
         engine_through("pallas")
     else:  # a bfloat16 cache changes numerics: check the step runs and produces full-length output
-        cfg = tiny(init_std=0.1, page_size=16, num_pages=32, attention_impl="pallas", cache_dtype="bfloat16")
+        cfg = tiny(init_std=0.1, paged_attention="pallas", page_size=16, num_pages=32, cache_dtype="bfloat16")
         out = Engine(init_model(cfg.model), cfg).generate([Request("a", [1, 2, 3], 4)])
         assert len(out[0].tokens) == 4
 
@@ -281,14 +308,14 @@ def test_tensor_parallel_engine_equals_one_device(impl, tmp_path):
     from moela.parallel.layout import Layout
     from moela.parallel.mesh import build_mesh
 
-    cfg = tiny(init_std=0.1, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16, attention_impl=impl)
+    cfg = tiny(init_std=0.1, paged_attention=impl, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16)
     model = init_model(cfg.model, seed=1)
     save_params(tmp_path, cfg, nnx.state(model))
     layout = Layout.of(build_mesh(MeshConfig(data=1, tensor=2, sequence=1), jax.devices()[:2]), "tp")
-    _, sharded = load_model(tmp_path, layout=layout)
+    _, sharded = load_model(tmp_path, partitioner=layout)
     assert "tensor" in str(sharded.dense_blocks.attn.wo[...].sharding.spec)
     reqs = [Request(str(i), p, max_tokens=6, index=i) for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 21, 9]))]
-    engine = Engine(sharded, cfg, layout=layout)
+    engine = Engine(sharded, cfg, rt=Runtime(cfg.runtime, layout))
     got = engine.generate(reqs)
     for r in got:
         assert r.tokens == greedy_reference(model, reqs[r.index].tokens, 6), f"request {r.id} diverged"

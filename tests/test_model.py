@@ -3,14 +3,17 @@ scan (compile size flat in depth), logical axis names, checkpoint round trip."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from moela.configs import load
+from moela.configs import RuntimeConfig, load
 from moela.model.checkpoint import CheckpointError, load_model, save_params
+from moela.model.runtime import Runtime
 from moela.model.transformer import Decoder, init_model
 
 MODEL_AXES = {"layers", "embed", "vocab", "mlp", "heads", "kv_heads", "qk", "v", "q_lora", "kv_lora", "rope",
@@ -115,11 +118,11 @@ def test_bfloat16_params_are_stored_in_bfloat16():
 def test_remat_policies_keep_gradients(policy):
     x = tokens(2, 8)
 
-    def grads(cfg):
+    def grads(cfg, runtime=RuntimeConfig()):
         model = init_model(cfg)
-        return nnx.jit(nnx.grad(lambda m: jnp.mean(m(x)[0] ** 2)))(model)
+        return nnx.jit(nnx.grad(lambda m: jnp.mean(m(x, rt=Runtime(runtime))[0] ** 2)))(model)
 
-    ref, got = grads(tiny()), grads(tiny(f"model.remat={policy}"))
+    ref, got = grads(tiny()), grads(tiny(), RuntimeConfig(remat=policy))
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ref, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(got, nnx.Param))):
         np.testing.assert_allclose(a[...], b[...], atol=1e-6, err_msg=str(path))
@@ -161,3 +164,22 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
         load_model(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="available: \\[0\\]"):
         load_model(tmp_path / "run", step=5)
+
+
+def test_a_checkpoint_written_before_the_runtime_section_still_loads(tmp_path, capsys):
+    """config.json of an earlier moela kept execution settings inside ``model``: it loads, with one
+    line saying which keys moved, onto the same parameters."""
+    cfg = load("tiny")
+    model = init_model(cfg.model, seed=4)
+    save_params(tmp_path / "old", cfg, nnx.state(model))
+    data = json.loads((tmp_path / "old" / "config.json").read_text())
+    del data["runtime"]
+    data["model"]["remat"], data["model"]["attention"]["impl"] = "full", "xla"
+    data["model"]["moe"].update(impl="blocked", block_rows=64, expert_dispatch="ring")
+    (tmp_path / "old" / "config.json").write_text(json.dumps(data))
+    cfg2, restored = load_model(tmp_path / "old")
+    note = capsys.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and "model.remat -> runtime.remat" in note[0] and "written by an earlier moela" in note[0]
+    assert cfg2.model == cfg.model and cfg2.runtime.remat == "full" and cfg2.runtime.grouped_block_rows == 64
+    tokens = jnp.asarray([[3, 1, 4, 1, 5, 9]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(run(restored, tokens)[0]), np.asarray(run(model, tokens)[0]))

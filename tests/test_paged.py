@@ -20,7 +20,7 @@ def test_reference_equals_dense_attention_per_sequence(batch, form):
     heads, kv_heads, fmt = FORMS[form]
     case = make_case(BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=page_size,
                      pad_tokens=3, pad_seqs=2, seed=page_size)
-    out = np.asarray(paged.ragged_paged_attention(*case.args(), scale=case.scale, fmt=fmt, impl="reference"))
+    out = np.asarray(paged.ragged_paged_attention(*case.args(), scale=case.scale, fmt=fmt, backend="reference"))
     want = dense_expected(case)
     assert np.isfinite(out).all(), "a NaN row of an unused page leaked into the output"
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
@@ -40,7 +40,7 @@ def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step
     heads, kv_heads, fmt = FORMS[form]
     case = make_case(BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=4, pad_tokens=3,
                      pad_seqs=2, seed=7)
-    out = np.asarray(paged.ragged_paged_attention(*case.args(), scale=case.scale, fmt=fmt, impl="xla"))
+    out = np.asarray(paged.ragged_paged_attention(*case.args(), scale=case.scale, fmt=fmt, backend="xla"))
     assert np.isfinite(out).all(), "a NaN row of an unused page leaked into the output"
     np.testing.assert_allclose(out, dense_expected(case), atol=1e-5, rtol=1e-5)
     real = int(case.cu_q_lens[case.num_seqs])
@@ -61,7 +61,7 @@ def test_reference_bfloat16_pool_close_to_float32():
     case = make_case(BATCHES["mixed"], heads=8, kv_heads=1, fmt=MLA_SMALL, page_size=8)
     want = dense_expected(case)
     q, pool = jnp.asarray(case.q, jnp.bfloat16), jnp.asarray(case.pool, jnp.bfloat16)
-    out = paged.ragged_paged_attention(q, pool, *case.args()[2:], scale=case.scale, fmt=MLA_SMALL, impl="reference")
+    out = paged.ragged_paged_attention(q, pool, *case.args()[2:], scale=case.scale, fmt=MLA_SMALL, backend="reference")
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=6e-2)
 
@@ -72,7 +72,7 @@ def test_write_rows_matches_row_by_row_writer():
     rows = rng.standard_normal((7, 2, 5)).astype(np.float32)
     slots = np.array([0, 5, 23, -1, 9, 24, 13], np.int32)  # -1 and 24 (= 6 pages x 4) are dropped
     got = np.asarray(paged.write_rows(jnp.asarray(pool), jnp.asarray(rows), jnp.asarray(slots), 2))
-    want = paged.write_rows_reference(pool, rows, slots, 2)
+    want = write_rows_one_by_one(pool, rows, slots, 2)
     np.testing.assert_array_equal(got, want)
     assert not np.array_equal(want, pool)
 
@@ -80,9 +80,19 @@ def test_write_rows_matches_row_by_row_writer():
 def test_bad_inputs_fail_with_one_clear_error():
     case = make_case(BATCHES["decode"], heads=6, kv_heads=4, fmt=GQA_SMALL, page_size=4)
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        paged.ragged_paged_attention(*case.args(), scale=1.0, fmt=GQA_SMALL, impl="reference")
+        paged.ragged_paged_attention(*case.args(), scale=1.0, fmt=GQA_SMALL, backend="reference")
     case = make_case(BATCHES["decode"], heads=4, kv_heads=1, fmt=MLA_SMALL, page_size=4)
     with pytest.raises(ValueError, match="row format"):
-        paged.ragged_paged_attention(*case.args(), scale=1.0, fmt=GQA_SMALL, impl="reference")
-    with pytest.raises(ValueError, match="unknown paged attention impl"):
-        paged.ragged_paged_attention(*case.args(), scale=1.0, fmt=MLA_SMALL, impl="fast")
+        paged.ragged_paged_attention(*case.args(), scale=1.0, fmt=GQA_SMALL, backend="reference")
+    with pytest.raises(ValueError, match="unknown paged attention backend 'fast'; valid: auto, reference, xla"):
+        paged.ragged_paged_attention(*case.args(), scale=1.0, fmt=MLA_SMALL, backend="fast")
+
+
+def write_rows_one_by_one(pool, rows_tgw, slots_t, layer):
+    """``write_rows`` one row at a time in Python: the reference."""
+    pool = np.array(pool)
+    p = pool.shape[2]
+    for i, slot in enumerate(np.asarray(slots_t)):
+        if 0 <= slot < pool.shape[1] * p:
+            pool[int(layer), slot // p, slot % p] = np.asarray(rows_tgw[i], pool.dtype)
+    return pool

@@ -15,7 +15,8 @@ from moela.configs import load
 from moela.configs.schema import MeshConfig
 from moela.model.transformer import init_model
 from moela.parallel import sharded
-from moela.parallel.layout import Layout, format_report, sharding_report, use
+from moela.model.runtime import ONE_DEVICE, Runtime
+from moela.parallel.layout import Layout, format_report, sharding_report
 from moela.parallel.mesh import build_mesh
 from moela.parallel.rules import ShardingRuleError
 from moela.training.step import training_objective
@@ -52,12 +53,13 @@ def packed_batch(vocab: int, seed: int = 0) -> dict:
             "segment_ids": segments, "loss_mask": (segments > 0).astype(np.float32)}
 
 
-def forward_loss_grads(graphdef, params, rest, batch):
+def forward_loss_grads(graphdef, params, rest, batch, partitioner=ONE_DEVICE):
+    rt = Runtime(partitioner=partitioner)
     model = nnx.merge(graphdef, params, rest)
-    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits, _ = model(batch["inputs"], batch["positions"], batch["segment_ids"], rt=rt)
 
     def loss(p):
-        obj, _, _, aux = training_objective(graphdef, p, rest, batch, z_coef=1e-3, chunk_tokens=64)
+        obj, _, _, aux = training_objective(graphdef, p, rest, batch, z_coef=1e-3, chunk_tokens=64, rt=rt)
         return obj / jnp.sum(batch["loss_mask"]) + aux["aux_loss"]
 
     value, grads = jax.value_and_grad(loss)(params)
@@ -93,8 +95,7 @@ def test_every_mesh_matches_one_device(single_device, model, shape, strategy):
     batch = jax.device_put(packed_batch(cfg.model.vocab_size), sharded.batch_sharding(layout))
 
     def run(p, r, b):
-        with use(layout):
-            return forward_loss_grads(graphdef, p, r, b)
+        return forward_loss_grads(graphdef, p, r, b, layout)
 
     logits, loss, grads = jax.jit(run)(params, rest, batch)
     want_logits, want_loss, want_grads = single_device[model]

@@ -14,6 +14,7 @@ from flax import nnx
 
 from moela.configs import load
 from moela.model.params import count_params
+from moela.model.runtime import Runtime
 from moela.model.transformer import abstract_model
 from moela.planner import memory as planner
 from moela.training.step import training_objective
@@ -40,7 +41,8 @@ def xla_temp_bytes(cfg, batch: int, seq: int) -> int:
     t = cfg.train
 
     def loss(p, r, b):
-        obj, _, _, aux = training_objective(graphdef, p, r, b, z_coef=t.z_loss, chunk_tokens=t.loss_chunk_tokens)
+        obj, _, _, aux = training_objective(graphdef, p, r, b, z_coef=t.z_loss, chunk_tokens=t.loss_chunk_tokens,
+                                            rt=Runtime(cfg.runtime))
         return obj / b["loss_mask"].size + aux["aux_loss"]
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
@@ -51,8 +53,8 @@ def xla_temp_bytes(cfg, batch: int, seq: int) -> int:
 
 @pytest.mark.parametrize("overrides, batch, seq", [
     (LAYERS, 8, 128),  # MLA + MoE, no remat: the stacked residuals dominate
-    (LAYERS + ["model.remat=full"], 8, 128),  # only the carries kept; the recomputing backward dominates
-    (LAYERS + GQA + ["model.remat=dots"], 8, 128),  # GQA, matmul outputs kept
+    (LAYERS + ["runtime.remat=full"], 8, 128),  # only the carries kept; the recomputing backward dominates
+    (LAYERS + GQA + ["runtime.remat=dots"], 8, 128),  # GQA, matmul outputs kept
 ], ids=["mla-none", "mla-full", "gqa-dots"])
 def test_activation_estimate_matches_xla(overrides, batch, seq):
     cfg = load("tiny", overrides)
@@ -63,7 +65,7 @@ def test_activation_estimate_matches_xla(overrides, batch, seq):
     assert 0.75 <= estimate / temp <= 1.25, (estimate, temp)
     saved = result["bytes"]["activations_saved"]
     assert 0 < saved <= estimate
-    if cfg.model.remat == "full":  # only each layer's input x [B, T, D] is kept (and the MoE stats)
+    if cfg.runtime.remat == "full":  # only each layer's input x [B, T, D] is kept (and the MoE stats)
         carry = batch * seq * cfg.model.d_model * 4
         assert carry <= result["saved_per_layer"]["dense"] <= result["saved_per_layer"]["moe"] < 1.01 * carry
 
@@ -116,7 +118,7 @@ def test_expert_parallel_island():
     with the expert axis; the ring dispatch keeps one visiting block and less than the local trace
     saves; the tp strategies never enter the island."""
     mesh = {"data": 4, "tensor": 2, "sequence": 1}
-    gather = planner.plan(load("tiny", ["model.moe.expert_dispatch=gather"]), mesh, "ep_tp", 8, 64)["bytes"]
+    gather = planner.plan(load("tiny", ["runtime.expert_dispatch=gather"]), mesh, "ep_tp", 8, 64)["bytes"]
     ring = planner.plan(load("tiny"), mesh, "ep_tp", 8, 64)["bytes"]
     tp = planner.plan(load("tiny"), mesh, "tp", 8, 64)["bytes"]
     assert gather["expert_island"] > 0 and tp["expert_island"] == 0

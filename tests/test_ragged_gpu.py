@@ -28,11 +28,11 @@ EXPORT_FORMS = {"mla": (16, 1, paged.RowFormat.mla(512, 64)), "gqa": (32, 8, pag
 PAGE_SIZES = {"mla-r1": 4, "mla-r2": 8, "mla-r4": 16, "gqa-r1": 16, "gqa-r2": 8, "gqa-r4": 4}  # each meets both forms
 
 
-def attend(case, impl="interpret_gpu", blocks=None, dtype=None):
+def attend(case, backend="interpret_gpu", blocks=None, dtype=None):
     args = [jnp.asarray(a) for a in case.args()]
     if dtype is not None:
         args[:2] = [a.astype(dtype) for a in args[:2]]
-    fn = functools.partial(paged.ragged_paged_attention, scale=case.scale, fmt=case.fmt, impl=impl, blocks=blocks)
+    fn = functools.partial(paged.ragged_paged_attention, scale=case.scale, fmt=case.fmt, backend=backend, blocks=blocks)
     return jax.jit(fn)(*args)
 
 
@@ -41,7 +41,7 @@ def check(case, blocks=None, atol=1e-5):
     assert out.shape == case.q.shape[:2] + (case.fmt.v_dim,) and out.dtype == case.q.dtype
     assert np.isfinite(out).all(), "a NaN row of an unused page or a page tail leaked into the output"
     np.testing.assert_allclose(out, dense_expected(case), atol=atol, rtol=atol)
-    np.testing.assert_allclose(out, np.asarray(attend(case, impl="reference")), atol=atol, rtol=atol)
+    np.testing.assert_allclose(out, np.asarray(attend(case, backend="reference")), atol=atol, rtol=atol)
     real = int(case.cu_q_lens[case.num_seqs])
     assert np.all(out[real:] == 0), "padding tokens must return zeros"
     return out
@@ -94,7 +94,7 @@ def test_bfloat16_close_to_float32():
     out = np.asarray(out, np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, dense_expected(case), atol=6e-2)
-    want = np.asarray(attend(case, impl="reference", dtype=jnp.bfloat16), np.float32)
+    want = np.asarray(attend(case, backend="reference", dtype=jnp.bfloat16), np.float32)
     np.testing.assert_allclose(out, want, atol=2e-2)
 
 
@@ -127,9 +127,9 @@ on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled
     ("mla-r2", 8, jnp.bfloat16, 1)])
 def test_compiled_kernel_matches_reference_on_gpu(form, page_size, dtype, splits):
     case = form_case("mixed", form, page_size)
-    out = np.asarray(attend(case, impl="pallas", dtype=dtype, blocks=ragged_gpu.BlockSizes(kv_splits=splits)),
+    out = np.asarray(attend(case, backend="pallas", dtype=dtype, blocks=ragged_gpu.BlockSizes(kv_splits=splits)),
                      np.float32)
-    want = np.asarray(attend(case, impl="reference", dtype=dtype), np.float32)
+    want = np.asarray(attend(case, backend="reference", dtype=dtype), np.float32)
     assert np.isfinite(out).all()
     atol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(out, want, atol=atol, rtol=atol)
@@ -142,8 +142,8 @@ def test_compiled_kernel_at_serving_shape_on_gpu(form):
     heads, kv_heads, fmt = EXPORT_FORMS[form]
     seqs = [(1, 1), (17, 1), (300, 1), (1000, 1), (513, 64), (1500, 100), (77, 77), (40, 30)]
     case = make_case(seqs, heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=PAGE, pad_tokens=5, pad_seqs=2)
-    out = np.asarray(attend(case, impl="pallas", dtype=jnp.bfloat16), np.float32)
-    want = np.asarray(attend(case, impl="reference", dtype=jnp.bfloat16), np.float32)
+    out = np.asarray(attend(case, backend="pallas", dtype=jnp.bfloat16), np.float32)
+    want = np.asarray(attend(case, backend="reference", dtype=jnp.bfloat16), np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, atol=2e-2)
     assert np.all(out[int(case.cu_q_lens[case.num_seqs]):] == 0)

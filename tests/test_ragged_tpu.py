@@ -31,11 +31,11 @@ from tests.test_flash_export import export, kernel_calls, mosaic_modules_verify
 FORMS = {"mla": (8, 1, MLA_SMALL), "gqa1": (2, 2, GQA_SMALL), "gqa2": (4, 2, GQA_SMALL), "gqa4": (8, 2, GQA_SMALL)}
 
 
-def run(case, impl, blocks=None, dtype=None):
+def run(case, backend, blocks=None, dtype=None):
     q, pool = case.q, case.pool
     if dtype is not None:
         q, pool = jnp.asarray(q, dtype), jnp.asarray(pool, dtype)
-    fn = functools.partial(paged.ragged_paged_attention, scale=case.scale, fmt=case.fmt, impl=impl, blocks=blocks)
+    fn = functools.partial(paged.ragged_paged_attention, scale=case.scale, fmt=case.fmt, backend=backend, blocks=blocks)
     return jax.jit(fn)(q, pool, *case.args()[2:])
 
 

@@ -16,9 +16,10 @@ from jax.sharding import PartitionSpec as P
 from moela import kernels
 from moela.configs.schema import MeshConfig
 from moela.kernels import reference
-from moela.parallel.layout import Layout, use
+from moela.model.runtime import ONE_DEVICE
+from moela.parallel.layout import Layout
 from moela.parallel.mesh import build_mesh
-from moela.parallel.ring import inverse_permutation, ring_attention, sharded_attention, zigzag_permutation
+from moela.parallel.ring import inverse_permutation, ring_attention, zigzag_permutation
 
 SCALE = 0.3
 
@@ -85,7 +86,7 @@ def test_attention_bwd_matches_autodiff_of_reference(case, impl):
     @jax.jit
     def run(q, k, v, d_out, d_lse):
         (out, lse), pull = jax.vjp(lambda *a: reference.attention(*a, scale=SCALE, causal=causal, **kw), q, k, v)
-        bwd = lambda **extra: kernels.attention_bwd(q, k, v, out, lse, d_out, scale=SCALE, causal=causal, impl=impl,
+        bwd = lambda **extra: kernels.attention_bwd(q, k, v, out, lse, d_out, scale=SCALE, causal=causal, backend=impl,
                                                     **kw, **extra)
         with_lse = bwd(d_lse_bht=d_lse), pull((d_out, jnp.where(jnp.isfinite(lse), d_lse, 0.0)))
         return with_lse, (bwd(), pull((d_out, jnp.zeros_like(lse))))  # the op's default: no lse cotangent
@@ -134,9 +135,8 @@ def test_sharded_attention_matches_reference(case):
     inv = inverse_permutation(perm)
 
     def ring(q, k, v):
-        with use(layout):
-            out = sharded_attention(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], scale=SCALE, impl=impl,
-                                    kv_heads_name=kv_heads_name)
+        out = layout.attention(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], scale=SCALE, backend=impl,
+                               kv_heads=kv_heads_name)
         return out[:, inv]
 
     def ref(q, k, v):
@@ -201,14 +201,13 @@ def test_unsplit_length_is_plain_attention():
     (segment ids None included)."""
     q, k, v = qkv(8, 16, 4, 2, 8, 8, seed=7)
     want = jax.jit(lambda *a: reference.attention(*a, scale=SCALE, causal=True)[0])(q, k, v)
-    plain = jax.jit(lambda *a: sharded_attention(*a, None, scale=SCALE, kv_heads_name="act_kv_heads"))
+    plain = jax.jit(lambda *a: ONE_DEVICE.attention(*a, None, scale=SCALE, backend="auto", kv_heads="act_kv_heads"))
     assert_close((plain(q, k, v),), (want,), ("out",))
     layout = Layout.of(build_mesh(MeshConfig(data=8, tensor=1, sequence=1)), "dp_tp_sp")
 
     @jax.jit
     def under_layout(q, k, v):
-        with use(layout):
-            return sharded_attention(q, k, v, None, scale=SCALE)
+        return layout.attention(q, k, v, None, scale=SCALE, backend="auto", kv_heads="act_kv_heads")
 
     assert_close((under_layout(q, k, v),), (want,), ("out",))
 
@@ -216,5 +215,5 @@ def test_unsplit_length_is_plain_attention():
 def test_length_not_divisible_raises():
     layout = Layout.of(build_mesh(MeshConfig(data=2, tensor=1, sequence=4)), "dp_tp_sp")
     q, k, v = qkv(2, 12, 2, 2, 8, 8)
-    with use(layout), pytest.raises(ValueError, match="divisible by 2\\*4"):
-        sharded_attention(q, k, v, None, scale=SCALE)
+    with pytest.raises(ValueError, match="divisible by 2\\*4"):
+        layout.attention(q, k, v, None, scale=SCALE, backend="auto", kv_heads="act_kv_heads")

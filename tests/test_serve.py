@@ -99,3 +99,25 @@ def test_serve_rejects_model_overrides_and_missing_checkpoint(checkpoint, tmp_pa
     assert "only serve.*" in capsys.readouterr().err
     assert serve.main(["--checkpoint", str(tmp_path / "nothing"), *argv]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_serve_runs_under_any_runtime_and_mesh(checkpoint, tmp_path, capsys):
+    """The same checkpoint served with another paged-attention backend, and tensor parallel over two
+    devices (mesh.* as train.py reads it), gives the same greedy tokens; a mesh that would split the
+    packed batch is refused with the reason."""
+    ckpt, model = checkpoint
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "x", "tokens": [9, 10, 11], "max_tokens": 5}\n{"id": "y", "tokens": [4], "max_tokens": 5}\n')
+    want = {"x": greedy_reference(model, [9, 10, 11], 5), "y": greedy_reference(model, [4], 5)}
+    for i, extra in enumerate([["runtime.paged_attention=reference"],
+                               ["mesh.tensor=2", "mesh.strategy=tp", "runtime.paged_attention=xla"]]):
+        out = tmp_path / f"out{i}.jsonl"
+        run(ckpt, prompts, out, *[x for e in extra for x in ("--set", e)])
+        got = {r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())}
+        assert got == want, extra
+    capsys.readouterr()
+    argv = ["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"), "--quiet"]
+    assert serve.main([*argv, "--set", "mesh.data=2"]) == 2
+    assert "mesh.data and mesh.sequence must be 1" in capsys.readouterr().err
+    assert serve.main([*argv, "--set", "runtime.paged_attention=flash"]) == 2
+    assert "'runtime.paged_attention' = 'flash' is not valid" in capsys.readouterr().err

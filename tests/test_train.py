@@ -101,6 +101,25 @@ def test_loss_goes_down_and_the_run_is_readable(reference_run):
         [2, 5, 8, 11]
 
 
+def test_a_run_resumes_under_another_runtime(corpus, data_dir, tmp_path, reference_run):
+    """What a model is (model.*) is the checkpoint's identity; how it is computed (runtime.*) may
+    change: the reference run's step-5 checkpoint resumes with another attention backend and remat
+    policy, and steps 6-11 follow the uninterrupted run to float32 rounding."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    for step in (8, 11):
+        shutil.rmtree(out / "checkpoints" / str(step))
+    done = run_train(overrides(corpus, data_dir, out) + ["runtime.attention=reference", "runtime.remat=full"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout and "checkpoints/5" in done.stdout
+    assert "the run continues under another runtime: runtime.attention: 'auto' -> 'reference'" in done.stdout
+    assert "runtime.remat: 'none' -> 'full'" in done.stdout
+    losses = {r["step"]: r["loss"] for r in metric_lines(out) if "loss" in r}
+    want = {r["step"]: r["loss"] for r in metric_lines(reference_run) if "loss" in r}
+    assert sorted(losses) == list(range(12))
+    np.testing.assert_allclose([losses[s] for s in range(6, 12)], [want[s] for s in range(6, 12)], rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
     out = tmp_path / "run"

@@ -1,7 +1,7 @@
 """Batch generation from a moela checkpoint (a training run or an imported DeepSeek model).
 
     python serve.py --checkpoint DIR --prompts prompts.jsonl --out completions.jsonl \
-        [--set serve.max_batch=32 ...] [--tensor N] [--resume]
+        [--set serve.max_batch=32 --set runtime.paged_attention=xla --set mesh.tensor=2 ...] [--resume]
 
 Input: one request per line, JSON ``{"id", "prompt" | "tokens", "max_tokens", "temperature",
 "top_p", "top_k", "seed", "stop"}`` (missing fields take ``serve.*`` config defaults) or plain
@@ -27,31 +27,62 @@ def percentiles(values, qs=(50, 90, 99)) -> dict[str, float | None]:
     return {f"p{q}": (round(float(np.percentile(values, q)), 6) if values.size else None) for q in qs}
 
 
-def build_engine(args):
+SETTABLE = ("serve.", "runtime.", "mesh.")  # the model is the checkpoint's; how it is served is ours
+
+
+def serving_config(checkpoint_cfg, overrides: list[str]):
+    """The checkpoint's config with serving's own ``runtime`` and ``mesh`` (defaults: the backends'
+    ``auto`` and one device, not whatever the training run used) and the ``--set`` overrides."""
+    import dataclasses
+
+    from moela.configs import ConfigError, MeshConfig, RuntimeConfig, apply_overrides, validate
+
+    bad = [item for item in overrides if not item.startswith(SETTABLE)]
+    if bad:
+        raise ConfigError(f"--set may change only {', '.join(k + '*' for k in SETTABLE)} keys (the model is the "
+                          f"checkpoint's); got {', '.join(bad)}")
+    cfg = dataclasses.replace(checkpoint_cfg, runtime=RuntimeConfig(), mesh=MeshConfig(data=1))
+    return validate(apply_overrides(cfg, overrides))
+
+
+def serving_runtime(cfg):
+    """The runtime the engine computes under: ``cfg.runtime``, on the mesh of ``mesh.*`` (built like
+    train.py's) when it spans more than one device. Serving splits the model, never its packed
+    batch: ``mesh.data`` and ``mesh.sequence`` must be 1."""
+    import math
+
     import jax
 
-    from moela.configs import apply_overrides
-    from moela.configs.validate import validate
+    from moela.configs import ConfigError
+    from moela.model.runtime import Runtime
+    from moela.parallel.layout import Layout
+    from moela.parallel.mesh import MeshError, build_mesh
+    from moela.parallel.rules import ShardingRuleError
+
+    sizes = (cfg.mesh.data, cfg.mesh.tensor, cfg.mesh.sequence)
+    devices = jax.devices() if -1 in sizes else jax.devices()[:math.prod(sizes)]
+    try:
+        mesh = build_mesh(cfg.mesh, devices)
+        if mesh.shape["data"] != 1 or mesh.shape["sequence"] != 1:
+            raise MeshError(f"serving runs one packed batch of sequences, so mesh.data and mesh.sequence must be 1 "
+                            f"(got {dict(mesh.shape)}); split the model with mesh.tensor=N and mesh.strategy=tp")
+        if mesh.size == 1:
+            return Runtime(cfg.runtime)
+        return Runtime(cfg.runtime, Layout.of(mesh, cfg.mesh.strategy))
+    except (MeshError, ShardingRuleError) as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
+def build_engine(args):
     from moela.inference.engine import Engine
     from moela.inference.requests import load_tokenizer
     from moela.model.checkpoint import load_config, load_model
 
-    cfg = load_config(args.checkpoint)
-    bad = [item for item in args.set if not item.startswith("serve.")]
-    if bad:
-        raise ValueError(f"--set may change only serve.* keys (the model is the checkpoint's); got {', '.join(bad)}")
-    cfg = validate(apply_overrides(cfg, args.set))
-    layout = None
-    if args.tensor > 1:
-        from moela.configs.schema import MeshConfig
-        from moela.parallel.layout import Layout
-        from moela.parallel.mesh import build_mesh
-
-        mesh = build_mesh(MeshConfig(data=1, tensor=args.tensor, sequence=1), jax.devices()[:args.tensor])
-        layout = Layout.of(mesh, "tp")
-    _, model = load_model(args.checkpoint, args.step, layout=layout)
+    cfg = serving_config(load_config(args.checkpoint), args.set)
+    rt = serving_runtime(cfg)
+    _, model = load_model(args.checkpoint, args.step, rt.partitioner)
     tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
-    return Engine(model, cfg, tokenizer, layout), cfg
+    return Engine(model, cfg, tokenizer, rt), cfg
 
 
 def record(result) -> dict:
@@ -137,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", required=True, help="JSONL requests or plain-text prompts, one per line")
     parser.add_argument("--out", required=True, help="JSONL completions to write")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. serve.max_batch=32 (repeatable)")
+                        help="a serve.*, runtime.* or mesh.* override, e.g. serve.max_batch=32 (repeatable)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.model / tokenizer.json (default: the checkpoint's)")
-    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices (default 1)")
     parser.add_argument("--resume", action="store_true", help="keep --out and skip the ids already in it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -1,8 +1,8 @@
-"""Typed configs: the schema (``configs.schema``), loading and overrides (``configs.loader``),
-cross-field rules (``configs.validate``), and presets (``configs/<name>.py``, each with
-``get_config()``)."""
+"""Typed configs: the schema (``schema``), loading and overrides (``loader``), cross-field rules
+(``validate``), migration of configs written by earlier versions (``migrate``), and presets
+(``presets/<name>.py``, each with ``get_config()``)."""
 
-from moela.configs.loader import ConfigError, apply_overrides, load, load_json, save_json
+from moela.configs.loader import apply_overrides, load, load_json, save_json
 from moela.configs.schema import (
     AttentionConfig,
     Config,
@@ -12,13 +12,14 @@ from moela.configs.schema import (
     ModelConfig,
     MoEConfig,
     RopeConfig,
+    RuntimeConfig,
     ServeConfig,
     TrainConfig,
 )
-from moela.configs.validate import validate
+from moela.configs.validate import ConfigError, validate
 
 __all__ = [
     "AttentionConfig", "Config", "ConfigError", "DataConfig", "LayerContext", "MeshConfig", "ModelConfig",
-    "MoEConfig", "RopeConfig", "ServeConfig", "TrainConfig", "apply_overrides", "load", "load_json",
+    "MoEConfig", "RopeConfig", "RuntimeConfig", "ServeConfig", "TrainConfig", "apply_overrides", "load", "load_json",
     "save_json", "validate",
 ]

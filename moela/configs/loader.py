@@ -1,10 +1,11 @@
 """Loading presets, applying ``--set key=value`` overrides, and (de)serialising configs.
 
-Every path into a :class:`~configs.schema.Config` (a preset file, a command-line override,
+Every path into a :class:`~moela.configs.schema.Config` (a preset file, a command-line override,
 a ``config.json`` written beside a checkpoint) goes through :func:`from_dict` /
-:func:`apply_overrides` and then :func:`configs.validate.validate`, so a wrong key, a
+:func:`apply_overrides` and then :func:`moela.configs.validate.validate`, so a wrong key, a
 wrong type and an inconsistent combination all fail the same way: one
-:class:`ConfigError` naming the dotted key and what would be valid.
+:class:`ConfigError` naming the dotted key and what would be valid. A ``config.json`` written
+by an earlier version is brought up to date first (``moela.configs.migrate``).
 """
 
 from __future__ import annotations
@@ -19,12 +20,9 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
+from moela.configs.migrate import migrate, moved_to
 from moela.configs.schema import Config
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, reported before any compute."""
-
+from moela.configs.validate import ConfigError, validate
 
 _HINTS: dict[type, dict[str, Any]] = {}
 
@@ -42,6 +40,10 @@ def _describe(tp: Any) -> str:
 
 
 def _unknown_key(key: str, cls: type) -> ConfigError:
+    new = moved_to(key)
+    if new:
+        return ConfigError(f"config key '{key}' has moved to '{new}' (how a model is computed is the runtime "
+                           "section, apart from what the model is)")
     names = [f.name for f in dataclasses.fields(cls)]
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, names, n=1)
@@ -195,8 +197,6 @@ def call_file(p: Path, func: str, expected: type, error: type[Exception], *, lab
 
 def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     """Preset + overrides, type-checked and validated: the one way tools get a config."""
-    from moela.configs.validate import validate
-
     cfg = apply_overrides(load_preset(path), list(overrides))
     check_types(cfg)
     validate(cfg)
@@ -207,13 +207,19 @@ def save_json(cfg: Config, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
-def load_json(path: str | os.PathLike) -> Config:
-    from moela.configs.validate import validate
-
+def load_json(path: str | os.PathLike, log=None) -> Config:
+    """A ``config.json``; one written by an earlier moela is migrated, and ``log`` (default: a line
+    on stderr) is told which keys moved."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read config '{path}': {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config '{path}' must hold a JSON object, got {type(data).__name__}")
+    data, moved = migrate(data)
+    if moved:
+        (log or (lambda line: print(line, file=sys.stderr)))(
+            f"note: '{path}' was written by an earlier moela; read with {', '.join(moved)}")
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg

@@ -1,9 +1,13 @@
 """The typed configuration schema: one small frozen dataclass per component.
 
-A preset (``configs/<name>.py``) builds a :class:`Config` in ``get_config()``; the command
-line changes single fields with ``--set section.field=value`` (see ``configs.loader``).
+A preset (``moela/configs/presets/<name>.py``) builds a :class:`Config` in ``get_config()``; the
+command line changes single fields with ``--set section.field=value`` (see ``configs.loader``).
 Every field is checked for type and every cross-field rule in ``configs.validate`` before
 any compute, so a mistake fails with one message naming the key.
+
+What a model *is* and how it is *computed* are apart: ``model`` is the checkpoint's identity
+(shapes, vocabulary, routing), ``runtime`` is how this process computes it (kernel backends,
+expert dispatch, remat). A checkpoint resumes or serves under any ``runtime``.
 
 Each layer receives only its own section: attention layers get :class:`AttentionConfig`
 and :class:`RopeConfig`, MoE layers get :class:`MoEConfig`, and what all layers share
@@ -42,16 +46,10 @@ class RopeConfig:
 @dataclass(frozen=True)
 class AttentionConfig:
     """Self-attention. ``kind="mla"`` is Multi-head Latent Attention; ``"gqa"`` is grouped
-    query attention (``num_kv_heads=1`` is MQA) kept for ablations.
-
-    ``impl`` selects the kernel backend of ``kernels.attention``: ``auto`` (Pallas flash
-    attention on TPU/GPU, ``xla`` elsewhere), ``xla``, ``pallas``, ``interpret`` / ``interpret_gpu``
-    (the TPU / GPU kernel through the Pallas interpreter: CPU tests), ``reference``.
-    """
+    query attention (``num_kv_heads=1`` is MQA) kept for ablations."""
 
     kind: Literal["mla", "gqa"] = "mla"
     num_heads: int = 4
-    impl: Literal["auto", "xla", "pallas", "interpret", "interpret_gpu", "reference"] = "auto"
     # MLA
     q_lora_rank: int = 0  # 0: queries are projected directly from the residual stream
     kv_lora_rank: int = 32
@@ -97,9 +95,6 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step (training)
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss (alpha)
-    impl: Literal["auto", "ragged_dot", "blocked"] = "auto"  # grouped matmul (model.experts)
-    block_rows: int = 128  # rows per block of the "blocked" grouped matmul
-    expert_dispatch: Literal["ring", "gather"] = "ring"  # expert parallelism's token exchange (parallel.experts)
 
 
 @dataclass(frozen=True)
@@ -126,7 +121,6 @@ class ModelConfig:
     param_dtype: DType = "float32"
     compute_dtype: DType = "float32"
     max_seq_len: int = 256
-    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -142,6 +136,33 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_layers - self.num_dense_layers
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How this process computes the model; nothing here changes a parameter. Each op with several
+    implementations names its backend (the registries in ``moela.kernels``: ``auto`` is the Pallas
+    kernel on TPU/GPU and the XLA formulation on CPU):
+
+    * ``attention``: training and prefill attention (``kernels.ATTENTION``): ``xla`` (plain XLA ops,
+      flash-style backward), ``pallas`` (Mosaic on TPU, Triton on GPU), ``interpret`` /
+      ``interpret_gpu`` (the TPU / GPU kernel through the Pallas interpreter: CPU tests),
+      ``reference`` (the definition).
+    * ``paged_attention``: serving's ragged paged attention (``kernels.paged.PAGED``), same names.
+    * ``grouped_matmul``: the routed experts' grouped matmul (``kernels.grouped.GROUPED``):
+      ``ragged_dot`` (``jax.lax.ragged_dot``) or ``blocked`` (a loop over blocks of
+      ``grouped_block_rows`` rows, the CPU path).
+    * ``expert_dispatch``: how expert parallelism brings tokens to experts
+      (``parallel.experts.DISPATCH``): ``ring`` or ``gather``.
+    * ``remat``: the rematerialisation policy of each scanned layer.
+    """
+
+    attention: Literal["auto", "xla", "reference", "pallas", "interpret", "interpret_gpu"] = "auto"
+    paged_attention: Literal["auto", "xla", "reference", "pallas", "interpret", "interpret_gpu"] = "auto"
+    grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"
+    grouped_block_rows: int = 128
+    expert_dispatch: Literal["auto", "ring", "gather"] = "auto"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
 
 @dataclass(frozen=True)
@@ -215,14 +236,13 @@ class ServeConfig:
     seed: int = 0
     eos_id: int = -1  # -1: the tokenizer's end-of-sequence id (none without a tokenizer)
     cache_dtype: DType = "float32"
-    # kernels.paged: auto = pallas on TPU/GPU, xla (blocked pages) on CPU
-    attention_impl: Literal["auto", "reference", "xla", "pallas", "interpret", "interpret_gpu"] = "auto"
 
 
 @dataclass(frozen=True)
 class Config:
     name: str = "unnamed"
     model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

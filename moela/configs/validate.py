@@ -1,13 +1,16 @@
-"""Cross-field rules of a :class:`~configs.schema.Config`, checked before any compute.
+"""Cross-field rules of a :class:`~moela.configs.schema.Config`, checked before any compute.
 
-Each rule raises :class:`~configs.loader.ConfigError` naming the dotted key(s) involved
-and the values that would be valid.
+Each rule raises :class:`ConfigError` naming the dotted key(s) involved and the values that
+would be valid.
 """
 
 from __future__ import annotations
 
-from moela.configs.loader import ConfigError
 from moela.configs.schema import Config
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported before any compute."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -57,8 +60,7 @@ def validate(cfg: Config) -> Config:
                  f"model.rope.beta_slow = {r.beta_slow}")
 
     if e.num_experts > 0:
-        _positive(e, "model.moe", "experts_per_token", "d_ff", "n_group", "topk_group", "routed_scaling_factor",
-                  "block_rows")
+        _positive(e, "model.moe", "experts_per_token", "d_ff", "n_group", "topk_group", "routed_scaling_factor")
         _require(e.num_shared_experts >= 0, "config key 'model.moe.num_shared_experts' must be >= 0")
         _require(
             e.experts_per_token <= e.num_experts,
@@ -86,6 +88,8 @@ def validate(cfg: Config) -> Config:
             "use 'max' or fewer groups",
         )
         _require(e.seq_aux_loss_coef >= 0, "config key 'model.moe.seq_aux_loss_coef' must be >= 0")
+
+    _positive(cfg.runtime, "runtime", "grouped_block_rows")
 
     t = cfg.train
     _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate",

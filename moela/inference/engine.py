@@ -2,10 +2,12 @@
 
 ``Engine.run(requests)`` yields each request's ``Result`` as soon as it finishes. Every step
 the scheduler picks chunks (decode tokens, prefill chunks); the host packs them into a
-``forward.Batch`` padded to power-of-two buckets (tokens T, sequences S, page-table width M),
-so a handful of compiled shapes serve any mix of requests; the device runs the model over
-the batch, writes the new cache rows, samples one token per sequence that reached its end,
-and returns those tokens. The pool is donated to the step, so the cache is updated in place.
+``Batch`` padded to power-of-two buckets (tokens T, sequences S, page-table width M), so a
+handful of compiled shapes serve any mix of requests; the device runs the model's own forward
+over the batch (``Decoder.serve_step``: the attention layers write the new cache rows and read
+the paged cache), samples one token per sequence that reached its end, and returns those
+tokens. The pool is donated to the step, so the cache is updated in place. The engine holds no
+model math of its own.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import numpy as np
 from flax import nnx
 
 from moela.configs.schema import Config
-from moela.inference.cache import PageAllocator, init_pool, kv_heads
-from moela.inference.forward import Batch, Weights, forward, split_model
+from moela.inference.pages import PageAllocator
 from moela.inference.sampling import SamplingArrays, sample
 from moela.inference.scheduler import Chunk, Request, Scheduler, Sequence
-from moela.parallel import layout as layout_lib
+from moela.model.cache import PagedCache, init_pool, kv_heads
+from moela.model.runtime import Runtime
+from moela.model.transformer import Decoder, to_serving_layout
 
 
 @dataclasses.dataclass
@@ -42,6 +45,33 @@ class Result:
     token_times: list[float]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Batch:
+    """One engine step's packed ragged batch (host-built, bucket-padded)::
+
+        tokens, positions, slots   [T]    token ids, positions, cache slots (-1: padding)
+        kv_lens                    [S]    cache length per sequence after this step's tokens
+        page_table                 [S, M]
+        cu_q_lens                  [S+1]
+        num_seqs                   []     sequences in use
+        last_index                 [S]    packed index of each sequence's last token this step
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    slots: jax.Array
+    kv_lens: jax.Array
+    page_table: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+    last_index: jax.Array
+
+    def cache(self, pool) -> PagedCache:
+        """The model's view of the cache for this step."""
+        return PagedCache(pool, self.slots, self.kv_lens, self.page_table, self.cu_q_lens, self.num_seqs)
+
+
 def bucket(n: int, lo: int = 1) -> int:
     """The power of two >= max(n, lo): the padded size of one batch dimension. The engine's
     floors (8 tokens, 4 sequences, 4 pages) cost a decode step almost nothing (it is bound by
@@ -49,49 +79,56 @@ def bucket(n: int, lo: int = 1) -> int:
     return 1 << (max(int(n), lo, 1) - 1).bit_length()
 
 
-def _device_step(weights: Weights, pool, batch: Batch, sampling: SamplingArrays, *, graph, layout, impl):
-    """Forward + sampling over one packed batch."""
-    with layout_lib.use(layout):
-        logits_sv, pool = forward(graph, weights, pool, batch, impl=impl)
-    return sample(logits_sv, sampling), pool
+def _device_step(state, pool, batch: Batch, sampling: SamplingArrays, *, graphdef, rt: Runtime):
+    """The model's serving forward + sampling over one packed batch; (tokens [S], pool)."""
+    model = nnx.merge(graphdef, state)
+    logits_sn, cache = model.serve_step(batch.tokens, batch.positions, batch.cache(pool), batch.last_index, rt=rt)
+    return sample(logits_sn, sampling), cache.pool
 
 
-_STEPS: dict[tuple, Callable] = {}
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """The jitted step for one model graph and runtime. Engines over equal graphs may share one
+    (pass ``step=`` to ``Engine``): its compiled shapes are kept, and binding the graph once
+    spares hashing it at every call (~2 ms on the bench preset)."""
 
+    graphdef: nnx.GraphDef
+    rt: Runtime
+    fn: Callable
 
-def compiled_step(graph, layout, impl: str) -> Callable:
-    """The jitted step for one model graph, shared by every engine over an equal graph (tests and
-    benchmarks build many). Binding the graph once spares hashing it at every call (~2 ms)."""
-    key = (graph, layout, impl)
-    if key not in _STEPS:
-        _STEPS[key] = jax.jit(partial(_device_step, graph=graph, layout=layout, impl=impl), donate_argnums=(1,))
-    return _STEPS[key]
+    @classmethod
+    def of(cls, graphdef, rt: Runtime) -> CompiledStep:
+        return cls(graphdef, rt, jax.jit(partial(_device_step, graphdef=graphdef, rt=rt), donate_argnums=(1,)))
 
 
 class Engine:
     """Paged, continuously batched generation for one ``Decoder``.
 
-    ``tokenizer`` (optional) decodes text for stop strings and results; ``layout`` (optional)
-    shards weights and the cache over a mesh (tensor parallel: heads, MLP, vocab). The engine
-    keeps its own per-layer copy of the weights (``forward.split_model``): drop the model
-    afterwards to hold them once (serve.py does)."""
+    ``tokenizer`` (optional) decodes text for stop strings and results; ``rt`` says how the model
+    is computed: ``cfg.runtime``'s backends by default, and with a mesh's partitioner
+    (``moela.parallel.layout.Layout``) weights and the cache sharded over the mesh (tensor
+    parallel: heads, MLP, vocab). The engine keeps its own copy of the weights in the serving
+    layout (``to_serving_layout``): drop the model afterwards to hold them once (serve.py does).
+    ``step`` shares another engine's compiled step (same graph and runtime)."""
 
-    def __init__(self, model, cfg: Config, tokenizer=None, layout=None):
-        self.cfg, self.tokenizer, self.layout = cfg, tokenizer, layout
+    def __init__(self, model: Decoder, cfg: Config, tokenizer=None, rt: Runtime | None = None,
+                 step: CompiledStep | None = None):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.rt = Runtime(cfg.runtime) if rt is None else rt
         s = cfg.serve
         self.page_size, self.max_seq_len = s.page_size, cfg.model.max_seq_len
         self.allocator = PageAllocator(s.num_pages, s.page_size)
         self.scheduler = Scheduler(self.allocator, s.max_batch, s.max_batched_tokens)
         eos = s.eos_id if s.eos_id >= 0 else (tokenizer.eos_id if tokenizer is not None else -1)
         self.eos_id = eos
-        pool_sharding = None
-        if layout is not None:
-            split = layout.axis("act_kv_heads") if kv_heads(cfg.model) > 1 else None
-            pool_sharding = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec(
-                None, None, None, split, None))
+        # the pool [L, N, P, G, W]: a GQA cache's kv heads split like the model's, MLA's one replicated
+        heads = "act_kv_heads" if kv_heads(cfg.model) > 1 else None
+        pool_sharding = self.rt.partitioner.sharding((None, None, None, heads, None))
         self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding)
-        self.graph, self.weights = split_model(model)
-        self._step = compiled_step(self.graph, layout, s.attention_impl)
+        graphdef, self.weights = nnx.split(to_serving_layout(model))
+        if step is not None and (step.graphdef != graphdef or step.rt != self.rt):
+            raise ValueError("step= was compiled for another model graph or runtime")
+        self.compiled = step or CompiledStep.of(graphdef, self.rt)
         self._next_id = 0
         self.steps = 0
         self.compiled_shapes: set[tuple[int, int, int]] = set()
@@ -133,7 +170,7 @@ class Engine:
             raise RuntimeError("no sequence can run: the page pool is too small for the oldest waiting request "
                                f"({self.allocator.free} of {self.allocator.num_pages} pages free)")
         batch, params = self.pack(chunks)
-        tokens_dev, self.pool = self._step(self.weights, self.pool, batch, params)
+        tokens_dev, self.pool = self.compiled.fn(self.weights, self.pool, batch, params)
         tokens = np.asarray(tokens_dev)
         self.scheduler.advance(chunks)
         self.steps += 1

@@ -21,7 +21,7 @@ import dataclasses
 import time
 from collections import deque
 
-from moela.inference.cache import PageAllocator
+from moela.inference.pages import PageAllocator
 
 
 @dataclasses.dataclass

@@ -1,5 +1,6 @@
-"""Attention ops with a backend chosen by config (``model.attention.impl``).
+"""Pure array ops, each with backends chosen by name (``moela.kernels.registry``).
 
+``attention`` / ``attention_bwd`` (``ATTENTION``): causal (offset) attention with segment ids.
 ``reference`` is the plain jnp definition every backend is tested against (autodiff for its
 gradient); ``xla`` computes the same in XLA ops with a flash-style hand-written backward
 (``kernels.xla``, the CPU default); ``pallas`` is the flash-attention kernel of the default
@@ -9,44 +10,45 @@ and ``interpret_gpu`` the GPU kernel through the Pallas interpreter (CPU tests);
 
 ``attention_bwd`` is the backward of one attention block as its own op: given the output and
 log-sum-exp of the *whole* attention the block is part of, it returns the block's exact share
-of dq, dk, dv. Ring attention (``parallel.ring``) calls it once per ring step; a backend
-registers its forward in ``_BACKENDS`` and this backward in ``_BWD_BACKENDS``. ``reference``
-has no separate backward formula: it routes to the ``xla`` one, which its tests pin to
-autodiff of the reference.
+of dq, dk, dv. Ring attention (``moela.parallel.ring``) calls it once per ring step. A backend
+is a (forward, backward) pair; ``reference`` has no separate backward formula: it uses the
+``xla`` one, which its tests pin to autodiff of the reference.
+
+The other ops live in their modules: ``kernels.paged`` (ragged paged attention over the serving
+cache, ``PAGED``), ``kernels.grouped`` (the experts' grouped matmul, ``GROUPED``).
 """
 
 from __future__ import annotations
 
-import jax
+from typing import Callable, NamedTuple
 
 from moela.kernels import flash, reference, xla
-
-_BACKENDS = {"xla": xla.attention, "reference": reference.attention, "pallas": flash.pallas,
-             "interpret": flash.interpret_tpu, "interpret_gpu": flash.interpret_gpu}
-_BWD_BACKENDS = {"xla": xla.attention_bwd, "reference": xla.attention_bwd, "pallas": flash.pallas_bwd,
-                 "interpret": flash.interpret_tpu_bwd, "interpret_gpu": flash.interpret_gpu_bwd}
-IMPLS = ("auto", *_BACKENDS)
+from moela.kernels.registry import ANY, BackendError, Backends
 
 
-def resolve(impl: str) -> str:
-    """Map ``auto`` to the best available backend for the default JAX platform."""
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
-    if impl not in _BACKENDS:
-        raise ValueError(f"unknown attention impl {impl!r}; valid: auto, {', '.join(sorted(_BACKENDS))}")
-    return impl
+class AttentionBackend(NamedTuple):
+    forward: Callable
+    backward: Callable
+
+
+ATTENTION = Backends("attention", {
+    "xla": AttentionBackend(xla.attention, xla.attention_bwd),
+    "reference": AttentionBackend(reference.attention, xla.attention_bwd),
+    "pallas": AttentionBackend(flash.pallas, flash.pallas_bwd),
+    "interpret": AttentionBackend(flash.interpret_tpu, flash.interpret_tpu_bwd),
+    "interpret_gpu": AttentionBackend(flash.interpret_gpu, flash.interpret_gpu_bwd),
+}, auto={"tpu": "pallas", "gpu": "pallas", ANY: "xla"})
 
 
 def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_segment_ids=None,
-              kv_segment_ids=None, impl: str = "auto"):
+              kv_segment_ids=None, backend: str = "auto"):
     """Causal (offset) attention with optional segment ids; returns (out, lse). See ``kernels.reference``."""
-    fn = _BACKENDS[resolve(impl)]
-    return fn(q_bthk, k_bsgk, v_bsgv, scale=scale, causal=causal,
-              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    return ATTENTION[backend].forward(q_bthk, k_bsgk, v_bsgv, scale=scale, causal=causal,
+                                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
 
 def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scale: float, causal: bool = True,
-                  q_segment_ids=None, kv_segment_ids=None, d_lse_bht=None, impl: str = "auto"):
+                  q_segment_ids=None, kv_segment_ids=None, d_lse_bht=None, backend: str = "auto"):
     """Flash-attention backward of one block: (dq [B,T,H,K], dk [B,S,G,K], dv [B,S,G,V]) in the inputs' dtypes.
 
     ``out_bthv`` [B,T,H,V] and ``lse_bht`` [B,H,T] are the final output and log-sum-exp of the
@@ -59,9 +61,9 @@ def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scal
     (nothing visible) contribute nothing; under GQA dk/dv sum over each kv head's query heads.
     Masking (``causal`` with offset S - T, segment ids) is that of ``attention``.
     """
-    fn = _BWD_BACKENDS[resolve(impl)]
-    return fn(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, scale=scale, causal=causal,
-              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, d_lse_bht=d_lse_bht)
+    return ATTENTION[backend].backward(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, scale=scale,
+                                       causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+                                       d_lse_bht=d_lse_bht)
 
 
-__all__ = ["IMPLS", "attention", "attention_bwd", "resolve", "reference"]
+__all__ = ["ATTENTION", "AttentionBackend", "BackendError", "Backends", "attention", "attention_bwd", "reference"]

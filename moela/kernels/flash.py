@@ -6,35 +6,41 @@ runs the target's dq and dk/dv kernels, which recompute the probabilities from t
 ``target`` picks the kernel family ("tpu": Mosaic, "gpu": Triton); ``interpret=True`` runs
 that kernel through the Pallas interpreter, which is how CPU tests check it.
 
-Backends registered in ``kernels``: ``pallas`` (the kernel of the default platform),
+Backends registered in ``kernels.ATTENTION``: ``pallas`` (the kernel of the default platform),
 ``interpret`` (the TPU kernel, interpreted), ``interpret_gpu`` (the GPU kernel, interpreted).
 """
 
 from __future__ import annotations
 
-import importlib
 from functools import partial
 
 import jax
+
+from moela.kernels.registry import BackendError, platform
 
 _TARGETS = ("tpu", "gpu")  # kernels.flash_tpu, kernels.flash_gpu (imported on first use)
 
 
 def platform_target() -> str:
     """The kernel family for the default JAX platform: "tpu" or "gpu"; an error elsewhere."""
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return "tpu"
-    if platform in ("gpu", "cuda", "rocm"):
-        return "gpu"
-    raise ValueError(f"attention impl 'pallas' needs a TPU or GPU, but the default JAX platform is {platform!r}; "
-                     "use 'xla' (or 'auto') here, or 'interpret' to run the TPU kernel through the interpreter")
+    on = platform()
+    if on in _TARGETS:
+        return on
+    raise BackendError(f"backend 'pallas' needs a TPU or GPU, but the default JAX platform is {on!r}; use 'xla' "
+                       "(or 'auto') here, or 'interpret' to run the TPU kernel through the interpreter")
 
 
 def _module(target: str):
-    if target not in _TARGETS:
-        raise ValueError(f"unknown flash-attention target {target!r}; valid: {', '.join(_TARGETS)}")
-    return importlib.import_module(f"moela.kernels.flash_{target}")
+    """The kernel family's module, imported when first used (its Pallas backend loads then)."""
+    if target == "tpu":
+        from moela.kernels import flash_tpu
+
+        return flash_tpu
+    if target == "gpu":
+        from moela.kernels import flash_gpu
+
+        return flash_gpu
+    raise ValueError(f"unknown flash-attention target {target!r}; valid: {', '.join(_TARGETS)}")
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))

@@ -40,8 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from moela.kernels import blocks as schedule
-
-NEG = -1e30  # masked logit: finite, so an all-masked tile never forms inf - inf
+from moela.kernels.common import NEG_INF, pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +66,12 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{name} must be a power of two >= 16, got {value}")
 
 
-
 def _dot(a, b, trans_b: bool = False):
     """a @ b (or a @ bᵀ), accumulated in float32 (float32 inputs in IEEE precision, not TF32);
     ``pl.dot`` is deprecated in jax 0.11 and gone in 0.12."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return jax.lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
-
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, 1 << (max(n, 1) - 1).bit_length())
-
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry(schedule.Geometry):
@@ -151,7 +145,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, first_ref, last_re
         if masked:
             kv_seg = None if kvseg_ref is None else kvseg_ref[pl.ds(j * geo.bk, geo.bk)]
             mask = geo.mask(i, j, geo.bq, geo.bk, 0, q_seg, kv_seg)
-            s_qk = jnp.where(mask, s_qk, NEG)
+            s_qk = jnp.where(mask, s_qk, NEG_INF)
         m_next = jnp.maximum(m, jnp.max(s_qk, axis=1))
         p = jnp.exp(s_qk - m_next[:, None])
         if masked:
@@ -162,7 +156,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, first_ref, last_re
 
     clean, end = geo.kv_range(i)
     start, end = _spanned(0, end, first_ref, last_ref)
-    init = (jnp.zeros((geo.bq, v_ref.shape[-1]), jnp.float32), jnp.full((geo.bq,), NEG, jnp.float32),
+    init = (jnp.zeros((geo.bq, v_ref.shape[-1]), jnp.float32), jnp.full((geo.bq,), NEG_INF, jnp.float32),
             jnp.zeros((geo.bq,), jnp.float32))
     acc, m, total = _two_loops(start, clean, end, body, init)
     empty = total == 0.0
@@ -235,7 +229,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg
 
 
 def _geometry(t, s, block_q, block_k, causal, segmented, scale):
-    return _Geometry(t, s, min(block_q, _pow2(t)), min(block_k, _pow2(s)), causal, segmented, float(scale))
+    return _Geometry(t, s, min(block_q, pow2(t, 16)), min(block_k, pow2(s, 16)), causal, segmented, float(scale))
 
 
 def _pad(x, axis: int, size: int, value=0):
@@ -285,7 +279,7 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: boo
     blocks = blocks or BlockSizes()
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]
-    r, dkp, dvp = h // g, _pow2(dk), _pow2(dv)
+    r, dkp, dvp = h // g, pow2(dk, 16), pow2(dv, 16)
     geo = _geometry(t, s, blocks.block_q, blocks.block_k, causal, q_segment_ids is not None, scale)
     tp, sp = geo.nq * geo.bq, geo.nk * geo.bk
     args = [_pad(_pad(q, 1, tp), 3, dkp), _pad(_pad(k, 1, sp), 3, dkp), _pad(_pad(v, 1, sp), 3, dvp)]
@@ -316,7 +310,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
     blocks = blocks or BlockSizes()
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]
-    r, dkp, dvp = h // g, _pow2(dk), _pow2(dv)
+    r, dkp, dvp = h // g, pow2(dk, 16), pow2(dv, 16)
     segmented = q_segment_ids is not None
     delta = jnp.einsum("bthv,bthv->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if d_lse is not None:

@@ -51,10 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from moela.kernels import blocks as schedule
-
-LANES, SUBLANES = 128, 8
-NEG = -1e30  # masked logit: finite, so an all-masked block never forms inf - inf
-NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+from moela.kernels.common import LANES, NEG_INF, NT_DIMS, SUBLANES, div, fit_block, lane_aligned, lanes, round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,31 +93,6 @@ def default_blocks() -> BlockSizes:
         return BlockSizes.for_generation(device.device_kind) if device.platform == "tpu" else BlockSizes()
     except RuntimeError:  # pragma: no cover - no backend at all
         return BlockSizes()
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _aligned(d: int) -> int:
-    """Head dims above one lane tile are padded to whole tiles (192 -> 256)."""
-    return d if d <= LANES else _round_up(d, LANES)
-
-
-def _block(n: int, block: int, align: int) -> int:
-    """One block covering ``n`` rows when that is shorter than ``block``, else ``block``. Short
-    q blocks (align 8) stay a multiple of 128 above 128 rows so row vectors tile by lanes."""
-    return min(block, _round_up(n, align if n <= LANES else LANES))
-
-
-def _div(x, d: int):
-    """Floor division of a non-negative traced int (plain ``//`` lowers through ``sign``)."""
-    return jax.lax.div(x, jnp.int32(d))
-
-
-def _lanes(x_r128, n: int):
-    """Lane-replicated [r, 128] -> [r, n] (n a multiple of 128, or at most 128)."""
-    return jnp.tile(x_r128, (1, n // LANES)) if n >= LANES else x_r128[:, :n]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,27 +184,27 @@ def _forward_kernel(*refs, geo, segmented):
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
+        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def body(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s_qk = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * geo.scale
+        s_qk = jax.lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * geo.scale
         if masked:
-            segs = (_lanes(qseg_ref[...], geo.bk), kvseg_ref[:1, :]) if segmented else (None, None)
+            segs = (lanes(qseg_ref[...], geo.bk), kvseg_ref[:1, :]) if segmented else (None, None)
             mask = geo.mask(i, j, s_qk.shape, 0, *segs)
-            s_qk = jnp.where(mask, s_qk, NEG)
+            s_qk = jnp.where(mask, s_qk, NEG_INF)
         m_prev, l_prev = m_ref[...], l_ref[...]
         m_next = jnp.maximum(m_prev, jnp.max(s_qk, axis=1)[:, None])  # [bq, 128]
-        p = jnp.exp(s_qk - _lanes(m_next, geo.bk))
+        p = jnp.exp(s_qk - lanes(m_next, geo.bk))
         if masked:
             p = jnp.where(mask, p, 0.0)
         alpha = jnp.exp(m_prev - m_next)
         l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1)[:, None]
         m_ref[...] = m_next
         pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        acc_ref[...] = acc_ref[...] * _lanes(alpha, acc_ref.shape[1]) + pv
+        acc_ref[...] = acc_ref[...] * lanes(alpha, acc_ref.shape[1]) + pv
 
     geo.when_visible(tables, b, i, j, body)
 
@@ -241,7 +213,7 @@ def _forward_kernel(*refs, geo, segmented):
         total = l_ref[...]
         empty = total == 0.0
         safe = jnp.where(empty, 1.0, total)
-        o_ref[...] = (acc_ref[...] / _lanes(safe, acc_ref.shape[1])).astype(o_ref.dtype)
+        o_ref[...] = (acc_ref[...] / lanes(safe, acc_ref.shape[1])).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(safe))
 
 
@@ -284,16 +256,16 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: boo
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]
     r = h // g
-    geo = _Geometry(t, s, _block(t, blocks.block_q, SUBLANES), _block(s, blocks.block_k, LANES), causal,
+    geo = _Geometry(t, s, fit_block(t, blocks.block_q, SUBLANES), fit_block(s, blocks.block_k, LANES), causal,
                     q_segment_ids is not None, float(scale))
-    tp, sp, dkp, dvp = geo.nq * geo.bq, geo.nk * geo.bk, _aligned(dk), _aligned(dv)
+    tp, sp, dkp, dvp = geo.nq * geo.bq, geo.nk * geo.bk, lane_aligned(dk), lane_aligned(dv)
     tables = _Tables.build(q_segment_ids, kv_segment_ids, geo, b, over="kv")
 
     def q_map(bi, hi, i, j, *refs):
         return bi, hi, i, 0
 
     def kv_map(bi, hi, i, j, *refs):
-        return bi, _div(hi, r), _Tables.of_refs(refs).clamp(bi, i, j), 0
+        return bi, div(hi, r), _Tables.of_refs(refs).clamp(bi, i, j), 0
 
     in_specs = [_spec(geo.bq, dkp, q_map), _spec(geo.bk, dkp, kv_map), _spec(geo.bk, dvp, kv_map)]
     args = [_head_major(q, tp, dkp), _head_major(k, sp, dkp), _head_major(v, sp, dvp)]
@@ -331,12 +303,12 @@ def _dq_kernel(*refs, geo, segmented):
 
     def body(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s_qk = jax.lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * geo.scale
+        s_qk = jax.lax.dot_general(q, k, NT_DIMS, preferred_element_type=jnp.float32) * geo.scale
         p = jnp.exp(s_qk - lse_ref[0][:, None])  # lse +inf on rows that see nothing: P = 0
         if masked:
-            segs = (_lanes(qseg_ref[...], geo.bk), kvseg_ref[:1, :]) if segmented else (None, None)
+            segs = (lanes(qseg_ref[...], geo.bk), kvseg_ref[:1, :]) if segmented else (None, None)
             p = jnp.where(geo.mask(i, j, s_qk.shape, 0, *segs), p, 0.0)
-        dp = jax.lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
+        dp = jax.lax.dot_general(do, v, NT_DIMS, preferred_element_type=jnp.float32)
         ds = p * (dp - delta_ref[0][:, None])
         acc_ref[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * geo.scale
 
@@ -361,13 +333,13 @@ def _dkv_kernel(*refs, geo, segmented, heads_per_kv: int):
 
     def body(masked: bool):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-        s_kq = jax.lax.dot_general(k, q, NT, preferred_element_type=jnp.float32) * geo.scale  # sᵀ [bk, bq]
+        s_kq = jax.lax.dot_general(k, q, NT_DIMS, preferred_element_type=jnp.float32) * geo.scale  # sᵀ [bk, bq]
         p_kq = jnp.exp(s_kq - lse_ref[:1, :])
         if masked:
-            segs = (qseg_ref[:1, :], _lanes(kvseg_ref[...], geo.bq)) if segmented else (None, None)
+            segs = (qseg_ref[:1, :], lanes(kvseg_ref[...], geo.bq)) if segmented else (None, None)
             p_kq = jnp.where(geo.mask(i, j, s_kq.shape, 1, *segs), p_kq, 0.0)
         dv_acc[...] += jnp.dot(p_kq.astype(do.dtype), do, preferred_element_type=jnp.float32)
-        dp_kq = jax.lax.dot_general(v, do, NT, preferred_element_type=jnp.float32)
+        dp_kq = jax.lax.dot_general(v, do, NT_DIMS, preferred_element_type=jnp.float32)
         ds_kq = p_kq * (dp_kq - delta_ref[:1, :])
         dk_acc[...] += jnp.dot(ds_kq.astype(q.dtype), q, preferred_element_type=jnp.float32) * geo.scale
 
@@ -404,7 +376,7 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
     args = (q, k, v, q_segment_ids, kv_segment_ids, d_out, lse.astype(jnp.float32), delta)
 
     def geometry(block_q, block_k):
-        return _Geometry(t, s, _block(t, block_q, SUBLANES), _block(s, block_k, LANES), causal,
+        return _Geometry(t, s, fit_block(t, block_q, SUBLANES), fit_block(s, block_k, LANES), causal,
                          q_segment_ids is not None, float(scale))
 
     dq = _dq_call(*args, geo=geometry(blocks.block_q_dq, blocks.block_k_dq), interpret=interpret)
@@ -416,7 +388,7 @@ def _dq_call(q, k, v, q_seg, kv_seg, d_out, lse, delta, *, geo, interpret):
     """dq kernel: q blocks in parallel, kv blocks sequential."""
     b, t, h, dk = q.shape
     g, dv = k.shape[2], v.shape[3]
-    r, dkp, dvp = h // g, _aligned(dk), _aligned(dv)
+    r, dkp, dvp = h // g, lane_aligned(dk), lane_aligned(dv)
     tp, sp = geo.nq * geo.bq, geo.nk * geo.bk
     lse_rows, delta_rows = _row_stats(lse, delta, tp, 1)
     tables = _Tables.build(q_seg, kv_seg, geo, b, over="kv")
@@ -425,7 +397,7 @@ def _dq_call(q, k, v, q_seg, kv_seg, d_out, lse, delta, *, geo, interpret):
         return bi, hi, i, 0
 
     def kv_map(bi, hi, i, j, *refs):
-        return bi, _div(hi, r), _Tables.of_refs(refs).clamp(bi, i, j), 0
+        return bi, div(hi, r), _Tables.of_refs(refs).clamp(bi, i, j), 0
 
     def row_map(bi, hi, i, j, *refs):
         return bi, hi, 0, i
@@ -452,7 +424,7 @@ def _dkv_call(q, k, v, q_seg, kv_seg, d_out, lse, delta, *, geo, interpret):
     """dk/dv kernel: kv blocks in parallel; the group's query heads and all q blocks sequential."""
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]
-    r, dkp, dvp = h // g, _aligned(dk), _aligned(dv)
+    r, dkp, dvp = h // g, lane_aligned(dk), lane_aligned(dv)
     tp, sp = geo.nq * geo.bq, geo.nk * geo.bk
     lse_rows, delta_rows = _row_stats(lse, delta, tp, SUBLANES)
     tables = _Tables.build(q_seg, kv_seg, geo, b, over="q")

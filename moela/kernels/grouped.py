@@ -1,8 +1,11 @@
-"""Grouped SwiGLU over rows sorted by expert: the compute of dropless MoE, two ways.
+"""The routed experts' compute: grouped SwiGLU over rows sorted by expert, and the two ways a
+MoE layer feeds it (``routed_swiglu``: dropless, every (token, expert) pair sorted; and
+``capacity_swiglu``: every expert on a fixed number of its own rows, for small serving steps).
 
     x [P, D] rows sorted by expert, group_sizes [E] (sum = P), weights W_gate/W_up [E, D, F],
     W_down [E, F, D]  ->  y [P, D], row i computed with the weights of its expert.
 
+The grouped matmul has two backends (``GROUPED``, chosen by ``runtime.grouped_matmul``).
 ``ragged_dot`` is ``jax.lax.ragged_dot``: a real grouped matmul on TPU (and GPU). On CPU
 (jax 0.10) it computes every row against every expert and is ~25x slower than the FLOPs
 warrant, so ``blocked`` scatters each expert's rows into whole blocks of ``block`` rows
@@ -10,12 +13,12 @@ and loops over the blocks, one expert per block: the same result with at most on
 partially-filled block per expert of extra work. The loop runs only over the blocks in use
 (a run-time trip count; the static layout reserves E spare ones) and has a hand-written
 backward that accumulates each expert's weight gradient in place. ``auto`` picks
-``blocked`` on CPU.
+``blocked`` on CPU and ``ragged_dot`` elsewhere.
 
 Rows past ``sum(group_sizes)`` belong to no group: ``ragged_dot`` gives them zeros, and
 ``blocked`` gives them no block (they are dropped on the way in and read back as zeros), so
 they cost no matmul. ``routed_swiglu`` relies on this to compute only the (token, expert)
-pairs of a slice of the experts: the expert-parallel island (``parallel.experts``) gives each
+pairs of a slice of the experts: the expert-parallel island (``moela.parallel.experts``) gives each
 device all the pairs and the device's own experts, and the pairs of other devices' experts
 sort to the tail.
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from moela.kernels.registry import ANY, Backends
 
 
 def ragged_swiglu(x_pd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, block: int):
@@ -122,16 +127,11 @@ def _swiglu_blocks_bwd(residuals, dy_nbd):
 _swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)
 
 
-GROUPED_SWIGLU = {"ragged_dot": ragged_swiglu, "blocked": blocked_swiglu}
+GROUPED = Backends("grouped matmul", {"ragged_dot": ragged_swiglu, "blocked": blocked_swiglu},
+                   auto={"cpu": "blocked", ANY: "ragged_dot"})
 
 
-def resolve(impl: str) -> str:
-    if impl == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-    return impl
-
-
-def routed_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *, impl: str = "auto",
+def routed_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *, backend: str = "auto",
                   block: int = 128, first_expert=0):
     """y[m] = sum_k weights[m, k] * SwiGLU_{ids[m, k]}(x[m]) over the experts held here.
 
@@ -139,7 +139,7 @@ def routed_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *,
     same, e.g. [B, T, D] and [B, T, k]), W_gate/W_up [E, D, F] and
     W_down [E, F, D] the experts ``first_expert .. first_expert + E - 1`` (``first_expert`` may
     be traced). The M·k (token, expert) pairs are sorted by expert, those of other experts
-    last, where the grouped SwiGLU (``impl``) computes nothing for them; each result row is
+    last, where the grouped SwiGLU (``backend``) computes nothing for them; each result row is
     scaled by its routing weight and scatter-added back to its token. Returns y [M, D] in
     x's dtype (rows routed only elsewhere are zero); with F split, a partial sum over F.
     """
@@ -155,8 +155,59 @@ def routed_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *,
     rows_p = order_p // k  # token of each sorted pair
     group_sizes_e = jnp.bincount(key_p, length=e).astype(jnp.int32)  # key e is not counted
     x_pd = jnp.take(x_md, rows_p, axis=0)
-    y_pd = GROUPED_SWIGLU[resolve(impl)](x_pd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, block)
+    y_pd = GROUPED[backend](x_pd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, block)
     weight_p = jnp.take(jnp.where(mine_p, weights_mk.reshape(-1), 0.0), order_p)
     y_pd = y_pd * weight_p[:, None].astype(y_pd.dtype)
     y_md = jnp.zeros((m, y_pd.shape[-1]), x_md.dtype).at[rows_p].add(y_pd.astype(x_md.dtype))
     return y_md.reshape(lead + y_md.shape[-1:])
+
+
+def capacities(tokens: int, experts_per_token: int, num_experts: int) -> tuple[int, ...]:
+    """Rows per expert ``capacity_swiglu`` compiles for a step of ``tokens`` tokens: powers of two
+    from the mean load T·k/E (at least 4; the busiest expert never has fewer) up to ``tokens``
+    (an expert sees each token at most once, so ``tokens`` never drops)."""
+    mean = -(-tokens * experts_per_token // num_experts)
+    caps, c = [], max(4, 1 << (mean - 1).bit_length())
+    while c < tokens:
+        caps.append(c)
+        c *= 2
+    return tuple(caps) + (tokens,)
+
+
+def capacity_swiglu(x_td, weights_tk, ids_tk, w_gate_edf, w_up_edf, w_down_efd):
+    """y[t] = sum_k weights[t, k] * SwiGLU_{ids[t, k]}(x[t]), every expert run on a fixed number C
+    of rows, its own tokens: three batched matmuls over all experts, each on C rows (its tokens,
+    then zero rows) instead of all T. C is the smallest of ``capacities(T, k, E)`` that holds the
+    busiest expert, picked at run time (``lax.switch``), so nothing is ever dropped; each expert's
+    weights are read once, in place. Pairs with an id outside [0, E) (padding) go nowhere.
+
+    For steps of few tokens that touch most experts (serving decode batches): the grouped matmul
+    would pay a mostly empty block per expert, and running every expert on every token wastes
+    FLOPs (bench preset, batch 32: 6.1 ms a layer that way, 1.7 ms on their own rows)."""
+    t, k = ids_tk.shape
+    e = w_gate_edf.shape[0]
+    ids_p = jnp.where((ids_tk >= 0) & (ids_tk < e), ids_tk, e).reshape(-1)  # out of range: no expert
+    order_p = jnp.argsort(ids_p, stable=True)
+    sorted_p = ids_p[order_p]
+    counts_e = jnp.bincount(ids_p, length=e + 1)[:e]
+    starts_e = jnp.cumsum(counts_e) - counts_e
+    rank_p = jnp.arange(t * k, dtype=jnp.int32) - starts_e[jnp.minimum(sorted_p, e - 1)]
+    caps = capacities(t, k, e)
+
+    def run(cap):
+        def branch(x_td):
+            slot_p = jnp.where(sorted_p < e, sorted_p * cap + rank_p, e * cap)  # sorted order; e·cap: none
+            token_c = jnp.full((e * cap,), t, jnp.int32).at[slot_p].set(order_p // k, mode="drop")
+            x_ecd = jnp.concatenate([x_td, jnp.zeros_like(x_td[:1])])[token_c].reshape(e, cap, -1)
+            cd = x_td.dtype
+            gate = jnp.einsum("ecd,edf->ecf", x_ecd, w_gate_edf.astype(cd))
+            up = jnp.einsum("ecd,edf->ecf", x_ecd, w_up_edf.astype(cd))
+            y_cd = jnp.einsum("ecf,efd->ecd", jax.nn.silu(gate) * up, w_down_efd.astype(cd)).reshape(e * cap, -1)
+            pair_slot = jnp.zeros((t * k,), jnp.int32).at[order_p].set(slot_p)  # back to (token, k) order
+            y_tkd = y_cd.at[pair_slot].get(mode="fill", fill_value=0).reshape(t, k, -1)
+            return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(cd))
+        return branch
+
+    busiest = jnp.max(counts_e)
+    index = jnp.sum(busiest > jnp.asarray(caps[:-1], jnp.int32))
+    return jax.lax.switch(index, [run(c) for c in caps], x_td)

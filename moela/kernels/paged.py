@@ -28,8 +28,9 @@ Two row forms share the layout:
 attention reads them (``slots`` = page · P + offset; -1 drops a padding token). It is an XLA
 scatter on every backend: on a donated pool it updates in place.
 
-Backends (``impl``): ``reference`` (this module: gathers each token's whole page table; the
-definition everything else is tested against), ``xla`` (``kernels.paged_xla``: blocks of pages
+Backends (``PAGED``, chosen by ``runtime.paged_attention``): ``reference``
+(``kernels.paged_reference``: gathers each token's whole page table; the definition everything
+else is tested against), ``xla`` (``kernels.paged_xla``: blocks of pages
 with an online softmax, only as far as the longest context; the CPU path), ``pallas`` (the
 kernel of the default platform), ``interpret`` (the TPU kernel under the TPU interpreter),
 ``interpret_gpu`` (the GPU kernel under the Pallas interpreter), ``auto`` (pallas on TPU/GPU,
@@ -38,149 +39,55 @@ xla elsewhere).
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-
-import jax
 import jax.numpy as jnp
 
-NEG_INF = -1e30
-IMPLS = ("auto", "reference", "xla", "pallas", "interpret", "interpret_gpu")
+from moela.kernels import paged_xla
+from moela.kernels.flash import platform_target
+from moela.kernels.paged_reference import RowFormat, reference, token_layout, validate, write_rows
+from moela.kernels.registry import ANY, Backends
 
 
-@dataclasses.dataclass(frozen=True)
-class RowFormat:
-    """Where keys and values sit in a cache row: keys row[:k_dim], values row[v_offset:v_offset+v_dim]."""
+def _kernel(target: str, interpret: bool):
+    """The Pallas kernel of ``target``, imported when first used (its Pallas backend loads then)."""
 
-    k_dim: int
-    v_offset: int
-    v_dim: int
+    def run(*args, scale, fmt, blocks):
+        if target == "tpu":
+            from moela.kernels import ragged_tpu as kernel
+        else:
+            from moela.kernels import ragged_gpu as kernel
+        return kernel.ragged_paged_attention(*args, scale=scale, fmt=fmt, interpret=interpret, blocks=blocks)
 
-    @classmethod
-    def mla(cls, kv_lora_rank: int, rope_dim: int) -> "RowFormat":
-        return cls(kv_lora_rank + rope_dim, 0, kv_lora_rank)
-
-    @classmethod
-    def gqa(cls, head_dim: int) -> "RowFormat":
-        return cls(head_dim, head_dim, head_dim)
-
-    @property
-    def width(self) -> int:
-        return max(self.k_dim, self.v_offset + self.v_dim)
+    return run
 
 
-def validate(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, fmt: RowFormat) -> None:
-    """One clear error for inputs no backend can take."""
-    if q_thk.ndim != 3 or pool_lnpgw.ndim != 5:
-        raise ValueError(f"expected q [T, H, K] and pool [L, N, P, G, W]; got {q_thk.shape}, {pool_lnpgw.shape}")
-    t, h, k = q_thk.shape
-    g, w = pool_lnpgw.shape[3:]
-    if k != fmt.k_dim or w < fmt.width:
-        raise ValueError(f"query dim {k} / row width {w} do not fit the row format {fmt} (needs K = {fmt.k_dim}, "
-                         f"W >= {fmt.width})")
-    if h % g:
-        raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
-    s = page_table_sm.shape[0]
-    if page_table_sm.ndim != 2 or kv_lens_s.shape != (s,) or cu_q_lens_s1.shape != (s + 1,):
-        raise ValueError(f"page_table [S, M], kv_lens [S], cu_q_lens [S + 1] disagree: {page_table_sm.shape}, "
-                         f"{kv_lens_s.shape}, {cu_q_lens_s1.shape}")
+def _pallas(*args, scale, fmt, blocks):
+    return _kernel(platform_target(), False)(*args, scale=scale, fmt=fmt, blocks=blocks)
 
 
-def token_layout(t: int, kv_lens_s, cu_q_lens_s1, num_seqs):
-    """Per packed token: (sequence index [T], position in its sequence [T], is-real-token [T])."""
-    s = kv_lens_s.shape[0]
-    tok = jnp.arange(t, dtype=jnp.int32)
-    seq_t = jnp.minimum(jnp.searchsorted(cu_q_lens_s1[1:], tok, side="right").astype(jnp.int32), s - 1)
-    real_t = tok < cu_q_lens_s1[jnp.minimum(num_seqs, s)]
-    q_len_s = cu_q_lens_s1[1:] - cu_q_lens_s1[:-1]
-    pos_t = kv_lens_s[seq_t] - q_len_s[seq_t] + (tok - cu_q_lens_s1[seq_t])
-    return seq_t, pos_t, real_t
+def _unblocked(fn):
+    return lambda *args, scale, fmt, blocks: fn(*args, scale=scale, fmt=fmt)
 
 
-def reference(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *, scale: float,
-              fmt: RowFormat):
-    """The definition, in float32: each token gathers its sequence's pages and attends causally.
-
-    Rows past a sequence's length (and pages past its last) are never used: they are masked out
-    of both the scores and the values, so whatever they hold (NaN included) cannot leak."""
-    t, h, k = q_thk.shape
-    _, n, p, g, w = pool_lnpgw.shape
-    m = page_table_sm.shape[1]
-    seq_t, pos_t, real_t = token_layout(t, kv_lens_s, cu_q_lens_s1, num_seqs)
-    pages_tm = jnp.clip(page_table_sm[seq_t], 0, n - 1)
-    rows_tcgw = pool_lnpgw[layer, pages_tm].reshape(t, m * p, g, w)
-    key_c = jnp.arange(m * p, dtype=jnp.int32)
-    visible_tc = (key_c[None] <= pos_t[:, None]) & (key_c[None] < kv_lens_s[seq_t][:, None]) & real_t[:, None]
-    keys = jnp.where(visible_tc[:, :, None, None], rows_tcgw[..., :fmt.k_dim], 0).astype(jnp.float32)
-    values = rows_tcgw[..., fmt.v_offset:fmt.v_offset + fmt.v_dim]
-    values = jnp.where(visible_tc[:, :, None, None], values, 0).astype(jnp.float32)
-    q_tgrk = q_thk.reshape(t, g, h // g, k).astype(jnp.float32)
-    s_tgrc = jnp.einsum("tgrk,tcgk->tgrc", q_tgrk, keys, precision="highest") * scale
-    mask = visible_tc[:, None, None, :]
-    s_tgrc = jnp.where(mask, s_tgrc, NEG_INF)
-    p_tgrc = jnp.where(mask, jnp.exp(s_tgrc - jnp.max(s_tgrc, axis=-1, keepdims=True)), 0.0)
-    denom = jnp.sum(p_tgrc, axis=-1, keepdims=True)
-    p_tgrc = p_tgrc / jnp.where(denom == 0, 1.0, denom)
-    out_tgrv = jnp.einsum("tgrc,tcgv->tgrv", p_tgrc, values, precision="highest")
-    return out_tgrv.reshape(t, h, fmt.v_dim).astype(q_thk.dtype)
-
-
-def write_rows(pool_lnpgw, rows_tgw, slots_t, layer):
-    """pool with ``rows`` [T, G, W] written at flat slots (page · P + offset) of ``layer``; slots < 0 are dropped."""
-    _, n, p, g, w = pool_lnpgw.shape
-    if rows_tgw.shape[1:] != (g, w):
-        raise ValueError(f"rows {rows_tgw.shape} do not fit pool rows [G={g}, W={w}]")
-    valid = (slots_t >= 0) & (slots_t < n * p)
-    page = jnp.where(valid, slots_t // p, n)  # out of range: dropped by the scatter
-    offset = jnp.where(valid, slots_t % p, 0)
-    return pool_lnpgw.at[layer, page, offset].set(rows_tgw.astype(pool_lnpgw.dtype), mode="drop")
-
-
-def write_rows_reference(pool_lnpgw, rows_tgw, slots_t, layer):
-    """The same, one row at a time in Python (tests only)."""
-    import numpy as np
-
-    pool = np.array(pool_lnpgw)
-    p = pool.shape[2]
-    for i, slot in enumerate(np.asarray(slots_t)):
-        if 0 <= slot < pool.shape[1] * p:
-            pool[int(layer), slot // p, slot % p] = np.asarray(rows_tgw[i], pool.dtype)
-    return pool
-
-
-def resolve(impl: str) -> str:
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
-    if impl not in IMPLS:
-        raise ValueError(f"unknown paged attention impl {impl!r}; valid: {', '.join(IMPLS)}")
-    return impl
-
-
-def _kernel(target: str):
-    return importlib.import_module(f"moela.kernels.ragged_{target}")
+PAGED = Backends("paged attention", {
+    "reference": _unblocked(reference),
+    "xla": _unblocked(paged_xla.ragged_paged_attention),
+    "pallas": _pallas,
+    "interpret": _kernel("tpu", True),
+    "interpret_gpu": _kernel("gpu", True),
+}, auto={"tpu": "pallas", "gpu": "pallas", ANY: "xla"})
 
 
 def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer=0, *,
-                           scale: float, fmt: RowFormat, impl: str = "auto", blocks=None):
+                           scale: float, fmt: RowFormat, backend: str = "auto", blocks=None):
     """Attention of packed ragged queries over a paged cache -> out [T, H, v_dim] in q's dtype.
 
     ``blocks`` tunes the kernels (their module's ``BlockSizes``); the reference and xla paths ignore it."""
     validate(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, fmt)
-    impl = resolve(impl)
+    impl = PAGED[backend]
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
     layer = jnp.asarray(layer, jnp.int32).reshape(())
-    args = (q_thk, pool_lnpgw, kv_lens_s.astype(jnp.int32), page_table_sm.astype(jnp.int32),
-            cu_q_lens_s1.astype(jnp.int32), num_seqs, layer)
-    if impl == "reference":
-        return reference(*args, scale=scale, fmt=fmt)
-    if impl == "xla":
-        from moela.kernels import paged_xla
+    return impl(q_thk, pool_lnpgw, kv_lens_s.astype(jnp.int32), page_table_sm.astype(jnp.int32),
+                cu_q_lens_s1.astype(jnp.int32), num_seqs, layer, scale=scale, fmt=fmt, blocks=blocks)
 
-        return paged_xla.ragged_paged_attention(*args, scale=scale, fmt=fmt)
-    if impl == "pallas":
-        from moela.kernels.flash import platform_target
 
-        target, interpret = platform_target(), False
-    else:
-        target, interpret = ("tpu" if impl == "interpret" else "gpu"), True
-    return _kernel(target).ragged_paged_attention(*args, scale=scale, fmt=fmt, interpret=interpret, blocks=blocks)
+__all__ = ["PAGED", "RowFormat", "ragged_paged_attention", "reference", "token_layout", "write_rows"]

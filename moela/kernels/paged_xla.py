@@ -1,6 +1,6 @@
 """Ragged paged attention in plain XLA, for CPU serving: blocks of pages with an online softmax.
 
-The reference (``kernels.paged.reference``) is the definition: every query token gathers all
+The reference (``kernels.paged_reference.reference``) is the definition: every query token gathers all
 ``M`` pages of its page table and masks what it must not see. That is simple and exact, but a
 decode step pays for the page table's padded width (the engine rounds ``M`` up to a power of
 two: a 1,056-token context reads 2,048 rows) and masks keys and values in separate passes.
@@ -23,7 +23,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moela.kernels.paged import NEG_INF, RowFormat, token_layout
+from moela.kernels.common import NEG_INF, pow2
+from moela.kernels.paged_reference import RowFormat, token_layout
 
 ROWS_PER_STEP = 1 << 16  # gathered rows (tokens x block rows) per block
 MAX_PAGES_PER_BLOCK = 16  # a block never spans more pages: the walk stops near the longest context
@@ -33,7 +34,7 @@ def pages_per_block(tokens: int, page_size: int, table_width: int) -> int:
     """A power of two of pages, at most the table's width, with tokens x block rows <= ROWS_PER_STEP."""
     fit = max(1, ROWS_PER_STEP // max(tokens * page_size, 1))
     bp = 1 << (fit.bit_length() - 1)
-    return max(1, min(bp, MAX_PAGES_PER_BLOCK, 1 << (max(table_width, 1) - 1).bit_length()))
+    return max(1, min(bp, MAX_PAGES_PER_BLOCK, pow2(table_width)))
 
 
 def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *,

@@ -49,17 +49,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from moela.kernels.paged import RowFormat
-
-NEG = -1e30  # masked logit: finite, so an all-masked step never forms inf - inf
-
-
-def _pow2(n: int, floor: int = 1) -> int:
-    return max(floor, 1 << (max(n, 1) - 1).bit_length())
-
-
-def _is_pow2(n) -> bool:
-    return isinstance(n, int) and n >= 1 and not n & (n - 1)
+from moela.kernels.common import NEG_INF, is_pow2, pow2
+from moela.kernels.paged_reference import RowFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +80,7 @@ class BlockSizes:
     def __post_init__(self):
         for name in ("block_q", "block_kv", "block_h"):
             value = getattr(self, name)
-            if value is not None and not _is_pow2(value):
+            if value is not None and not is_pow2(value):
                 raise ValueError(f"BlockSizes.{name} must be a power of two, got {value}")
         if self.block_kv is not None and self.block_kv < 16:
             raise ValueError(f"BlockSizes.block_kv must be >= 16 (tl.dot), got {self.block_kv}")
@@ -197,7 +188,7 @@ def _kernel(kv_lens_ref, page_table_ref, cu_q_lens_ref, first_ref, last_ref, sca
                 part = _dot(q_piece, rows_of(piece), 1, precision)
                 s_rk = part if s_rk is None else s_rk + part
             mask_rk = in_seq_r[:, None] & (pos_k[None, :] <= pos_r[:, None]) & valid_k[None, :]
-            s_rk = jnp.where(mask_rk, s_rk * geo.scale, NEG)
+            s_rk = jnp.where(mask_rk, s_rk * geo.scale, NEG_INF)
             m_next = jnp.maximum(m_r, jnp.max(s_rk, axis=1))
             p_rk = jnp.where(mask_rk, jnp.exp(s_rk - m_next[:, None]), 0.0)
             alpha_r = jnp.exp(m_r - m_next)
@@ -210,28 +201,28 @@ def _kernel(kv_lens_ref, page_table_ref, cu_q_lens_ref, first_ref, last_ref, sca
 
         return jax.lax.fori_loop(0, mine, step, carry)
 
-    init = (jnp.full((geo.rows,), NEG, jnp.float32), jnp.zeros((geo.rows,), jnp.float32),
+    init = (jnp.full((geo.rows,), NEG_INF, jnp.float32), jnp.zeros((geo.rows,), jnp.float32),
             tuple(jnp.zeros((geo.rows, piece.padded), jnp.float32) for piece in geo.v_pieces))
     last = jnp.minimum(last_ref[i], num_seqs - 1)
     m_r, l_r, accs = jax.lax.fori_loop(first_ref[i], last + 1, sequence, init)
     inv_r = 1.0 / jnp.maximum(l_r, 1e-30)  # l = 0 (nothing seen): acc = 0, out 0
     for acc, piece in zip(accs, geo.v_pieces):
         o_ref[:, pl.ds(piece.at, piece.padded)] = (acc * inv_r[:, None]).astype(o_ref.dtype)
-    if lse_ref:  # split: this part's log-sum-exp, NEG where it saw nothing
-        lse_ref[0][...] = jnp.where(l_r > 0, m_r + jnp.log(jnp.maximum(l_r, 1e-30)), NEG)
+    if lse_ref:  # split: this part's log-sum-exp, NEG_INF where it saw nothing
+        lse_ref[0][...] = jnp.where(l_r > 0, m_r + jnp.log(jnp.maximum(l_r, 1e-30)), NEG_INF)
 
 
 def _geometry(t, h, g, seqs, dtype, page_size, max_pos, scale, fmt: RowFormat, blocks: BlockSizes) -> _Geometry:
     k_pieces, v_pieces = _pieces(0, fmt.k_dim), _pieces(fmt.v_offset, fmt.v_dim)
     wide = sum(piece.padded for piece in v_pieces) >= 256
-    rp = _pow2(h // g)
+    rp = pow2(h // g)
     rh = min(rp, blocks.block_h or 64)
     per_seq = 1 << (max(t // seqs, 1).bit_length() - 1)  # mean tokens per sequence slot, a power of two
     bt = blocks.block_q or max(1, min(64 // rh, per_seq))
-    bt = max(min(bt, _pow2(t)), 16 // rh if rh < 16 else 1)
-    bk = min(blocks.block_kv or (32 if wide else 64), _pow2(max_pos, 16))
+    bt = max(min(bt, pow2(t)), 16 // rh if rh < 16 else 1)
+    bk = min(blocks.block_kv or (32 if wide else 64), pow2(max_pos, 16))
     programs = -(-t // bt) * g * (rp // rh)
-    splits = blocks.kv_splits or min(16, _pow2(-(-512 // programs)))
+    splits = blocks.kv_splits or min(16, pow2(-(-512 // programs)))
     splits = min(splits, -(-max_pos // bk))
     return _Geometry(bt, rh, rp // rh, bk, splits, page_size, float(scale), k_pieces, v_pieces,
                      jnp.dtype(dtype) == jnp.float32)

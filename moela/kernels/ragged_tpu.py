@@ -54,11 +54,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moela.kernels.paged import RowFormat
-
-LANES, SUBLANES = 128, 8
-NEG = -1e30  # masked logit: finite, so an all-masked step never forms inf - inf
-NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
+from moela.kernels.common import LANES, NEG_INF, NT_DIMS, SUBLANES, div, lanes, round_up
+from moela.kernels.paged_reference import RowFormat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,24 +98,6 @@ class _Dims:
         return self.pages_per_block * self.page_size
 
 
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _div(x, d: int):
-    """Floor division of a non-negative traced int (plain ``//`` lowers through ``sign``)."""
-    return jax.lax.div(x, jnp.int32(d))
-
-
-def _lanes(x_r128, n: int):
-    """Lane-replicated [r, 128] -> [r, n]."""
-    if n <= LANES:
-        return x_r128[:, :n]
-    if n % LANES == 0:
-        return jnp.tile(x_r128, (1, n // LANES))
-    return jnp.broadcast_to(x_r128[:, :1], (x_r128.shape[0], n))
-
-
 def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last_ref,  # scalar prefetch (SMEM)
             q_ref, pool_ref, o_ref, buf_ref, sem_ref, m_ref, l_ref, acc_ref, *, d: _Dims):
     i = pl.program_id(0)
@@ -137,7 +116,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last
 
     def dma(s, j, slot, end, start: bool):
         """Start (or wait for) the copies of kv block j of sequence s: its pages below ``end``."""
-        n_pages = jnp.minimum(_div(end + d.page_size - 1, d.page_size) - j * d.pages_per_block, d.pages_per_block)
+        n_pages = jnp.minimum(div(end + d.page_size - 1, d.page_size) - j * d.pages_per_block, d.pages_per_block)
         for p in range(d.pages_per_block):
             @pl.when(p < n_pages)
             def _copy():
@@ -151,7 +130,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last
                     copy.wait()
 
     def compute(lo, hi, off, end, j, slot):
-        tok = blk_lo + _div(jax.lax.broadcasted_iota(jnp.int32, (d.rows, c), 0), d.heads_per_kv)
+        tok = blk_lo + div(jax.lax.broadcasted_iota(jnp.int32, (d.rows, c), 0), d.heads_per_kv)
         key = j * c + jax.lax.broadcasted_iota(jnp.int32, (d.rows, c), 1)
         visible = (tok >= lo) & (tok < hi) & (key <= tok + off)
         value_ok = j * c + jax.lax.broadcasted_iota(jnp.int32, (c, fmt.v_dim), 0) < end
@@ -161,18 +140,18 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last
             v_cv = buf_ref[(slot, slice(None), *head, slice(fmt.v_offset, fmt.v_offset + fmt.v_dim))]
             v_cv = jnp.where(value_ok, v_cv, 0)
             q_rk = q_ref[g]
-            s_rc = jax.lax.dot_general(q_rk, k_ck.astype(q_rk.dtype), NT, preferred_element_type=jnp.float32)
-            s_rc = jnp.where(visible, s_rc * d.scale, NEG)
+            s_rc = jax.lax.dot_general(q_rk, k_ck.astype(q_rk.dtype), NT_DIMS, preferred_element_type=jnp.float32)
+            s_rc = jnp.where(visible, s_rc * d.scale, NEG_INF)
             m_prev, l_prev = m_ref[g], l_ref[g]
             m_next = jnp.maximum(m_prev, jnp.max(s_rc, axis=1)[:, None])  # [rows, 128]
-            p_rc = jnp.where(visible, jnp.exp(s_rc - _lanes(m_next, c)), 0.0)
+            p_rc = jnp.where(visible, jnp.exp(s_rc - lanes(m_next, c)), 0.0)
             alpha = jnp.exp(m_prev - m_next)
             l_ref[g] = alpha * l_prev + jnp.sum(p_rc, axis=1)[:, None]
             m_ref[g] = m_next
             pv = jnp.dot(p_rc.astype(v_cv.dtype), v_cv, preferred_element_type=jnp.float32)
-            acc_ref[g] = acc_ref[g] * _lanes(alpha, fmt.v_dim) + pv
+            acc_ref[g] = acc_ref[g] * lanes(alpha, fmt.v_dim) + pv
 
-    m_ref[...] = jnp.full(m_ref.shape, NEG, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -187,7 +166,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last
         """One (sequence, kv block) step; a sequence with no rows here takes one empty step."""
         s, j, slot = carry
         lo, hi, off, end = span(s)
-        n_blocks = _div(end + c - 1, c)
+        n_blocks = div(end + c - 1, c)
         advance = j + 1 < n_blocks
         s_next, j_next = jnp.where(advance, s, s + 1), jnp.where(advance, j + 1, 0)
         end_next = span(jnp.minimum(s_next, d.seqs - 1))[3]
@@ -208,7 +187,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last
     for g in range(d.kv_heads):
         total = l_ref[g]
         safe = jnp.where(total == 0.0, 1.0, total)
-        o_ref[g] = (acc_ref[g] / _lanes(safe, fmt.v_dim)).astype(o_ref.dtype)
+        o_ref[g] = (acc_ref[g] / lanes(safe, fmt.v_dim)).astype(o_ref.dtype)
 
 
 def _overlaps(cu_q_lens_s1, num_seqs, nq: int, bq: int):
@@ -234,7 +213,7 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
     _, n, p, g, w = pool_lnpgw.shape
     s, m = page_table_sm.shape
     r = h // g
-    bq = min(blocks.q_tokens, _round_up(t, SUBLANES))
+    bq = min(blocks.q_tokens, round_up(t, SUBLANES))
     nq = -(-t // bq)
     tp = nq * bq
     d = _Dims(bq, r, g, s, m, n, p, min(blocks.pages_per_block, m), fmt, float(scale))

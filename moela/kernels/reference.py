@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-NEG_INF = -1e30
+from moela.kernels.common import NEG_INF
 
 
 def attention_mask(t: int, s: int, *, causal: bool, q_segment_ids=None, kv_segment_ids=None):

@@ -23,7 +23,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from moela.kernels.reference import NEG_INF
+from moela.kernels.common import NEG_INF
 
 
 Q_BLOCK = 128  # causal attention runs in query blocks of this many rows, each over the keys it can see

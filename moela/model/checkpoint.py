@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from moela.configs import Config, ConfigError, load_json, save_json
+from moela.model.runtime import ONE_DEVICE, Partitioner
 from moela.model.transformer import Decoder, abstract_model
 
 CONFIG_FILE = "config.json"
@@ -58,20 +59,20 @@ def load_config(directory: str | Path) -> Config:
         raise CheckpointError(f"'{path}' holds an invalid config: {e}") from None
 
 
-def load_model(directory: str | Path, step: int | None = None, shardings: Any = None,
-               layout: Any = None) -> tuple[Config, Decoder]:
+def load_model(directory: str | Path, step: int | None = None,
+               partitioner: Partitioner = ONE_DEVICE) -> tuple[Config, Decoder]:
     """Restore (config, model) from the latest (or the given) step, without a random init.
 
-    With a ``parallel.layout.Layout`` every variable is read straight into its shards on that
-    mesh (whatever mesh saved it); otherwise onto this process's first device."""
+    Under a mesh's partitioner (``moela.parallel.layout.Layout``) every variable is read straight
+    into its shards on that mesh (whatever mesh saved it); otherwise onto this process's first
+    device."""
     cfg = load_config(directory)
     graphdef, abstract_state = nnx.split(abstract_model(cfg.model))
     target = abstract_state.to_pure_dict()
-    if layout is not None:
-        from moela.parallel.layout import state_shardings
-
-        shardings = state_shardings(abstract_state, layout).to_pure_dict()
-    if shardings is None:  # onto this process's first device, whatever topology saved it
+    shardings = partitioner.shardings(abstract_state)
+    if shardings is not None:
+        shardings = shardings.to_pure_dict()
+    else:  # onto this process's first device, whatever topology saved it
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
     mngr = manager(directory)

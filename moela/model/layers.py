@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moela.configs.schema import LayerContext
-from moela.parallel.layout import constrain
+from moela.model.runtime import Runtime
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -85,24 +85,33 @@ class Embed(nnx.Module):
         self.table = param(rngs, (vocab, ctx.d_model), ("vocab", "embed"), ctx.init_std, ctx.param_dtype)
         self.compute_dtype = dtype(ctx.compute_dtype)
 
-    def __call__(self, tokens_bt):
+    def __call__(self, tokens_bt, *, rt: Runtime = Runtime()):
         # Gather whole rows: under FSDP (table [N, D_data]) looking up a D-split table from a
         # batch split over the same axis is a resharding GSPMD can only do by replicating.
-        table = constrain(self.table[...], ("vocab", "act_embed"))
+        table = rt.constrain(self.table[...], ("vocab", "act_embed"))
         return jnp.take(table, tokens_bt, axis=0).astype(self.compute_dtype)
 
     def attend(self, x_btd):
-        d = x_btd.shape[-1]
-        logits = jnp.einsum("md,nd->mn", x_btd.reshape(-1, d), self.table[...].astype(x_btd.dtype),
-                            preferred_element_type=jnp.float32)
-        return logits.reshape(x_btd.shape[:-1] + (-1,))
+        return rows_matmul(x_btd, self.table[...])
+
+
+def rows_matmul(x_btd, w_nd):
+    """x [..., D] against weight rows w [N, D] -> float32 [..., N], as one 2-D matmul."""
+    d = x_btd.shape[-1]
+    logits = jnp.einsum("md,nd->mn", x_btd.reshape(-1, d), w_nd.astype(x_btd.dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(x_btd.shape[:-1] + (-1,))
 
 
 class LMHead(nnx.Module):
-    """Untied output projection; logits are float32."""
+    """Untied output projection; logits are float32. Stored as W [D, N] for training, or as rows
+    W [N, D] (``rows=True``: the serving layout, ``model.transformer.to_serving_layout``)."""
 
-    def __init__(self, vocab: int, ctx: LayerContext, *, rngs: nnx.Rngs):
-        self.w = param(rngs, (ctx.d_model, vocab), ("embed", "vocab"), ctx.init_std, ctx.param_dtype)
+    def __init__(self, vocab: int, ctx: LayerContext, *, rows: bool = False, rngs: nnx.Rngs):
+        shape, axes = ((vocab, ctx.d_model), ("vocab", "embed")) if rows else ((ctx.d_model, vocab), ("embed", "vocab"))
+        self.w = param(rngs, shape, axes, ctx.init_std, ctx.param_dtype)
+        self.rows = rows
 
     def __call__(self, x_btd):
+        if self.rows:
+            return rows_matmul(x_btd, self.w[...])
         return project(x_btd, self.w[...].astype(x_btd.dtype), preferred_element_type=jnp.float32)

@@ -1,16 +1,17 @@
 """Expert parallelism, dropless: the routed experts as a ``jax.shard_map`` island.
 
-Under a layout whose ``expert`` logical axis is split over a mesh axis X (n devices), each
+When a layout's ``expert`` logical axis is split over a mesh axis X (n devices), each
 device holds E/n experts, W_gate/W_up [E_X, D, F_Y] and W_down [E_X, F_Y, D] (Y = the
 ``mlp`` axis, if split), while the tokens x [B, T, D] are split over the token axes (the
 ``batch`` and ``length`` mesh axes: x[B_X, T_Z, D]; flat rows x [M, D] split over
 (data, sequence) work too). Each device flattens only its own [B/X, T/Z] block, so no row
 moves between devices before the island. Two ways to bring tokens and experts together
-(``moe.expert_dispatch``), both dropless, exact and static-shaped (no capacity factor):
+(``runtime.expert_dispatch``, the ``DISPATCH`` backends), both dropless, exact and static-shaped
+(no capacity factor):
 
 ``ring`` (default): each device's token block (rows, routing weights, ids) tours the n devices
 of X with ``ppermute``, carrying an accumulator of its output; at every stop the host's E/n
-experts add their part (``model.experts.routed_swiglu`` with ``first_expert = index_X · E/n``:
+experts add their part (``kernels.grouped.routed_swiglu`` with ``first_expert = index_X · E/n``:
 pairs of other experts sort past the groups and cost no matmul); one last move brings the
 finished block home. The backward (``jax.custom_vjp``) tours again with the output cotangent,
 recomputing each stop's part under ``jax.vjp``: dx and d(routing weights) travel with the
@@ -49,34 +50,48 @@ from functools import partial
 import jax
 from jax.sharding import PartitionSpec as P
 
-from moela.model.experts import routed_swiglu
-from moela.parallel.layout import Layout
+import dataclasses
+
+from jax.sharding import Mesh
+
+from moela.kernels.grouped import routed_swiglu
+from moela.kernels.registry import ANY, Backends
 from moela.parallel.ring import shift
 from moela.parallel.rules import ShardingRuleError, check_divisible
 
+@dataclasses.dataclass(frozen=True)
+class ExpertAxes:
+    """The mesh axes (None: not split) of the experts E, their hidden dim F, and the tokens'
+    batch and length."""
 
-def _token_axes(layout: Layout) -> tuple[str, ...]:
-    """Mesh axes the token rows M are split over, major first (batch, then length)."""
-    return tuple(a for a in (layout.axis("batch"), layout.axis("length")) if a is not None)
+    expert: str | None
+    mlp: str | None = None
+    batch: str | None = None
+    length: str | None = None
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Mesh axes the token rows M are split over, major first (batch, then length)."""
+        return tuple(a for a in (self.batch, self.length) if a is not None)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ring_experts(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
-    return _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block)
+def _ring_experts(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block):
+    return _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block)
 
 
-def _own_experts(axis, e_local, impl, block):
+def _own_experts(axis, e_local, backend, block):
     first = jax.lax.axis_index(axis) * e_local
-    return lambda x, w, ids, wg, wu, wd: routed_swiglu(x, w, ids, wg, wu, wd, impl=impl, block=block,
+    return lambda x, w, ids, wg, wu, wd: routed_swiglu(x, w, ids, wg, wu, wd, backend=backend, block=block,
                                                        first_expert=first)
 
 
-def _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
+def _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block):
     """Each device's token block visits every device of the ring with an accumulator of its
     output; each device adds what its own experts make of the visitor. After n - 1 moves every
     block has seen all experts; one more move brings the finished outputs home."""
     n = jax.lax.axis_size(axis)
-    experts = _own_experts(axis, e_local, impl, block)
+    experts = _own_experts(axis, e_local, backend, block)
     visitor = (x_md, w_mk, ids_mk)
     y_md = experts(*visitor, wg, wu, wd)
     for _ in range(n - 1):
@@ -85,18 +100,19 @@ def _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
     return shift(y_md, axis, n) if n > 1 else y_md
 
 
-def _ring_fwd(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block):
-    return _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, impl, block), (x_md, w_mk, ids_mk, wg, wu, wd)
+def _ring_fwd(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block):
+    return (_ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block),
+            (x_md, w_mk, ids_mk, wg, wu, wd))
 
 
-def _ring_bwd(axis, e_local, impl, block, residuals, dy_md):
+def _ring_bwd(axis, e_local, backend, block, residuals, dy_md):
     """The same tour again, the visitor now carrying its output cotangent and accumulators for
     its dx and d(routing weights); each device recomputes its experts' part for the visitor
     (``jax.vjp``), adds to the visitor's accumulators and keeps its own experts' weight
     gradients. Only one visitor's buffers are live at a time."""
     x_md, w_mk, ids_mk, wg, wu, wd = residuals
     n = jax.lax.axis_size(axis)
-    experts = _own_experts(axis, e_local, impl, block)
+    experts = _own_experts(axis, e_local, backend, block)
 
     def visit(xb, wb, idb, dyb):
         _, pullback = jax.vjp(lambda x, w, g, u, d: experts(x, w, idb, g, u, d), xb, wb, wg, wu, wd)
@@ -116,27 +132,38 @@ def _ring_bwd(axis, e_local, impl, block, residuals, dy_md):
 _ring_experts.defvjp(_ring_fwd, _ring_bwd)
 
 
-def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *, layout: Layout,
-                           impl: str = "auto", block: int = 128, dispatch: str = "ring"):
-    """Dropless routed experts, split over ``layout.axis("expert")``. Same contract as
-    ``model.experts.routed_swiglu`` on the global arrays: x [B, T, D] or [M, D] -> y of x's
+def _by_ring(x, w, ids, wg, wu, wd, *, axis, e_local, backend, block):
+    """Inside the island: this device's tokens tour the expert axis (module docstring)."""
+    return _ring_experts(x, w, ids, wg, wu, wd, axis, e_local, backend, block)
+
+
+def _by_gather(x, w, ids, wg, wu, wd, *, axis, e_local, backend, block):
+    """Inside the island: all-gather the expert axis' tokens, compute the local experts' pairs,
+    reduce-scatter the partial outputs back to their owners."""
+    x, w, ids = (jax.lax.all_gather(a, axis, axis=0, tiled=True) for a in (x, w, ids))
+    y = _own_experts(axis, e_local, backend, block)(x, w, ids, wg, wu, wd)
+    return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True)
+
+
+DISPATCH = Backends("expert dispatch", {"ring": _by_ring, "gather": _by_gather}, auto={ANY: "ring"})
+
+
+def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *, mesh: Mesh,
+                           axes: ExpertAxes, backend: str = "auto", block: int = 128, dispatch: str = "auto"):
+    """Dropless routed experts, split over mesh axis ``axes.expert``. Same contract as
+    ``kernels.grouped.routed_swiglu`` on the global arrays: x [B, T, D] or [M, D] -> y of x's
     shape, split like x."""
-    ex, mlp = layout.axis("expert"), layout.axis("mlp")
-    if dispatch not in ("ring", "gather"):
-        raise ValueError(f"expert-parallel dispatch must be 'ring' or 'gather', got {dispatch!r}")
+    ex, mlp, tokens = axes.expert, axes.mlp, axes.tokens
+    exchange = DISPATCH[dispatch]
     if ex is None:
-        raise ShardingRuleError("expert_parallel_swiglu needs a layout that splits 'expert' over a mesh axis")
-    if layout.axis("embed") is not None:
-        raise ShardingRuleError("routed experts split over both 'expert' and 'embed' (D) are not supported: "
-                                "expert parallelism keeps D whole (the fsdp strategies leave 'expert' unsplit)")
-    tokens = _token_axes(layout)
+        raise ShardingRuleError("expert_parallel_swiglu needs experts split over a mesh axis (axes.expert)")
     if mlp is not None and mlp in tokens:
         raise ShardingRuleError(f"'mlp' and the tokens are both split over mesh axis '{mlp}': the F-partial "
                                 "sums of different tokens cannot be added")
-    mesh_shape = dict(layout.mesh.shape)
+    mesh_shape = dict(mesh.shape)
     w_in, w_out = P(ex, None, mlp), P(ex, mlp, None)
     if x_md.ndim == 3:  # [B, T, D]: batch and length keep their own axes
-        tok = P(layout.axis("batch"), layout.axis("length"), None)
+        tok = P(axes.batch, axes.length, None)
         check_divisible(x_md.shape, tok, mesh_shape, "MoE tokens x [B, T, D]")
     else:
         tok = P(tokens or None, None)
@@ -159,15 +186,11 @@ def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_dow
         x, w, ids = (jax.lax.pcast(a, token_missing, to="varying") for a in (x, w, ids))
         wg, wu, wd = (jax.lax.pcast(a, weight_missing, to="varying") for a in (wg, wu, wd))
         if not gather:  # the expert group already shares its tokens: add the groups' parts
-            y = jax.lax.psum(_own_experts(ex, e_local, impl, block)(x, w, ids, wg, wu, wd), ex)
-        elif dispatch == "ring":
-            y = _ring_experts(x, w, ids, wg, wu, wd, ex, e_local, impl, block)
+            y = jax.lax.psum(_own_experts(ex, e_local, backend, block)(x, w, ids, wg, wu, wd), ex)
         else:
-            x, w, ids = (jax.lax.all_gather(a, ex, axis=0, tiled=True) for a in (x, w, ids))
-            y = _own_experts(ex, e_local, impl, block)(x, w, ids, wg, wu, wd)
-            y = jax.lax.psum_scatter(y, ex, scatter_dimension=0, tiled=True)
+            y = exchange(x, w, ids, wg, wu, wd, axis=ex, e_local=e_local, backend=backend, block=block)
         y = y if mlp is None else jax.lax.psum(y, mlp)  # the F-partial down-projections
         return y.reshape(lead + y.shape[-1:])
 
-    return jax.shard_map(island, mesh=layout.mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+    return jax.shard_map(island, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
                          check_vma=True)(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd)

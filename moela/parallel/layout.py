@@ -1,37 +1,38 @@
-"""The active sharding layout: a mesh plus the rules of one strategy.
+"""A sharding layout: a mesh plus the rules of one strategy, and the partitioner the model runs
+under on that mesh.
 
-Model code never names a mesh axis. It names logical axes (``constrain(x, ("batch",
-"length", "act_embed"))``) and asks ``layout.axis("expert")`` which mesh axis, if any, a
-logical name is split over; the answer comes from the layout made current with ``use``.
-Without a current layout (one device, tests of single layers) every helper is a no-op, so
-the same model code runs unsharded.
-
-The trainer and the generator enter ``use(layout)`` *inside* the functions they jit, so the
-layout is part of what is traced, not ambient state a stale compilation could miss.
+Model code never names a mesh axis. It names logical axes (``rt.constrain(x, ("batch",
+"length", "act_embed"))``) and asks its ``Partitioner`` (``moela.model.runtime``) for the few
+things that need the mesh; :class:`Layout` is the partitioner of a mesh: it maps logical names
+to mesh axes by its rules (``layout.axis("expert")``), places variables, and runs the
+``shard_map`` islands (``moela.parallel.ring``, ``moela.parallel.experts``). It is passed
+explicitly, in the ``Runtime`` of every jitted step, never held as ambient state.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import dataclasses
 import math
-from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from moela.kernels import paged
+from moela.model.runtime import Partitioner
+from moela.parallel import experts, ring
 from moela.parallel.rules import Rules, ShardingRuleError, check_divisible, check_rules, logical_to_spec, strategy
 
 
-@dataclass(frozen=True)
-class Layout:
+@dataclasses.dataclass(frozen=True)
+class Layout(Partitioner):
     mesh: Mesh
     rules: Rules
     name: str = "custom"
 
     @classmethod
-    def of(cls, mesh: Mesh, strategy_name: str) -> "Layout":
+    def of(cls, mesh: Mesh, strategy_name: str) -> Layout:
         rules = strategy(strategy_name)
         check_rules(rules, dict(mesh.shape), f"strategy '{strategy_name}'")
         return cls(mesh, rules, strategy_name)
@@ -47,33 +48,54 @@ class Layout:
         target = dict(self.rules).get(name)
         return target if target is not None and self.mesh.shape[target] > 1 else None
 
+    # -- the Partitioner hooks --------------------------------------------------------------
     def size(self, name: str) -> int:
         axis = self.axis(name)
         return self.mesh.shape[axis] if axis else 1
 
+    def constrain(self, x, names):
+        return jax.lax.with_sharding_constraint(x, self.sharding(names))
 
-_CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("moela_layout", default=None)
+    def sequence_order(self, length: int):
+        n = self.size("length")
+        return ring.zigzag_permutation(length, n) if n > 1 else None
 
+    def attention(self, q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, scale: float, backend: str, kv_heads: str):
+        axes = ring.AttentionAxes(batch=self.axis("batch"), length=self.axis("length"), heads=self.axis("act_heads"),
+                                  kv_heads=self.axis(kv_heads), kv_heads_name=kv_heads)
+        return ring.sharded_attention(q_bthk, k_bsgk, v_bsgv, segment_ids_bt, mesh=self.mesh, axes=axes, scale=scale,
+                                      backend=backend)
 
-@contextlib.contextmanager
-def use(layout: Layout | None):
-    token = _CURRENT.set(layout)
-    try:
-        yield layout
-    finally:
-        _CURRENT.reset(token)
+    def paged_attention(self, q_thk, cache, layer, *, scale: float, fmt: paged.RowFormat, backend: str):
+        """Under GSPMD for the reference; one kernel call per tensor-parallel shard of the query heads
+        (and of the kv heads, for GQA) for the others, which GSPMD cannot partition."""
+        heads = self.axis("act_heads")
+        if heads is None or paged.PAGED.resolve(backend) == "reference":
+            return super().paged_attention(q_thk, cache, layer, scale=scale, fmt=fmt, backend=backend)
+        meta = (cache.kv_lens, cache.page_table, cache.cu_q_lens, cache.num_seqs, jnp.asarray(layer, jnp.int32))
+        kv_split = heads if cache.pool.shape[3] > 1 else None
+        q_spec, pool_spec = PartitionSpec(None, heads, None), PartitionSpec(None, None, None, kv_split, None)
 
+        def local(q, pool, *meta):
+            return paged.ragged_paged_attention(q, pool, *meta, scale=scale, fmt=fmt, backend=backend)
 
-def current() -> Layout | None:
-    return _CURRENT.get()
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(q_spec, pool_spec) + (PartitionSpec(),) * len(meta),
+                             out_specs=q_spec, check_vma=False)(q_thk, cache.pool, *meta)
 
+    def routed_experts(self, x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, *, runtime):
+        if self.axis("expert") is None:
+            return super().routed_experts(x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, runtime=runtime)
+        if self.axis("embed") is not None:
+            raise ShardingRuleError("routed experts split over both 'expert' and 'embed' (D) are not supported: "
+                                    "expert parallelism keeps D whole (the fsdp strategies leave 'expert' unsplit)")
+        axes = experts.ExpertAxes(expert=self.axis("expert"), mlp=self.axis("mlp"), batch=self.axis("batch"),
+                                  length=self.axis("length"))
+        return experts.expert_parallel_swiglu(x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, mesh=self.mesh,
+                                              axes=axes, backend=runtime.grouped_matmul,
+                                              block=runtime.grouped_block_rows, dispatch=runtime.expert_dispatch)
 
-def constrain(x, names):
-    """``with_sharding_constraint`` by logical names under the current layout; identity without one."""
-    layout = current()
-    if layout is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, layout.sharding(names))
+    def shardings(self, abstract_state):
+        return state_shardings(abstract_state, self)
 
 
 def variable_names(var) -> tuple:

@@ -36,15 +36,16 @@ inside ``jax.shard_map``.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from moela import kernels
-from moela.parallel import layout as layout_lib
 
 
 def zigzag_permutation(t: int, n: int) -> np.ndarray:
@@ -83,9 +84,9 @@ def _merge(out_a, lse_a, out_b, lse_b):
     return out_a * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b), lse
 
 
-def _forward(q, k, v, q_seg, kv_seg, scale, axis_name, impl):
+def _forward(q, k, v, q_seg, kv_seg, scale, axis_name, backend):
     """(out [B,T,H,V] in q's dtype, lse [B,H,T]) of the local queries against the whole ring."""
-    attend = partial(kernels.attention, scale=scale, impl=impl)
+    attend = partial(kernels.attention, scale=scale, backend=backend)
     out, lse = attend(q, k, v, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
     n, c = jax.lax.axis_size(axis_name), q.shape[1] // 2
     if n == 1:
@@ -111,19 +112,19 @@ def _forward(q, k, v, q_seg, kv_seg, scale, axis_name, impl):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _ring(q, k, v, q_seg, kv_seg, scale, axis_name, impl):
-    return _forward(q, k, v, q_seg, kv_seg, scale, axis_name, impl)
+def _ring(q, k, v, q_seg, kv_seg, scale, axis_name, backend):
+    return _forward(q, k, v, q_seg, kv_seg, scale, axis_name, backend)
 
 
-def _ring_fwd(q, k, v, q_seg, kv_seg, scale, axis_name, impl):
-    out, lse = _forward(q, k, v, q_seg, kv_seg, scale, axis_name, impl)
+def _ring_fwd(q, k, v, q_seg, kv_seg, scale, axis_name, backend):
+    out, lse = _forward(q, k, v, q_seg, kv_seg, scale, axis_name, backend)
     return (out, lse), (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def _ring_bwd(scale, axis_name, impl, residuals, cotangents):
+def _ring_bwd(scale, axis_name, backend, residuals, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = residuals
     d_out, d_lse = cotangents
-    grad = partial(kernels.attention_bwd, scale=scale, impl=impl)
+    grad = partial(kernels.attention_bwd, scale=scale, backend=backend)
     f32 = lambda *xs: tuple(x.astype(jnp.float32) for x in xs)
     dq, dk, dv = f32(*grad(q, k, v, out, lse, d_out, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                            d_lse_bht=d_lse))
@@ -154,7 +155,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q_bthk, k_bsgk, v_bsgv, q_seg_bt=None, kv_seg_bt=None, *, scale: float, axis_name: str,
-                   impl: str = "auto"):
+                   backend: str = "auto"):
     """Causal (+ segment) attention of zig-zag sharded sequences; call inside ``shard_map``.
 
     Local shapes: q [B, T, H, K], k [B, T, G, K], v [B, T, G, V], segment ids [B, T] (both or
@@ -168,54 +169,63 @@ def ring_attention(q_bthk, k_bsgk, v_bsgv, q_seg_bt=None, kv_seg_bt=None, *, sca
     if q_bthk.shape[1] != k_bsgk.shape[1] or q_bthk.shape[1] % 2:
         raise ValueError(f"ring attention needs equal, even local q and kv lengths (two zig-zag chunks), got "
                          f"{q_bthk.shape[1]} and {k_bsgk.shape[1]}")
-    return _ring(q_bthk, k_bsgk, v_bsgv, q_seg_bt, kv_seg_bt, float(scale), axis_name, impl)
+    return _ring(q_bthk, k_bsgk, v_bsgv, q_seg_bt, kv_seg_bt, float(scale), axis_name, backend)
 
 
-def sharded_attention(q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, scale: float, impl: str = "auto",
-                      kv_heads_name: str = "act_kv_heads"):
-    """Causal self-attention under the current layout -> out [B, T, H, V].
+@dataclasses.dataclass(frozen=True)
+class AttentionAxes:
+    """The mesh axes (None: not split) of attention's batch, length, query heads and kv heads;
+    ``kv_heads_name`` is the logical name of the kv heads (for error messages)."""
 
-    Without a layout this is ``kernels.attention``; when ``length`` is not split it is that too,
-    under GSPMD for ``xla``/``reference`` and per (rows, heads) shard inside ``jax.shard_map``
-    for the Pallas kernels (a custom call GSPMD cannot partition). Otherwise
-    the inputs must already be in zig-zag order along T (``zigzag_permutation`` over the
-    ``length`` axis size); batch, length, query heads (``act_heads``) and kv heads
-    (``kv_heads_name``) are split as the layout says and ``ring_attention`` runs per device.
+    batch: str | None = None
+    length: str | None = None
+    heads: str | None = None
+    kv_heads: str | None = None
+    kv_heads_name: str = "act_kv_heads"
+
+
+def sharded_attention(q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, mesh: Mesh, axes: AttentionAxes, scale: float,
+                      backend: str = "auto"):
+    """Causal self-attention of arrays split over ``mesh`` as ``axes`` say -> out [B, T, H, V].
+
+    When ``length`` is not split this is ``kernels.attention``: under GSPMD for ``xla`` and
+    ``reference``, per (rows, heads) shard inside ``jax.shard_map`` for the Pallas kernels (a
+    custom call GSPMD cannot partition). Otherwise the inputs must already be in zig-zag order
+    along T (``zigzag_permutation`` over the ``length`` axis size) and ``ring_attention`` runs
+    per device.
     """
-    layout = layout_lib.current()
-    seq = None if layout is None else layout.axis("length")
-    plain = layout is None or (seq is None and kernels.resolve(impl) in ("xla", "reference"))
-    if plain:
+    seq = axes.length
+    xla = kernels.ATTENTION.resolve(backend) in ("xla", "reference")
+    if seq is None and xla:
         return kernels.attention(q_bthk, k_bsgk, v_bsgv, scale=scale, causal=True, q_segment_ids=segment_ids_bt,
-                                 kv_segment_ids=segment_ids_bt, impl=impl)[0]
+                                 kv_segment_ids=segment_ids_bt, backend=backend)[0]
     b, t = q_bthk.shape[:2]
-    batch, heads, kv_heads = layout.axis("batch"), layout.axis("act_heads"), layout.axis(kv_heads_name)
+    batch, heads, kv_heads = axes.batch, axes.heads, axes.kv_heads
     if heads != kv_heads and not (kv_heads is None and k_bsgk.shape[2] == 1):
-        raise ValueError(f"query heads are split over {heads!r} but kv heads ({kv_heads_name}) over {kv_heads!r}: "
-                         "each device's query heads would not match its kv heads")
+        raise ValueError(f"query heads are split over {heads!r} but kv heads ({axes.kv_heads_name}) over "
+                         f"{kv_heads!r}: each device's query heads would not match its kv heads")
     q_spec, kv_spec, seg_spec = P(batch, seq, heads, None), P(batch, seq, kv_heads, None), P(batch, seq)
     if seq is None:  # a Pallas kernel: one call per device on its rows and heads (GSPMD cannot split it)
 
         def local_kernel(q, k, v, *seg):
             seg = seg[0] if seg else None
             return kernels.attention(q, k, v, scale=scale, causal=True, q_segment_ids=seg, kv_segment_ids=seg,
-                                     impl=impl)[0]
+                                     backend=backend)[0]
 
         segs = () if segment_ids_bt is None else (segment_ids_bt,)
         in_specs = (q_spec, kv_spec, kv_spec) + (seg_spec,) * len(segs)
-        return jax.shard_map(local_kernel, mesh=layout.mesh, in_specs=in_specs, out_specs=q_spec,
+        return jax.shard_map(local_kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
                              check_vma=False)(q_bthk, k_bsgk, v_bsgv, *segs)
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones((b, t), jnp.int32)
-    n = layout.mesh.shape[seq]
+    n = mesh.shape[seq]
     if t % (2 * n):
         raise ValueError(f"ring attention over '{seq}' ({n} devices) needs a length divisible by 2*{n} = {2 * n} "
                          f"(zig-zag chunks), got {t}")
 
     def local(q, k, v, seg):
-        return ring_attention(q, k, v, seg, seg, scale=scale, axis_name=seq, impl=impl)[0]
+        return ring_attention(q, k, v, seg, seg, scale=scale, axis_name=seq, backend=backend)[0]
 
     # pallas_call outputs carry no varying-manual-axes type, so the vma check is off for the kernels
-    check_vma = kernels.resolve(impl) in ("xla", "reference")
-    return jax.shard_map(local, mesh=layout.mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                         check_vma=check_vma)(q_bthk, k_bsgk, v_bsgv, segment_ids_bt)
+    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
+                         check_vma=xla)(q_bthk, k_bsgk, v_bsgv, segment_ids_bt)

@@ -22,7 +22,7 @@ Activations. One device runs a *local* problem: batch/(data·microbatches) rows 
 tokens through a local model config whose tensor-split dims (heads, kv heads, d_ff, expert d_ff,
 vocab: whatever the strategy maps onto a mesh axis) are divided by the axis size; D is gathered
 for compute, so it stays whole. ``jax.grad`` of ``training.step.training_objective`` on it (the
-scanned blocks under ``model.remat``; the chunked loss with the global chunk count) is traced with
+scanned blocks under ``runtime.remat``; the chunked loss with the global chunk count) is traced with
 ``jax.make_jaxpr`` and replayed by a liveness simulation (``peak_bytes``): in program order a value
 is allocated when produced and freed after its last use; elementwise ops and in-place updates
 reuse a dying operand's buffer, reshapes alias, broadcasts and iotas fuse into their consumers,
@@ -58,9 +58,11 @@ from jax.extend import core as jcore
 from jax.sharding import AbstractMesh
 
 from moela.configs.loader import config_from_cli
-from moela.configs.schema import Config, MeshConfig, ModelConfig
-from moela.model.experts import routed_swiglu
+from moela.configs.schema import Config, MeshConfig, ModelConfig, RuntimeConfig
+from moela.kernels.grouped import routed_swiglu
+from moela.model.runtime import Runtime
 from moela.model.transformer import REMAT_POLICIES, Block, abstract_model
+from moela.parallel.experts import DISPATCH
 from moela.parallel.layout import Layout, state_bytes, variable_names
 from moela.parallel.mesh import AXES, MeshError, mesh_shape
 from moela.parallel.rules import ShardingRuleError
@@ -185,7 +187,8 @@ def gradient_jaxpr(cfg: Config, rows: int, seq: int, chunk_tokens: int):
     graphdef, params, rest = nnx.split(abstract_model(cfg.model), nnx.Param, ...)
 
     def loss(p, r, batch):
-        obj, _, _, aux = training_objective(graphdef, p, r, batch, z_coef=cfg.train.z_loss, chunk_tokens=chunk_tokens)
+        obj, _, _, aux = training_objective(graphdef, p, r, batch, z_coef=cfg.train.z_loss, chunk_tokens=chunk_tokens,
+                                            rt=Runtime(cfg.runtime))
         return obj / batch["loss_mask"].size + aux["aux_loss"]
 
     return jax.make_jaxpr(jax.grad(loss))(params, rest, abstract_batch(rows, seq)).jaxpr
@@ -195,7 +198,7 @@ def saved_per_layer(jaxpr, counts: dict[str, int]) -> dict[str, int]:
     """Bytes per layer that autodiff keeps from the forward pass for the backward, by layer kind.
 
     Read off the gradient jaxpr: the forward scan over the layers of one kind stacks, per layer,
-    every residual its backward needs (the scan carry x included; under ``model.remat`` only what
+    every residual its backward needs (the scan carry x included; under ``runtime.remat`` only what
     the policy saves) as the scan's per-iteration outputs. The forward scans come first, in the
     model's order (dense, then MoE); ``{}`` if the jaxpr does not look like that."""
     kinds = [k for k, n in counts.items() if n]
@@ -285,9 +288,9 @@ def activation_bytes(jaxpr) -> int:
     return peak_bytes(jaxpr, exclude=_output_bound(jaxpr))
 
 
-def _routed_experts_memory(cfg: ModelConfig, rows: int, experts: int) -> tuple[int, int]:
+def _routed_experts_memory(cfg: ModelConfig, runtime: RuntimeConfig, rows: int, experts: int) -> tuple[int, int]:
     """(bytes saved for the backward, peak bytes of forward + backward) of the routed experts
-    (``model.experts.routed_swiglu`` under ``cfg.remat``) on ``rows`` token rows and ``experts``
+    (``kernels.grouped.routed_swiglu`` under ``runtime.remat``) on ``rows`` token rows and ``experts``
     experts; inputs, weight gradients and dx not counted."""
     moe, cd = cfg.moe, jnp.dtype(cfg.compute_dtype)
     k, sds = moe.experts_per_token, jax.ShapeDtypeStruct
@@ -298,10 +301,11 @@ def _routed_experts_memory(cfg: ModelConfig, rows: int, experts: int) -> tuple[i
 
     def forward_backward(ids, *args, residuals=False):
         def fn(x, w, wg, wu, wd):
-            return routed_swiglu(x, w, ids, wg, wu, wd, impl=moe.impl, block=moe.block_rows)
+            return routed_swiglu(x, w, ids, wg, wu, wd, backend=runtime.grouped_matmul,
+                                 block=runtime.grouped_block_rows)
 
-        if cfg.remat != "none":
-            fn = jax.checkpoint(fn, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        if runtime.remat != "none":
+            fn = jax.checkpoint(fn, policy=REMAT_POLICIES[runtime.remat], prevent_cse=False)
         y, vjp_fn = jax.vjp(fn, *args)
         if not residuals:
             return vjp_fn(y)
@@ -313,7 +317,7 @@ def _routed_experts_memory(cfg: ModelConfig, rows: int, experts: int) -> tuple[i
     return sum(nbytes(v) for v, new in zip(leaves, fresh) if new), activation_bytes(jaxpr)
 
 
-def expert_island_bytes(local: ModelConfig, layout: Layout, tokens: int) -> tuple[int, int]:
+def expert_island_bytes(local: ModelConfig, runtime: RuntimeConfig, layout: Layout, tokens: int) -> tuple[int, int]:
     """(per MoE layer saved, transient) bytes the expert-parallel island adds to the local trace,
     which has this device's M tokens on all E experts. Either may be negative.
 
@@ -329,13 +333,13 @@ def expert_island_bytes(local: ModelConfig, layout: Layout, tokens: int) -> tupl
     if n == 1 or not local.num_moe_layers or layout.axis("expert") not in (layout.axis("batch"), layout.axis("length")):
         return 0, 0
     row, k = local.d_model * jnp.dtype(local.compute_dtype).itemsize, local.moe.experts_per_token
-    saved_1, peak_1 = _routed_experts_memory(local, tokens, e)
-    if local.moe.expert_dispatch == "ring":
-        step_peak = _routed_experts_memory(dataclasses.replace(local, remat="none"), tokens, e // n)[1]
+    saved_1, peak_1 = _routed_experts_memory(local, runtime, tokens, e)
+    if DISPATCH.resolve(runtime.expert_dispatch) == "ring":
+        step_peak = _routed_experts_memory(local, dataclasses.replace(runtime, remat="none"), tokens, e // n)[1]
         # Under remat the whole block is recomputed: the island keeps nothing across layers.
-        saved = tokens * (row + 8 * k) - saved_1 if local.remat == "none" else 0
+        saved = tokens * (row + 8 * k) - saved_1 if runtime.remat == "none" else 0
         return saved, step_peak - peak_1 + 2 * tokens * (3 * row + 12 * k)
-    saved_n, peak_n = _routed_experts_memory(local, n * tokens, e // n)
+    saved_n, peak_n = _routed_experts_memory(local, runtime, n * tokens, e // n)
     gathered = (n - 1) * tokens * (2 * row + 8 * k)
     return max(0, saved_n - saved_1), max(0, peak_n - peak_1) + gathered
 
@@ -359,12 +363,13 @@ def plan(cfg: Config, mesh: dict[str, int], strategy: str, batch: int, seq: int,
          serve_len: int | None = None, accelerator: bool = True) -> dict:
     """The plan as a dict: ``bytes`` per device, ``saved_per_layer`` (bytes), shapes and assumptions.
 
-    ``accelerator`` plans the TPU/GPU program (``moe.impl`` "auto" means ragged_dot there); False
-    plans what the current backend compiles (on CPU the blocked grouped matmul), as the tests do."""
+    ``accelerator`` plans the TPU/GPU program (``runtime.grouped_matmul`` "auto" means ragged_dot there);
+    False plans what the current backend compiles (on CPU the blocked grouped matmul), as the tests do."""
     layout = abstract_layout(mesh, strategy)
-    model, train, m = cfg.model, cfg.train, cfg.train.microbatches
-    if accelerator and model.moe.impl == "auto":
-        model = dataclasses.replace(model, moe=dataclasses.replace(model.moe, impl="ragged_dot"))
+    model, train, m, runtime = cfg.model, cfg.train, cfg.train.microbatches, cfg.runtime
+    if accelerator and runtime.grouped_matmul == "auto":
+        runtime = dataclasses.replace(runtime, grouped_matmul="ragged_dot")
+        cfg = dataclasses.replace(cfg, runtime=runtime)
     rows, tokens = local_rows(layout, batch, seq, m)
     local = local_model_config(model, layout)
     graph = abstract_model(model)
@@ -380,7 +385,7 @@ def plan(cfg: Config, mesh: dict[str, int], strategy: str, batch: int, seq: int,
                            max(1, train.loss_chunk_tokens // split))
     counts = {"dense": model.num_dense_layers, "moe": model.num_moe_layers}
     saved = saved_per_layer(jaxpr, counts)
-    island_saved, island_transient = expert_island_bytes(local, layout, rows * tokens)
+    island_saved, island_transient = expert_island_bytes(local, runtime, layout, rows * tokens)
     if island_saved and "moe" in saved:
         saved["moe"] += island_saved
     b["expert_island"] = island_saved * counts["moe"] + island_transient
@@ -396,8 +401,8 @@ def plan(cfg: Config, mesh: dict[str, int], strategy: str, batch: int, seq: int,
     return {
         "config": cfg.name, "mesh": mesh, "devices": math.prod(mesh.values()), "strategy": strategy,
         "batch": batch, "seq": seq, "microbatches": m, "local_rows": rows, "local_seq": tokens,
-        "loss_chunks": loss_chunks(batch // m, seq, train.loss_chunk_tokens), "remat": model.remat,
-        "param_dtype": model.param_dtype, "compute_dtype": model.compute_dtype, "moe_impl": model.moe.impl,
+        "loss_chunks": loss_chunks(batch // m, seq, train.loss_chunk_tokens), "remat": runtime.remat,
+        "param_dtype": model.param_dtype, "compute_dtype": model.compute_dtype, "grouped_matmul": runtime.grouped_matmul,
         "cache_dtype": cfg.serve.cache_dtype, "serve_batch": serve_batch, "serve_len": serve_len,
         "bytes": b, "saved_per_layer": saved, "convention": CONVENTION, "assumptions": ASSUMPTIONS,
     }

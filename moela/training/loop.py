@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from moela.configs import Config, ConfigError, load_json, save_json
 from moela.data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
+from moela.model.flops import CONVENTION, training_flops_per_token
 from moela.model.layers import dtype
+from moela.model.runtime import Runtime
 from moela.parallel import sharded
 from moela.parallel.layout import Layout, state_bytes
 from moela.parallel.mesh import MeshError, build_mesh
 from moela.parallel.rules import ShardingRuleError
-from moela.model.flops import CONVENTION, training_flops_per_token
 from moela.training.checkpoints import Checkpointer, abstract_like
 from moela.training.metrics import MetricsLog, peak_flops
 from moela.training.optim import learning_rate, optimizer
@@ -41,17 +42,23 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """A run directory belongs to one model: refuse to resume a different one into it."""
+def _check_run_dir(run_dir: Path, cfg: Config, log) -> None:
+    """A run directory belongs to one model (``model.*``): refuse to resume a different one into it.
+    How it is computed (``runtime.*``) may change from one start to the next."""
     path = run_dir / "config.json"
-    if path.exists():
-        try:
-            previous = load_json(path)
-        except ConfigError as e:
-            raise ConfigError(f"'{path}' is unreadable ({e}); choose another train.out_dir") from None
-        if previous.model != cfg.model:
-            raise ConfigError(f"train.out_dir '{run_dir}' holds a run of a different model; choose another "
-                              "train.out_dir (or delete the old run)")
+    if not path.exists():
+        return
+    try:
+        previous = load_json(path, log=log)
+    except ConfigError as e:
+        raise ConfigError(f"'{path}' is unreadable ({e}); choose another train.out_dir") from None
+    if previous.model != cfg.model:
+        raise ConfigError(f"train.out_dir '{run_dir}' holds a run of a different model; choose another "
+                          "train.out_dir (or delete the old run)")
+    changed = [f"runtime.{f.name}: {getattr(previous.runtime, f.name)!r} -> {getattr(cfg.runtime, f.name)!r}"
+               for f in dataclasses.fields(cfg.runtime) if getattr(previous.runtime, f.name) != getattr(cfg.runtime, f.name)]
+    if changed:
+        log(f"the run continues under another runtime: {'; '.join(changed)}")
 
 
 def _evaluate(eval_step, params, rest, rows, cfg: Config, sharding) -> dict:
@@ -106,15 +113,15 @@ def run(cfg: Config, log=print) -> dict:
     t = cfg.train
     run_dir = Path(t.out_dir)
     primary = jax.process_index() == 0
-    _check_run_dir(run_dir, cfg)
+    if not primary:
+        log = lambda *args, **kwargs: None  # noqa: E731 -- only process 0 reports
+    _check_run_dir(run_dir, cfg, log)
     layout = make_layout(cfg)
     rows_sharding = sharded.batch_sharding(layout)
     saved_tokenizer = run_dir / "tokenizer.model"
     if saved_tokenizer.is_file() and not cfg.data.tokenizer_model:
         # a resumed run keeps the tokenizer it started with, wherever it resumes
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_model=str(saved_tokenizer)))
-    if not primary:
-        log = lambda *args, **kwargs: None  # noqa: E731 -- only process 0 reports
     train_rows, tok, val_rows = _prepare_data(cfg, primary)
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,8 +146,9 @@ def run(cfg: Config, log=print) -> dict:
 
     batches = Batches(train_rows, t.global_batch_size, t.seed)
     span = process_span(rows_sharding, (t.global_batch_size, t.seq_len))
-    train_step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
-    eval_step = make_eval_step(graphdef, layout)
+    rt = Runtime(cfg.runtime, layout)
+    train_step = make_train_step(graphdef, cfg, tx, rt, state_shardings)
+    eval_step = make_eval_step(graphdef, rt)
     lr = learning_rate(t)
     flops = training_flops_per_token(cfg.model, t.seq_len)
     peak, peak_source = peak_flops(t.peak_flops, dtype(cfg.model.compute_dtype))

@@ -20,25 +20,25 @@ import optax
 from flax import nnx
 
 from moela.configs.schema import Config
+from moela.model.runtime import Runtime
 from moela.model.transformer import update_router_bias
-from moela.parallel.layout import Layout, use
 from moela.training.losses import head_loss, loss_chunks
 
 
-def loss_terms(graphdef, params, rest, batch):
+def loss_terms(graphdef, params, rest, batch, rt: Runtime = Runtime()):
     """(summed CE over the mask, summed logsumexp² over the mask, aux dict) of one (micro)batch."""
     model = nnx.merge(graphdef, params, rest)
-    logits_btn, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    logits_btn, aux = model(batch["inputs"], batch["positions"], batch["segment_ids"], rt=rt)
     ce_bt = optax.softmax_cross_entropy_with_integer_labels(logits_btn, batch["targets"])
     mask_bt = batch["loss_mask"]
     z_bt = jax.nn.logsumexp(logits_btn, axis=-1) ** 2
     return jnp.sum(ce_bt * mask_bt), jnp.sum(z_bt * mask_bt), aux
 
 
-def training_objective(graphdef, params, rest, batch, *, z_coef: float, chunk_tokens: int):
+def training_objective(graphdef, params, rest, batch, *, z_coef: float, chunk_tokens: int, rt: Runtime = Runtime()):
     """(Σ mask·(CE + z_coef·lse²), summed CE, summed lse², aux) of one (micro)batch via ``head_loss``."""
     model = nnx.merge(graphdef, params, rest)
-    x_btd, aux = model.features(batch["inputs"], batch["positions"], batch["segment_ids"])
+    x_btd, aux = model.features(batch["inputs"], batch["positions"], batch["segment_ids"], rt=rt)
     w, layout = model.output_weight()
     b, t = batch["inputs"].shape
     objective, stats = head_loss(x_btd, w, batch["targets"], batch["loss_mask"], z_coef=z_coef,
@@ -52,27 +52,23 @@ def split_microbatches(batch, m: int):
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), batch)
 
 
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, layout: Layout | None = None,
+def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, rt: Runtime = Runtime(),
                     state_shardings=None):
     """The jitted step (params, rest, opt_state, batch) -> (params, rest, opt_state, metrics).
 
-    With a ``layout`` the step is traced under it (activation constraints, ring attention,
-    expert dispatch) and ``state_shardings`` = (params, rest, opt_state) shardings pin the
-    outputs to the layout the inputs came in."""
+    The model runs under ``rt`` (its kernel backends and remat, and on a mesh the partitioner's
+    activation constraints, ring attention and expert dispatch); ``state_shardings`` =
+    (params, rest, opt_state) shardings pin the outputs to the layout the inputs came in."""
     t, moe = cfg.train, cfg.model.moe
     m = t.microbatches
 
     def step(params, rest, opt_state, batch):
-        with use(layout):
-            return _step(params, rest, opt_state, batch)
-
-    def _step(params, rest, opt_state, batch):
         tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
 
         def micro_step(mb):
             def objective(p):
                 obj, ce, z, aux = training_objective(graphdef, p, rest, mb, z_coef=t.z_loss,
-                                                     chunk_tokens=t.loss_chunk_tokens)
+                                                     chunk_tokens=t.loss_chunk_tokens, rt=rt)
                 return obj / tokens + aux["aux_loss"] / m, (ce, z, aux)
 
             (_, (ce, z, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -104,10 +100,9 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, lay
     return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
 
 
-def make_eval_step(graphdef, layout: Layout | None = None):
+def make_eval_step(graphdef, rt: Runtime = Runtime()):
     def evaluate(params, rest, batch):
-        with use(layout):
-            ce, _, _ = loss_terms(graphdef, params, rest, batch)
+        ce, _, _ = loss_terms(graphdef, params, rest, batch, rt)
         return ce, jnp.sum(batch["loss_mask"])
 
     return jax.jit(evaluate)

@@ -1,6 +1,6 @@
 """deepseek_v2_lite: DeepSeek-V2-Lite (15.7B total, 2.4B active; softmax routing, no q-LoRA)."""
 
-from moela.configs.schema import AttentionConfig, Config, ModelConfig, MoEConfig, RopeConfig, TrainConfig
+from moela.configs.schema import AttentionConfig, Config, ModelConfig, MoEConfig, RopeConfig, RuntimeConfig, TrainConfig
 
 
 def get_config() -> Config:
@@ -9,7 +9,7 @@ def get_config() -> Config:
         model=ModelConfig(
             vocab_size=102400, d_model=2048, num_layers=27, first_k_dense=1, d_ff=10944,
             max_seq_len=163840, init_std=0.006, norm_eps=1e-6,
-            param_dtype="bfloat16", compute_dtype="bfloat16", remat="full",
+            param_dtype="bfloat16", compute_dtype="bfloat16",
             attention=AttentionConfig(
                 kind="mla", num_heads=16, q_lora_rank=0, kv_lora_rank=512,
                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
@@ -24,5 +24,6 @@ def get_config() -> Config:
                 norm_topk_prob=False, routed_scaling_factor=1.0,
             ),
         ),
+        runtime=RuntimeConfig(remat="full"),
         train=TrainConfig(global_batch_size=4608, seq_len=4096, learning_rate=4.2e-4, out_dir="runs/deepseek_v2_lite"),
     )

@@ -4,7 +4,7 @@ Never instantiated in tests except abstractly (``jax.eval_shape``); use it for p
 counts, memory planning, and as the target of ``model.hf_import`` for the real weights.
 """
 
-from moela.configs.schema import AttentionConfig, Config, ModelConfig, MoEConfig, RopeConfig, TrainConfig
+from moela.configs.schema import AttentionConfig, Config, ModelConfig, MoEConfig, RopeConfig, RuntimeConfig, TrainConfig
 
 
 def get_config() -> Config:
@@ -13,7 +13,7 @@ def get_config() -> Config:
         model=ModelConfig(
             vocab_size=129280, d_model=7168, num_layers=61, first_k_dense=3, d_ff=18432,
             max_seq_len=163840, init_std=0.006, norm_eps=1e-6,
-            param_dtype="bfloat16", compute_dtype="bfloat16", remat="full",
+            param_dtype="bfloat16", compute_dtype="bfloat16",
             attention=AttentionConfig(
                 kind="mla", num_heads=128, q_lora_rank=1536, kv_lora_rank=512,
                 qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
@@ -28,5 +28,6 @@ def get_config() -> Config:
                 norm_topk_prob=True, routed_scaling_factor=2.5, bias_update_rate=1e-3, seq_aux_loss_coef=1e-4,
             ),
         ),
+        runtime=RuntimeConfig(remat="full"),
         train=TrainConfig(global_batch_size=15360, seq_len=4096, learning_rate=2.2e-4, out_dir="runs/deepseek_v3"),
     )

@@ -19,8 +19,7 @@ from moela.scaling.family import Family, ShapeRule, mla_attention, round_up
 def build(base: ModelConfig, n_layers: int, d_model: int) -> ModelConfig:
     head_dim = 64 if d_model >= 128 else 32
     return dataclasses.replace(base, num_layers=n_layers, d_model=d_model, d_ff=round_up(8 * d_model / 3, 32),
-                               attention=dataclasses.replace(mla_attention(d_model, head_dim=head_dim),
-                                                             impl=base.attention.impl))
+                               attention=mla_attention(d_model, head_dim=head_dim))
 
 
 def get_family() -> Family:

@@ -14,7 +14,7 @@ from moela.scaling.family import Family, ShapeRule, mla_attention, round_up
 
 def build(base: ModelConfig, n_layers: int, d_model: int) -> ModelConfig:
     return dataclasses.replace(base, num_layers=n_layers, d_model=d_model, d_ff=round_up(8 * d_model / 3, 64),
-                               attention=dataclasses.replace(mla_attention(d_model), impl=base.attention.impl))
+                               attention=mla_attention(d_model))
 
 
 def get_family() -> Family:
