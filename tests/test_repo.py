@@ -91,7 +91,8 @@ LINKED = re.compile(r"\]\(([^)#\s]+)")
 def test_documents_name_only_files_in_the_repository():
     """A backticked path into the repository (``moela/...``, ``bench/...``, ``docs/...``) and every
     relative link must name something that exists; outputs (``runs/...``) are not checked."""
-    tops = {p.name for p in ROOT.iterdir() if p.name != ".git"}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    tops = {name.split("/")[0] for name in tracked}  # runs/ and other outputs are not tracked
     missing = []
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         text = doc.read_text()
