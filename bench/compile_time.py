@@ -52,12 +52,21 @@ def main() -> None:
     for n in [int(x) for x in args.layers.split(",")]:
         cfg = load(args.config, [f"model.num_layers={n}"]).model
         runs = [measure(cfg, args.batch, args.seq) for _ in range(args.repeats)]
-        print(json.dumps({
-            "bench": "compile_time", "config": args.config, "layers": n, "repeats": args.repeats,
-            "lower_s_median": round(statistics.median(r["lower_s"] for r in runs), 3),
-            "compile_s_median": round(statistics.median(r["compile_s"] for r in runs), 3),
-            "hlo_chars": runs[0]["hlo_chars"], "backend": jax.default_backend(),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "compile_time",
+                    "config": args.config,
+                    "layers": n,
+                    "repeats": args.repeats,
+                    "lower_s_median": round(statistics.median(r["lower_s"] for r in runs), 3),
+                    "compile_s_median": round(statistics.median(r["compile_s"] for r in runs), 3),
+                    "hlo_chars": runs[0]["hlo_chars"],
+                    "backend": jax.default_backend(),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

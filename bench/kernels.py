@@ -78,7 +78,7 @@ def segments(b, t, s, doc):
     if not doc:
         return None, None
     ids = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32) // doc, (b, s))
-    return ids[:, s - t:], ids
+    return ids[:, s - t :], ids
 
 
 def tpu_blocks(t, s, causal, doc, bq, bk, over):
@@ -86,8 +86,7 @@ def tpu_blocks(t, s, causal, doc, bq, bk, over):
     kernel, from its own tables: the body runs where causal visibility and segment ranges
     meet; the index maps fetch each block in [first, last] once (a whole empty range: one)."""
     q_seg, kv_seg = segments(1, t, s, doc)
-    geo = flash_tpu._Geometry(t, s, fit_block(t, bq, SUBLANES), fit_block(s, bk, LANES), causal,
-                              doc > 0, 1.0)
+    geo = flash_tpu._Geometry(t, s, fit_block(t, bq, SUBLANES), fit_block(s, bk, LANES), causal, doc > 0, 1.0)
     tb = flash_tpu._Tables.build(q_seg, kv_seg, geo, 1, over=over)
     q_lo, q_hi, kv_lo, kv_hi = (np.asarray(x[0]) for x in (tb.q_lo, tb.q_hi, tb.kv_lo, tb.kv_hi))
     i, j = np.arange(geo.nq)[:, None], np.arange(geo.nk)[None, :]
@@ -136,14 +135,21 @@ def cost(shape, target, dtype_bytes=2):
         "flash_fwd": dict(
             useful=2 * pairs * (dk + dv) * heads,
             executed=2 * fwd_n * fwd.bq * fwd.bk * (dkp + dvp) * heads,
-            bytes=heads * (t * dkp * e + fwd_f * fwd.bk * (dkp + dvp) * e + t * dvp * e + t * lse_width * 4)),
+            bytes=heads * (t * dkp * e + fwd_f * fwd.bk * (dkp + dvp) * e + t * dvp * e + t * lse_width * 4),
+        ),
         "flash_bwd": dict(
             useful=pairs * (8 * dk + 6 * dv) * heads,
-            executed=heads * (dq_n * dq.bq * dq.bk * (4 * dkp + 2 * dvp)
-                              + dkv_n * dkv.bq * dkv.bk * (4 * dkp + 4 * dvp)),
-            bytes=heads * (t * (2 * dkp + dvp) * e + t * row_stats + dq_f * dq.bk * (dkp + dvp) * e  # dq kernel
-                           + dkv_f * dkv.bq * ((dkp + dvp) * e + row_stats))  # dk/dv: q, dO, stats per visit
-            + b * g * 2 * s * (dkp + dvp) * e),  # dk/dv: K, V read and dK, dV written once per kv head
+            executed=heads
+            * (dq_n * dq.bq * dq.bk * (4 * dkp + 2 * dvp) + dkv_n * dkv.bq * dkv.bk * (4 * dkp + 4 * dvp)),
+            bytes=heads
+            * (
+                t * (2 * dkp + dvp) * e
+                + t * row_stats
+                + dq_f * dq.bk * (dkp + dvp) * e  # dq kernel
+                + dkv_f * dkv.bq * ((dkp + dvp) * e + row_stats)
+            )  # dk/dv: q, dO, stats per visit
+            + b * g * 2 * s * (dkp + dvp) * e,
+        ),  # dk/dv: K, V read and dK, dV written once per kv head
     }
     out["flash_fwd_bwd"] = {key: out["flash_fwd"][key] + out["flash_bwd"][key] for key in out["flash_fwd"]}
     return out, pairs
@@ -155,8 +161,16 @@ def measure(shape, repeats):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal(x), jnp.float32) for x in ((b, t, h, dk), (b, s, g, dk), (b, s, g, dv)))
     q_seg, kv_seg = segments(b, t, s, doc)
-    attend = lambda q, k, v: kernels.attention(q, k, v, scale=dk ** -0.5, causal=causal, q_segment_ids=q_seg,  # noqa: E731
-                                               kv_segment_ids=kv_seg, backend="xla")[0]
+    attend = lambda q, k, v: kernels.attention(
+        q,
+        k,
+        v,
+        scale=dk**-0.5,
+        causal=causal,
+        q_segment_ids=q_seg,  # noqa: E731
+        kv_segment_ids=kv_seg,
+        backend="xla",
+    )[0]
     fwd = jax.jit(attend)
     both = jax.jit(lambda q, k, v: jax.grad(lambda *a: jnp.sum(attend(*a) ** 2), argnums=(0, 1, 2))(q, k, v))
     times = []
@@ -192,8 +206,13 @@ def plot(rows, path):
         ax.scatter(r["intensity_flop_per_byte"], tflops, color=colors[r["chip"]], marker=markers[r["kernel"]], s=25)
     for kernel, marker in markers.items():
         ax.scatter([], [], color="gray", marker=marker, label=kernel)
-    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (executed FLOP / HBM byte)",
-           ylabel="roofline TFLOP/s (bf16)", title="moela flash-attention kernels at training shapes (model)")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="arithmetic intensity (executed FLOP / HBM byte)",
+        ylabel="roofline TFLOP/s (bf16)",
+        title="moela flash-attention kernels at training shapes (model)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -229,26 +248,39 @@ def main(argv=None):
             for kernel, c in costs.items():
                 compute_s, memory_s = c["executed"] / peak, c["bytes"] / bandwidth
                 cpu_ms = {"flash_fwd": measured[0], "flash_fwd_bwd": measured[1]}.get(kernel)
-                row = {"bench": "flash_kernel", "kernel": kernel, "shape": name, "target": target, "chip": chip,
-                       "B,T,S,H,G,Dqk,Dv": list(shape[:7]), "causal": shape[7], "doc_len": shape[8],
-                       "visible_pairs_per_head": pairs, "useful_gflop": round(c["useful"] / 1e9, 3),
-                       "executed_gflop": round(c["executed"] / 1e9, 3), "mbytes": round(c["bytes"] / 1e6, 3),
-                       "intensity_flop_per_byte": round(c["executed"] / c["bytes"], 1),
-                       "roofline_us": round(1e6 * max(compute_s, memory_s), 2),
-                       "bound": "compute" if compute_s >= memory_s else "memory",
-                       "cpu_xla_f32_ms": None if cpu_ms is None else round(cpu_ms, 2)}
+                row = {
+                    "bench": "flash_kernel",
+                    "kernel": kernel,
+                    "shape": name,
+                    "target": target,
+                    "chip": chip,
+                    "B,T,S,H,G,Dqk,Dv": list(shape[:7]),
+                    "causal": shape[7],
+                    "doc_len": shape[8],
+                    "visible_pairs_per_head": pairs,
+                    "useful_gflop": round(c["useful"] / 1e9, 3),
+                    "executed_gflop": round(c["executed"] / 1e9, 3),
+                    "mbytes": round(c["bytes"] / 1e6, 3),
+                    "intensity_flop_per_byte": round(c["executed"] / c["bytes"], 1),
+                    "roofline_us": round(1e6 * max(compute_s, memory_s), 2),
+                    "bound": "compute" if compute_s >= memory_s else "memory",
+                    "cpu_xla_f32_ms": None if cpu_ms is None else round(cpu_ms, 2),
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.plot:
         plot(rows, args.plot)
     if not args.json_only:
-        print("\n| kernel | shape | target | useful / executed GFLOP | MB | FLOP/B | roofline µs | bound "
-              "| CPU xla ms |")
+        print(
+            "\n| kernel | shape | target | useful / executed GFLOP | MB | FLOP/B | roofline µs | bound | CPU xla ms |"
+        )
         print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             cpu = "" if r["cpu_xla_f32_ms"] is None else r["cpu_xla_f32_ms"]
-            print(f"| {r['kernel']} | {r['shape']} | {r['chip']} | {r['useful_gflop']} / {r['executed_gflop']} | "
-                  f"{r['mbytes']} | {r['intensity_flop_per_byte']} | {r['roofline_us']} | {r['bound']} | {cpu} |")
+            print(
+                f"| {r['kernel']} | {r['shape']} | {r['chip']} | {r['useful_gflop']} / {r['executed_gflop']} | "
+                f"{r['mbytes']} | {r['intensity_flop_per_byte']} | {r['roofline_us']} | {r['bound']} | {cpu} |"
+            )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ import time
 from moela.parallel.host import fast_allocator
 
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -65,12 +63,24 @@ def main() -> None:
             results.setdefault((impl, "forward_backward"), []).append(timed(bwd, moe, x, repeats=args.repeats))
     gflops_after = calibrate()
     for (impl, kind), samples in results.items():
-        print(json.dumps({
-            "bench": "moe_grouped_matmul", "config": args.config, "impl": impl, "pass": kind,
-            "tokens": args.tokens, "experts": cfg.moe.num_experts, "top_k": cfg.moe.experts_per_token,
-            "d_model": cfg.d_model, "d_ff": cfg.moe.d_ff, "median_ms": round(1e3 * statistics.median(samples), 2),
-            "calibration_gflops": [round(gflops_before), round(gflops_after)], "backend": jax.default_backend(),
-        }))
+        print(
+            json.dumps(
+                {
+                    "bench": "moe_grouped_matmul",
+                    "config": args.config,
+                    "impl": impl,
+                    "pass": kind,
+                    "tokens": args.tokens,
+                    "experts": cfg.moe.num_experts,
+                    "top_k": cfg.moe.experts_per_token,
+                    "d_model": cfg.d_model,
+                    "d_ff": cfg.moe.d_ff,
+                    "median_ms": round(1e3 * statistics.median(samples), 2),
+                    "calibration_gflops": [round(gflops_before), round(gflops_after)],
+                    "backend": jax.default_backend(),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -94,14 +94,22 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in samples.items()}
     for name in names:
         first, param_mib, opt_mib = info[name]
-        record = {"bench": "parallel_step", "config": args.config, "strategy": name,
-                  "mesh": dict(zip(("data", "tensor", "sequence"), MESHES[name])), "batch": args.batch,
-                  "seq": args.seq, "step_s_median": round(medians[name], 4),
-                  "tokens_per_s": round(args.batch * args.seq / medians[name], 1),
-                  "param_mib_per_device": round(param_mib, 2), "opt_state_mib_per_device": round(opt_mib, 2),
-                  "first_step_s (compile)": round(first, 2), "samples": len(samples[name]),
-                  "devices": "8 fake CPU devices on one host: times show overheads only",
-                  "allocator": active_allocator()}
+        record = {
+            "bench": "parallel_step",
+            "config": args.config,
+            "strategy": name,
+            "mesh": dict(zip(("data", "tensor", "sequence"), MESHES[name])),
+            "batch": args.batch,
+            "seq": args.seq,
+            "step_s_median": round(medians[name], 4),
+            "tokens_per_s": round(args.batch * args.seq / medians[name], 1),
+            "param_mib_per_device": round(param_mib, 2),
+            "opt_state_mib_per_device": round(opt_mib, 2),
+            "first_step_s (compile)": round(first, 2),
+            "samples": len(samples[name]),
+            "devices": "8 fake CPU devices on one host: times show overheads only",
+            "allocator": active_allocator(),
+        }
         if "dp" in medians:
             record["step_time_vs_dp"] = round(medians[name] / medians["dp"], 3)
         print(json.dumps(record), flush=True)

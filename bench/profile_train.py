@@ -95,11 +95,20 @@ def main() -> None:
     groups: dict[str, float] = collections.defaultdict(float)
     for name, (ms, _) in per_step.items():
         groups[category(name)] += ms
-    print(json.dumps({"bench": "train_step_profile", "config": args.config, "batch": args.batch, "seq": args.seq,
-                      "step_s_median": round(statistics.median(wall), 4),
-                      "self_ms_per_step": {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda x: -x[1])},
-                      "trace": str(trace_file)}))
-    for name, (ms, calls) in sorted(per_step.items(), key=lambda x: -x[1][0])[:args.top]:
+    print(
+        json.dumps(
+            {
+                "bench": "train_step_profile",
+                "config": args.config,
+                "batch": args.batch,
+                "seq": args.seq,
+                "step_s_median": round(statistics.median(wall), 4),
+                "self_ms_per_step": {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda x: -x[1])},
+                "trace": str(trace_file),
+            }
+        )
+    )
+    for name, (ms, calls) in sorted(per_step.items(), key=lambda x: -x[1][0])[: args.top]:
         print(f"{ms:9.1f} ms/step {calls:6.0f} calls  {category(name):18s} {name}")
 
 

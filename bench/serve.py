@@ -83,8 +83,9 @@ def step_weight_bytes(model, batch: int) -> float:
 
 def serve_cfg(base, batch: int, tokens: int):
     pages = batch * -(-tokens // 16) + 8
-    return dataclasses.replace(base, serve=ServeConfig(page_size=16, num_pages=pages, max_batch=max(batch, 1),
-                                                       max_batched_tokens=512))
+    return dataclasses.replace(
+        base, serve=ServeConfig(page_size=16, num_pages=pages, max_batch=max(batch, 1), max_batched_tokens=512)
+    )
 
 
 def decode_steps(model, cfg, batch: int, prompt_len: int, steps: int) -> tuple[list[float], int]:
@@ -107,6 +108,8 @@ def decode_steps(model, cfg, batch: int, prompt_len: int, steps: int) -> tuple[l
             pass
     times = [b[0] - a[0] for a, b in zip(marks, marks[1:]) if a[1] and b[1]]
     return times, prompt_len + steps // 2
+
+
 def moela_generate_time(model, cfg, prompts: list[list[int]], new_tokens: int, capacity: int, step=None):
     """(wall time of ``Engine.generate``, the engine's compiled step). A fresh cache of ``capacity``
     tokens per sequence: the same shapes whatever ``new_tokens``, so with the compiled step of an
@@ -135,8 +138,15 @@ def hf_generate_time(hf_model, prompts: list[list[int]], new_tokens: int) -> flo
     ids = torch.tensor(prompts, dtype=torch.long)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                                min_new_tokens=new_tokens, pad_token_id=0, use_cache=True)
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=0,
+            use_cache=True,
+        )
     elapsed = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + new_tokens
     return elapsed
@@ -151,8 +161,11 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hf-tokens", type=int, default=32, help="decode tokens per generate() in the comparison")
-    parser.add_argument("--hf-prompt-lens", default="128,1024",
-                        help="prompt lengths of the transformers comparison (its per-step cost grows with context)")
+    parser.add_argument(
+        "--hf-prompt-lens",
+        default="128,1024",
+        help="prompt lengths of the transformers comparison (its per-step cost grows with context)",
+    )
     parser.add_argument("--nocache-tokens", type=int, default=256)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-nocache", action="store_true")
@@ -162,8 +175,12 @@ def main() -> None:
     bandwidth = measure_bandwidth()
     emit("bandwidth", bytes_per_s=round(bandwidth), allocator=active_allocator(), platform=jax.default_backend())
     kv = bytes_per_token(cfg.model)
-    emit("kv_bytes", per_token_latent=kv["stored"], per_token_expanded_kv=kv["expanded_kv"],
-         ratio=round(kv["expanded_kv"] / kv["stored"], 2))
+    emit(
+        "kv_bytes",
+        per_token_latent=kv["stored"],
+        per_token_expanded_kv=kv["expanded_kv"],
+        ratio=round(kv["expanded_kv"] / kv["stored"], 2),
+    )
 
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, cfg.model.vocab_size, args.prefill_len).tolist()
@@ -175,8 +192,12 @@ def main() -> None:
         engine.step()
         times.append(time.perf_counter() - t0)
         engine.scheduler.finish(engine.scheduler.running[0])
-    emit("prefill", tokens=args.prefill_len, step_s=round(statistics.median(times[1:]), 4),
-         tokens_per_s=round(args.prefill_len / statistics.median(times[1:]), 1))
+    emit(
+        "prefill",
+        tokens=args.prefill_len,
+        step_s=round(statistics.median(times[1:]), 4),
+        tokens_per_s=round(args.prefill_len / statistics.median(times[1:]), 1),
+    )
 
     for batch in [int(b) for b in args.batches.split(",")]:
         times, context = decode_steps(model, cfg, batch, args.prompt_len, args.decode_steps)
@@ -184,9 +205,16 @@ def main() -> None:
         weights = step_weight_bytes(model, batch)
         cache = batch * context * kv["stored"]
         floor = (weights + cache) / bandwidth
-        emit("decode", batch=batch, context=context, step_s=round(step, 5), tokens_per_s=round(batch / step, 1),
-             bytes_per_step=round(weights + cache), roofline_step_s=round(floor, 5),
-             x_roofline=round(step / floor, 2))
+        emit(
+            "decode",
+            batch=batch,
+            context=context,
+            step_s=round(step, 5),
+            tokens_per_s=round(batch / step, 1),
+            bytes_per_step=round(weights + cache),
+            roofline_step_s=round(floor, 5),
+            x_roofline=round(step / floor, 2),
+        )
 
     if not args.no_torch:
         hf_model = hf_model_for(cfg)
@@ -197,12 +225,18 @@ def main() -> None:
             ours, theirs = [], []
             for _ in range(args.rounds):
                 ours.append(8 / statistics.median(decode_steps(model, cfg, 8, prompt_len, n)[0]))
-                theirs.append(8 * n / (hf_generate_time(hf_model, prompts, 1 + n)
-                                       - hf_generate_time(hf_model, prompts, 1)))
-            emit("vs_transformers", batch=8, prompt=prompt_len, new_tokens=n,
-                 moela_decode_tokens_per_s=round(statistics.median(ours), 1),
-                 transformers_decode_tokens_per_s=round(statistics.median(theirs), 1),
-                 ratio=round(statistics.median([a / b for a, b in zip(ours, theirs)]), 2))
+                theirs.append(
+                    8 * n / (hf_generate_time(hf_model, prompts, 1 + n) - hf_generate_time(hf_model, prompts, 1))
+                )
+            emit(
+                "vs_transformers",
+                batch=8,
+                prompt=prompt_len,
+                new_tokens=n,
+                moela_decode_tokens_per_s=round(statistics.median(ours), 1),
+                transformers_decode_tokens_per_s=round(statistics.median(theirs), 1),
+                ratio=round(statistics.median([a / b for a, b in zip(ours, theirs)]), 2),
+            )
 
     if not args.no_nocache:
         n = args.nocache_tokens
@@ -213,8 +247,15 @@ def main() -> None:
         t0 = time.perf_counter()
         greedy_reference(model, prompt, n)
         t_loop = time.perf_counter() - t0
-        emit("vs_no_cache", batch=1, prompt=32, new_tokens=n, engine_s=round(t_engine, 2), no_cache_s=round(t_loop, 2),
-             ratio=round(t_loop / t_engine, 2))
+        emit(
+            "vs_no_cache",
+            batch=1,
+            prompt=32,
+            new_tokens=n,
+            engine_s=round(t_engine, 2),
+            no_cache_s=round(t_loop, 2),
+            ratio=round(t_loop / t_engine, 2),
+        )
 
 
 if __name__ == "__main__":

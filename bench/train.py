@@ -68,8 +68,10 @@ def main() -> None:
     args = parser.parse_args()
     base = load(args.config, [f"train.global_batch_size={args.batch}", f"train.seq_len={args.seq}"])
     batch = synthetic_batch(base.model.vocab_size, args.batch, args.seq)
-    ceilings = {"float32": [measure_matmul_flops(jnp.float32, 2048)],
-                "bfloat16": [measure_matmul_flops(jnp.bfloat16, 2048)]}
+    ceilings = {
+        "float32": [measure_matmul_flops(jnp.float32, 2048)],
+        "bfloat16": [measure_matmul_flops(jnp.bfloat16, 2048)],
+    }
     runners = {}
     for dt in ("float32", "bfloat16"):
         cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, compute_dtype=dt))
@@ -78,8 +80,10 @@ def main() -> None:
         try:
             runners[("transformers", "float32")] = torch_stepper(base, batch)
         except ImportError as e:  # the comparison is the point: say so, never skip it silently
-            raise SystemExit(f"error: transformers' DeepseekV3 cannot run here ({type(e).__name__}: {e}); install "
-                             "the test extras (pip install -e '.[test]') or pass --no-torch to time moela alone")
+            raise SystemExit(
+                f"error: transformers' DeepseekV3 cannot run here ({type(e).__name__}: {e}); install "
+                "the test extras (pip install -e '.[test]') or pass --no-torch to time moela alone"
+            )
     samples: dict = {key: [] for key in runners}
     for _ in range(args.rounds):
         for key, (run, _) in runners.items():
@@ -96,12 +100,19 @@ def main() -> None:
         tps = tokens_per_step / step_s
         ceiling = max(ceilings[dt])
         record = {
-            "bench": "train_step", "config": args.config, "impl": impl, "dtype": dt, "batch": args.batch,
-            "seq": args.seq, "step_s_median": round(step_s, 4), "tokens_per_s": round(tps, 1),
+            "bench": "train_step",
+            "config": args.config,
+            "impl": impl,
+            "dtype": dt,
+            "batch": args.batch,
+            "seq": args.seq,
+            "step_s_median": round(step_s, 4),
+            "tokens_per_s": round(tps, 1),
             "model_tflops_per_s": round(flops * tps / 1e12, 4),
             "mfu_vs_measured_ceiling": round(flops * tps / ceiling, 4),
             "ceiling_gflops_before_after": [round(c / 1e9) for c in ceilings[dt]],
-            "first_step_s (compile)": round(runners[(impl, dt)][1], 2), "samples": len(samples[(impl, dt)]),
+            "first_step_s (compile)": round(runners[(impl, dt)][1], 2),
+            "samples": len(samples[(impl, dt)]),
             "allocator": active_allocator(),
         }
         if impl == "moela" and ("transformers", "float32") in medians:

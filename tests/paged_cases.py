@@ -19,9 +19,9 @@ from moela.kernels.paged import RowFormat
 
 @dataclasses.dataclass
 class Case:
-    q: np.ndarray          # [T, H, K]
-    pool: np.ndarray       # [L, N, P, G, W]
-    kv_lens: np.ndarray    # [S]
+    q: np.ndarray  # [T, H, K]
+    pool: np.ndarray  # [L, N, P, G, W]
+    kv_lens: np.ndarray  # [S]
     page_table: np.ndarray  # [S, M]
     cu_q_lens: np.ndarray  # [S + 1]
     num_seqs: int
@@ -33,9 +33,21 @@ class Case:
         return (self.q, self.pool, self.kv_lens, self.page_table, self.cu_q_lens, self.num_seqs, self.layer)
 
 
-def make_case(seqs: list[tuple[int, int]], *, heads: int, kv_heads: int, fmt: RowFormat, page_size: int,
-              layers: int = 2, layer: int = 1, pad_tokens: int = 0, pad_seqs: int = 0, extra_pages: int = 3,
-              dtype=np.float32, seed: int = 0) -> Case:
+def make_case(
+    seqs: list[tuple[int, int]],
+    *,
+    heads: int,
+    kv_heads: int,
+    fmt: RowFormat,
+    page_size: int,
+    layers: int = 2,
+    layer: int = 1,
+    pad_tokens: int = 0,
+    pad_seqs: int = 0,
+    extra_pages: int = 3,
+    dtype=np.float32,
+    seed: int = 0,
+) -> Case:
     """``seqs`` = [(kv_len, q_len)]; ``pad_tokens``/``pad_seqs`` add padding past the real batch."""
     rng = np.random.default_rng(seed)
     need = [-(-kv // page_size) for kv, _ in seqs]
@@ -46,10 +58,10 @@ def make_case(seqs: list[tuple[int, int]], *, heads: int, kv_heads: int, fmt: Ro
     order = rng.permutation(n)
     s_total = len(seqs) + pad_seqs
     page_table = np.zeros((s_total, m), np.int32)
-    spare = order[sum(need):]
+    spare = order[sum(need) :]
     taken = 0
     for i, ((kv, _), k) in enumerate(zip(seqs, need)):
-        pages = order[taken:taken + k]
+        pages = order[taken : taken + k]
         taken += k
         page_table[i, :k] = pages
         # unused entries: a NaN page, or an id past the pool
@@ -64,8 +76,7 @@ def make_case(seqs: list[tuple[int, int]], *, heads: int, kv_heads: int, fmt: Ro
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     t = int(cu[-1]) + pad_tokens
     q = rng.standard_normal((t, heads, fmt.k_dim)).astype(np.float32)
-    return Case(q.astype(dtype), pool.astype(dtype), kv_lens, page_table, cu, len(seqs), layer, fmt,
-                fmt.k_dim ** -0.5)
+    return Case(q.astype(dtype), pool.astype(dtype), kv_lens, page_table, cu, len(seqs), layer, fmt, fmt.k_dim**-0.5)
 
 
 def dense_expected(case: Case) -> np.ndarray:
@@ -80,14 +91,14 @@ def dense_expected(case: Case) -> np.ndarray:
             continue
         rows = np.stack([case.pool[case.layer, case.page_table[s, j // p], j % p] for j in range(kv)])
         rows = rows.astype(np.float32)
-        k = rows[..., :fmt.k_dim][None]
-        v = rows[..., fmt.v_offset:fmt.v_offset + fmt.v_dim][None]
+        k = rows[..., : fmt.k_dim][None]
+        v = rows[..., fmt.v_offset : fmt.v_offset + fmt.v_dim][None]
         o, _ = dense.attention(case.q[None, lo:hi].astype(np.float32), k, v, scale=case.scale, causal=True)
         out[lo:hi] = np.asarray(o[0])
     return out
 
 
-MLA_SMALL = RowFormat.mla(32, 16)   # kv_lora 32 + rope 16
+MLA_SMALL = RowFormat.mla(32, 16)  # kv_lora 32 + rope 16
 GQA_SMALL = RowFormat.gqa(32)
 
 # (name, seqs [(kv_len, q_len)]): decode-only, prefill-only, mixed, with long context

@@ -36,8 +36,11 @@ def naive_attention(q, k, v, *, scale, causal, q_seg=None, kv_seg=None):
             gi = hi // per_kv  # query head hi reads kv head hi // (H/G)
             for ti in range(t):
                 pos = ti + s - t
-                keys = [si for si in range(s)
-                        if (not causal or si <= pos) and (q_seg is None or q_seg[bi, ti] == kv_seg[bi, si])]
+                keys = [
+                    si
+                    for si in range(s)
+                    if (not causal or si <= pos) and (q_seg is None or q_seg[bi, ti] == kv_seg[bi, si])
+                ]
                 if not keys:
                     continue
                 logits = np.array([scale * np.dot(q[bi, ti, hi], k[bi, si, gi]) for si in keys])
@@ -112,10 +115,17 @@ def test_matches_naive_packed_segments(shape, causal):
     rng = np.random.default_rng([*shape, causal, 1])
     q, k, v = _inputs(rng, b, t, s, h, g, kd, vd)
     kv_seg = _packed_segments(rng, b, s)
-    q_seg = kv_seg[:, s - t:]
+    q_seg = kv_seg[:, s - t :]
     scale = 1.0 / np.sqrt(kd)
-    out, lse = ref_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=scale, causal=causal,
-                                   q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+    out, lse = ref_attention(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        scale=scale,
+        causal=causal,
+        q_segment_ids=jnp.asarray(q_seg),
+        kv_segment_ids=jnp.asarray(kv_seg),
+    )
     ref_out, ref_lse = naive_attention(q, k, v, scale=scale, causal=causal, q_seg=q_seg, kv_seg=kv_seg)
     _check(out, lse, ref_out, ref_lse, rtol=1e-5, atol=2e-6)
 
@@ -129,8 +139,15 @@ def test_matches_naive_random_segments(causal):
     q_seg = rng.integers(0, 4, (b, t)).astype(np.int32)
     kv_seg = rng.integers(0, 3, (b, s)).astype(np.int32)
     q_seg[0, 0] = 3  # absent from kv: a fully masked row in every case
-    out, lse = ref_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.25, causal=causal,
-                                   q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+    out, lse = ref_attention(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        scale=0.25,
+        causal=causal,
+        q_segment_ids=jnp.asarray(q_seg),
+        kv_segment_ids=jnp.asarray(kv_seg),
+    )
     ref_out, ref_lse = naive_attention(q, k, v, scale=0.25, causal=causal, q_seg=q_seg, kv_seg=kv_seg)
     assert np.any(~np.isfinite(ref_lse)) and np.any(np.isfinite(ref_lse))
     _check(out, lse, ref_out, ref_lse, rtol=1e-5, atol=2e-6)
@@ -142,20 +159,32 @@ def test_dispatch_matches_naive(impl):
     rng = np.random.default_rng(5)
     q, k, v = _inputs(rng, b, t, s, h, g, kd, vd)
     kv_seg = _packed_segments(rng, b, s)
-    q_seg = kv_seg[:, s - t:]
-    out, lse = dispatch_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.3, causal=True,
-                                 q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg), backend=impl)
+    q_seg = kv_seg[:, s - t :]
+    out, lse = dispatch_attention(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        scale=0.3,
+        causal=True,
+        q_segment_ids=jnp.asarray(q_seg),
+        kv_segment_ids=jnp.asarray(kv_seg),
+        backend=impl,
+    )
     ref_out, ref_lse = naive_attention(q, k, v, scale=0.3, causal=True, q_seg=q_seg, kv_seg=kv_seg)
     _check(out, lse, ref_out, ref_lse, rtol=1e-5, atol=2e-6)
-    out_nc, lse_nc = dispatch_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.3, causal=False,
-                                       backend=impl)
+    out_nc, lse_nc = dispatch_attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.3, causal=False, backend=impl
+    )
     ref_out, ref_lse = naive_attention(q, k, v, scale=0.3, causal=False)
     _check(out_nc, lse_nc, ref_out, ref_lse, rtol=1e-5, atol=2e-6)
 
 
 def test_unknown_impl_raises():
     q = jnp.zeros((1, 2, 2, 4))
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'; valid: auto, xla, reference, pallas, interpret, interpret_gpu"):
+    with pytest.raises(
+        ValueError,
+        match="unknown attention backend 'nope'; valid: auto, xla, reference, pallas, interpret, interpret_gpu",
+    ):
         kernels.attention(q, q, q, scale=1.0, backend="nope")
 
 
@@ -165,8 +194,8 @@ def test_jit_matches_eager():
     q, k, v = (jnp.asarray(a) for a in _inputs(rng, b, t, s, h, g, kd, vd))
     seg = jnp.asarray(_packed_segments(rng, b, s))
     fn = lambda q, k, v, qs, ks: reference.attention(q, k, v, scale=0.5, q_segment_ids=qs, kv_segment_ids=ks)
-    eager = fn(q, k, v, seg[:, s - t:], seg)
-    jitted = jax.jit(fn)(q, k, v, seg[:, s - t:], seg)
+    eager = fn(q, k, v, seg[:, s - t :], seg)
+    jitted = jax.jit(fn)(q, k, v, seg[:, s - t :], seg)
     for a, bb in zip(eager, jitted):
         np.testing.assert_allclose(np.asarray(a), np.asarray(bb), rtol=1e-6, atol=1e-6)
 
@@ -202,7 +231,7 @@ def test_causal_offset_sees_prefix():
     rng = np.random.default_rng(4)
     q, k, v = (jnp.asarray(a) for a in _inputs(rng, 1, t, s, 2, 2, 8, 8))
     out, _ = ref_attention(q, k, v, scale=0.4, causal=True)
-    v_future = v.at[:, s - t + 1:].set(100.0)  # keys after the first query's position
+    v_future = v.at[:, s - t + 1 :].set(100.0)  # keys after the first query's position
     out2, _ = ref_attention(q, k, v_future, scale=0.4, causal=True)
     np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(out2[:, 0]))
     assert not np.allclose(np.asarray(out[:, 1:]), np.asarray(out2[:, 1:]))
@@ -218,8 +247,15 @@ def test_segment_isolation(causal):
     seg_j = jnp.asarray(seg)
 
     def run(q, k, v):
-        return ref_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), scale=0.3, causal=causal,
-                                   q_segment_ids=seg_j, kv_segment_ids=seg_j)
+        return ref_attention(
+            jnp.asarray(q),
+            jnp.asarray(k),
+            jnp.asarray(v),
+            scale=0.3,
+            causal=causal,
+            q_segment_ids=seg_j,
+            kv_segment_ids=seg_j,
+        )
 
     out, lse = (np.asarray(a) for a in run(q, k, v))
     for target in (1, 2):
@@ -231,8 +267,7 @@ def test_segment_isolation(causal):
         out2, lse2 = (np.asarray(a) for a in run(q2, k2, v2))
         other = ~sel
         np.testing.assert_allclose(out2[other], out[other], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(lse2.transpose(0, 2, 1)[other], lse.transpose(0, 2, 1)[other],
-                                   rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(lse2.transpose(0, 2, 1)[other], lse.transpose(0, 2, 1)[other], rtol=1e-6, atol=1e-7)
         assert np.abs(out2[sel] - out[sel]).max() > 1e-2  # the edited segment did change
     # Padding (segment 0) is its own segment: it attends only to other padding.
     np.testing.assert_allclose(out[0, 9], np.asarray(v[0, 9]).repeat(h // g, axis=0), rtol=1e-6, atol=1e-6)
@@ -262,14 +297,16 @@ def test_bfloat16_inputs(causal):
     rng = np.random.default_rng(31 + causal)
     q, k, v = (jnp.asarray(a, jnp.bfloat16) for a in _inputs(rng, b, t, s, h, g, kd, vd))
     kv_seg = _packed_segments(rng, b, s, pad=False)
-    q_seg = kv_seg[:, s - t:]
+    q_seg = kv_seg[:, s - t :]
     scale = 1.0 / np.sqrt(kd)
-    out, lse = ref_attention(q, k, v, scale=scale, causal=causal,
-                                   q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+    out, lse = ref_attention(
+        q, k, v, scale=scale, causal=causal, q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg)
+    )
     assert out.dtype == jnp.bfloat16
     assert lse.dtype == jnp.float32
     # The oracle sees the same bf16-rounded inputs, computed in float64.
     as64 = lambda a: np.asarray(a.astype(jnp.float32), np.float64)
-    ref_out, ref_lse = naive_attention(as64(q), as64(k), as64(v), scale=scale, causal=causal, q_seg=q_seg,
-                                       kv_seg=kv_seg)
+    ref_out, ref_lse = naive_attention(
+        as64(q), as64(k), as64(v), scale=scale, causal=causal, q_seg=q_seg, kv_seg=kv_seg
+    )
     _check(out.astype(jnp.float32), lse, ref_out, ref_lse, rtol=2e-2, atol=2e-2)

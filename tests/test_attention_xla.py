@@ -28,7 +28,7 @@ def make(case, dtype=jnp.float32, seed=0):
     if segments:
         kv = np.sort(rng.integers(1, 4, (b, s)), axis=1).astype(np.int32)
         kv[:, -1] = 0  # trailing padding
-        q_seg = kv[:, s - t:].copy()
+        q_seg = kv[:, s - t :].copy()
         q_seg[0, 0] = 9  # a query of a segment with no keys: a fully masked row
         seg = (jnp.asarray(q_seg), jnp.asarray(kv))
     return q, k, v, causal, seg
@@ -51,12 +51,15 @@ def test_values_and_gradients_match_reference(case, q_block, monkeypatch):
     w_out = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
     w_lse = jnp.asarray(rng.standard_normal((q.shape[0], q.shape[2], q.shape[1])), jnp.float32)
     kw = {} if seg is None else {"q_segment_ids": seg[0], "kv_segment_ids": seg[1]}
-    got, want = xla.attention(q, k, v, scale=0.37, causal=causal, **kw), \
-        reference.attention(q, k, v, scale=0.37, causal=causal, **kw)
+    got, want = (
+        xla.attention(q, k, v, scale=0.37, causal=causal, **kw),
+        reference.attention(q, k, v, scale=0.37, causal=causal, **kw),
+    )
     np.testing.assert_allclose(got[0], want[0], atol=2e-6)
     np.testing.assert_array_equal(np.isfinite(got[1]), np.isfinite(want[1]))
-    np.testing.assert_allclose(np.where(np.isfinite(want[1]), got[1], 0), np.where(np.isfinite(want[1]), want[1], 0),
-                               atol=2e-6)
+    np.testing.assert_allclose(
+        np.where(np.isfinite(want[1]), got[1], 0), np.where(np.isfinite(want[1]), want[1], 0), atol=2e-6
+    )
     grads = jax.grad(lambda *a: loss(xla.attention, *a, causal, seg, w_out, w_lse), argnums=(0, 1, 2))(q, k, v)
     expect = jax.grad(lambda *a: loss(reference.attention, *a, causal, seg, w_out, w_lse), argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", grads, expect):
@@ -75,8 +78,9 @@ def test_bfloat16_gradients_keep_input_dtypes():
     w_out = jnp.ones(q.shape[:3] + (v.shape[-1],), jnp.float32)
     w_lse = jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
     grads = jax.grad(lambda *a: loss(xla.attention, *a, causal, seg, w_out, w_lse), argnums=(0, 1, 2))(q, k, v)
-    expect = jax.grad(lambda *a: loss(reference.attention, *a, causal, seg, w_out, w_lse),
-                      argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+    expect = jax.grad(lambda *a: loss(reference.attention, *a, causal, seg, w_out, w_lse), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v))
+    )
     for a, b in zip(grads, expect):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(a.astype(jnp.float32), b, atol=5e-2, rtol=5e-2)

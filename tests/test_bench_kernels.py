@@ -9,11 +9,17 @@ import pytest
 from bench import kernels as bench
 
 
-@pytest.mark.parametrize("t,s,causal,doc", [(7, 7, True, 0), (5, 12, True, 0), (12, 5, True, 0), (9, 9, False, 0),
-                                           (16, 16, True, 4), (8, 16, True, 5)])
+@pytest.mark.parametrize(
+    "t,s,causal,doc",
+    [(7, 7, True, 0), (5, 12, True, 0), (12, 5, True, 0), (9, 9, False, 0), (16, 16, True, 4), (8, 16, True, 5)],
+)
 def test_visible_pairs_brute_force(t, s, causal, doc):
-    want = sum(1 for i in range(t) for j in range(s)
-               if (not causal or i + s - t >= j) and (not doc or (i + s - t) // doc == j // doc))
+    want = sum(
+        1
+        for i in range(t)
+        for j in range(s)
+        if (not causal or i + s - t >= j) and (not doc or (i + s - t) // doc == j // doc)
+    )
     assert bench.visible_pairs(t, s, causal, doc) == want
 
 

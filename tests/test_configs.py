@@ -24,8 +24,17 @@ def test_presets_load_and_round_trip_through_json(name, tmp_path):
 
 
 def test_preset_by_bare_name_and_overrides_parse_by_type():
-    cfg = load("tiny", ["model.num_layers=4", "model.rope.theta=5e5", "model.tie_embeddings=true",
-                        "model.attention.kind=gqa", "model.attention.num_kv_heads=2", "train.out_dir=/tmp/x"])
+    cfg = load(
+        "tiny",
+        [
+            "model.num_layers=4",
+            "model.rope.theta=5e5",
+            "model.tie_embeddings=true",
+            "model.attention.kind=gqa",
+            "model.attention.num_kv_heads=2",
+            "train.out_dir=/tmp/x",
+        ],
+    )
     assert cfg.model.num_layers == 4 and cfg.model.rope.theta == 500000.0 and cfg.model.tie_embeddings is True
     assert cfg.model.attention.kind == "gqa" and cfg.model.attention.num_kv_heads == 2
     assert cfg.train.out_dir == "/tmp/x"
@@ -34,18 +43,22 @@ def test_preset_by_bare_name_and_overrides_parse_by_type():
     base = load("tiny")
     assert cfg.model.moe == base.model.moe and cfg.data == base.data and cfg.model.d_model == base.model.d_model
 
-@pytest.mark.parametrize("override, needles", [
-    (["model.num_layerz=4"], ["unknown config key 'model.num_layerz'", "did you mean 'num_layers'", "valid keys"]),
-    (["modle.num_layers=4"], ["unknown config key 'modle.num_layers'", "model"]),
-    (["model.num_layers=four"], ["'model.num_layers'", "cannot be read as int"]),
-    (["model.num_layers=4.5"], ["'model.num_layers'", "int"]),
-    (["model.tie_embeddings=maybe"], ["'model.tie_embeddings'", "bool"]),
-    (["model.attention.kind=mha"], ["'model.attention.kind'", "'mla'", "'gqa'"]),
-    (["model.param_dtype=float16"], ["'model.param_dtype'", "'float32'", "'bfloat16'"]),
-    (["model.attention=mla"], ["is a section", "kind"]),
-    (["model.num_layers.x=1"], ["is a value, not a section"]),
-    (["model.num_layers"], ["section.key=value"]),
-])
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        (["model.num_layerz=4"], ["unknown config key 'model.num_layerz'", "did you mean 'num_layers'", "valid keys"]),
+        (["modle.num_layers=4"], ["unknown config key 'modle.num_layers'", "model"]),
+        (["model.num_layers=four"], ["'model.num_layers'", "cannot be read as int"]),
+        (["model.num_layers=4.5"], ["'model.num_layers'", "int"]),
+        (["model.tie_embeddings=maybe"], ["'model.tie_embeddings'", "bool"]),
+        (["model.attention.kind=mha"], ["'model.attention.kind'", "'mla'", "'gqa'"]),
+        (["model.param_dtype=float16"], ["'model.param_dtype'", "'float32'", "'bfloat16'"]),
+        (["model.attention=mla"], ["is a section", "kind"]),
+        (["model.num_layers.x=1"], ["is a value, not a section"]),
+        (["model.num_layers"], ["section.key=value"]),
+    ],
+)
 def test_bad_keys_and_types_name_the_key_and_the_valid_choices(override, needles):
     with pytest.raises(ConfigError) as err:
         load("tiny", override)
@@ -53,24 +66,31 @@ def test_bad_keys_and_types_name_the_key_and_the_valid_choices(override, needles
         assert needle in str(err.value)
 
 
-@pytest.mark.parametrize("override, needles", [
-    (["model.moe.experts_per_token=9"], ["model.moe.experts_per_token", "<= model.moe.num_experts = 8"]),
-    (["model.moe.n_group=3"], ["model.moe.n_group", "must divide model.moe.num_experts = 8", "[1, 2, 4, 8]"]),
-    (["model.moe.topk_group=3"], ["model.moe.topk_group", "<= model.moe.n_group"]),
-    (["model.moe.n_group=4", "model.moe.topk_group=1", "model.moe.experts_per_token=3"],
-     ["experts_per_token", "selected groups"]),
-    (["model.attention.qk_rope_head_dim=7"], ["qk_rope_head_dim", "must be even"]),
-    (["model.attention.kind=gqa", "model.attention.num_kv_heads=3"],
-     ["model.attention.num_kv_heads", "must divide", "num_heads = 4", "[1, 2, 4]"]),
-    (["model.attention.kind=gqa", "model.attention.head_dim=9"], ["head_dim", "even"]),
-    (["model.first_k_dense=3"], ["model.first_k_dense", "between 0 and model.num_layers = 2"]),
-    (["model.d_model=0"], ["model.d_model", "> 0"]),
-    (["model.rope.scaling=yarn", "model.rope.factor=0.5"], ["model.rope.factor", ">= 1"]),
-    (["train.microbatches=3"], ["train.microbatches", "must divide train.global_batch_size = 8"]),
-    (["train.seq_len=4096"], ["train.seq_len", "max_seq_len", "model.rope.scaling=yarn"]),
-    (["mesh.data=-1", "mesh.tensor=-1"], ["at most one of mesh"]),
-    (["serve.top_p=0"], ["serve.top_p"]),
-])
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        (["model.moe.experts_per_token=9"], ["model.moe.experts_per_token", "<= model.moe.num_experts = 8"]),
+        (["model.moe.n_group=3"], ["model.moe.n_group", "must divide model.moe.num_experts = 8", "[1, 2, 4, 8]"]),
+        (["model.moe.topk_group=3"], ["model.moe.topk_group", "<= model.moe.n_group"]),
+        (
+            ["model.moe.n_group=4", "model.moe.topk_group=1", "model.moe.experts_per_token=3"],
+            ["experts_per_token", "selected groups"],
+        ),
+        (["model.attention.qk_rope_head_dim=7"], ["qk_rope_head_dim", "must be even"]),
+        (
+            ["model.attention.kind=gqa", "model.attention.num_kv_heads=3"],
+            ["model.attention.num_kv_heads", "must divide", "num_heads = 4", "[1, 2, 4]"],
+        ),
+        (["model.attention.kind=gqa", "model.attention.head_dim=9"], ["head_dim", "even"]),
+        (["model.first_k_dense=3"], ["model.first_k_dense", "between 0 and model.num_layers = 2"]),
+        (["model.d_model=0"], ["model.d_model", "> 0"]),
+        (["model.rope.scaling=yarn", "model.rope.factor=0.5"], ["model.rope.factor", ">= 1"]),
+        (["train.microbatches=3"], ["train.microbatches", "must divide train.global_batch_size = 8"]),
+        (["train.seq_len=4096"], ["train.seq_len", "max_seq_len", "model.rope.scaling=yarn"]),
+        (["mesh.data=-1", "mesh.tensor=-1"], ["at most one of mesh"]),
+        (["serve.top_p=0"], ["serve.top_p"]),
+    ],
+)
 def test_inconsistent_values_fail_before_compute(override, needles):
     with pytest.raises(ConfigError) as err:
         load("tiny", override)
@@ -96,8 +116,11 @@ def test_missing_preset_lists_the_presets():
 
 
 def test_cli_reports_a_config_error_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "moela.model.params", "--config", "tiny",
-                          "--set", "model.moe.experts_per_token=20"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "moela.model.params", "--config", "tiny", "--set", "model.moe.experts_per_token=20"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "model.moe.experts_per_token" in out.stderr
     assert "Traceback" not in out.stderr
@@ -106,9 +129,14 @@ def test_cli_reports_a_config_error_in_one_line():
 # ----------------------------------------------------------------------------- model apart from runtime
 
 
-OLD_KEYS = {("model", "attention", "impl"): "interpret", ("model", "moe", "impl"): "ragged_dot",
-            ("model", "moe", "block_rows"): 64, ("model", "moe", "expert_dispatch"): "gather",
-            ("model", "remat"): "full", ("serve", "attention_impl"): "reference"}
+OLD_KEYS = {
+    ("model", "attention", "impl"): "interpret",
+    ("model", "moe", "impl"): "ragged_dot",
+    ("model", "moe", "block_rows"): 64,
+    ("model", "moe", "expert_dispatch"): "gather",
+    ("model", "remat"): "full",
+    ("serve", "attention_impl"): "reference",
+}
 
 
 def old_config_json(cfg: Config) -> dict:
@@ -129,8 +157,14 @@ def test_a_config_written_before_the_runtime_section_loads_with_its_settings_mov
     notes = []
     cfg = load_json(path, log=notes.append)
     assert cfg.model == load("tiny").model  # the model's identity is untouched
-    assert cfg.runtime == RuntimeConfig(attention="interpret", grouped_matmul="ragged_dot", grouped_block_rows=64,
-                                        expert_dispatch="gather", remat="full", paged_attention="reference")
+    assert cfg.runtime == RuntimeConfig(
+        attention="interpret",
+        grouped_matmul="ragged_dot",
+        grouped_block_rows=64,
+        expert_dispatch="gather",
+        remat="full",
+        paged_attention="reference",
+    )
     assert len(notes) == 1 and "model.attention.impl -> runtime.attention" in notes[0]
     assert "serve.attention_impl -> runtime.paged_attention" in notes[0]
     save_json(cfg, path)  # written back in the current layout: no note the next time

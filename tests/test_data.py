@@ -30,8 +30,16 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def cfg_for(corpus: Path, data_dir: Path, *extra):
-    return load("tiny", [f"data.text_glob={corpus}/**/*.txt", f"data.data_dir={data_dir}",
-                         "model.vocab_size=512", "train.seq_len=64", *extra])
+    return load(
+        "tiny",
+        [
+            f"data.text_glob={corpus}/**/*.txt",
+            f"data.data_dir={data_dir}",
+            "model.vocab_size=512",
+            "train.seq_len=64",
+            *extra,
+        ],
+    )
 
 
 def test_builder_reads_every_file_once_with_a_stable_split(corpus, tmp_path):
@@ -96,8 +104,9 @@ def test_packing_keeps_every_pair_in_order_and_restarts_positions():
     # within a segment positions count 0, 1, 2, ...; a new segment starts at 0
     for r in range(len(rows)):
         for s in set(rows.segment_ids[r]) - {0}:
-            np.testing.assert_array_equal(rows.positions[r][rows.segment_ids[r] == s],
-                                          np.arange((rows.segment_ids[r] == s).sum()))
+            np.testing.assert_array_equal(
+                rows.positions[r][rows.segment_ids[r] == s], np.arange((rows.segment_ids[r] == s).sum())
+            )
     assert (rows.segment_ids == 0).sum() < 16  # padding only in the last row
 
 

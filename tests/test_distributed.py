@@ -18,18 +18,28 @@ def test_explicit_coordinator_gives_all_three_arguments():
     assert distributed_args(env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
 
 
-@pytest.mark.parametrize("env", [{"MOELA_DISTRIBUTED": "1"}, {"JAX_COORDINATOR_ADDRESS": "h0:1"},
-                                 {"SLURM_NTASKS": "8"}, {"OMPI_COMM_WORLD_SIZE": "2"},
-                                 {"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"MOELA_DISTRIBUTED": "1"},
+        {"JAX_COORDINATOR_ADDRESS": "h0:1"},
+        {"SLURM_NTASKS": "8"},
+        {"OMPI_COMM_WORLD_SIZE": "2"},
+        {"TPU_WORKER_HOSTNAMES": "h0,h1,h2,h3"},
+    ],
+)
 def test_clusters_jax_detects_call_initialize_without_arguments(env):
     assert distributed_args(env) == {}
 
 
-@pytest.mark.parametrize("env, needle", [
-    ({"MOELA_COORDINATOR": "h:1", "MOELA_NUM_PROCESSES": "2"}, "MOELA_PROCESS_ID must be an integer"),
-    ({"MOELA_COORDINATOR": "h:1", "MOELA_NUM_PROCESSES": "two", "MOELA_PROCESS_ID": "0"}, "MOELA_NUM_PROCESSES"),
-    ({"MOELA_COORDINATOR": "h:1", "MOELA_NUM_PROCESSES": "2", "MOELA_PROCESS_ID": "2"}, r"must be in \[0, "),
-])
+@pytest.mark.parametrize(
+    "env, needle",
+    [
+        ({"MOELA_COORDINATOR": "h:1", "MOELA_NUM_PROCESSES": "2"}, "MOELA_PROCESS_ID must be an integer"),
+        ({"MOELA_COORDINATOR": "h:1", "MOELA_NUM_PROCESSES": "two", "MOELA_PROCESS_ID": "0"}, "MOELA_NUM_PROCESSES"),
+        ({"MOELA_COORDINATOR": "h:1", "MOELA_NUM_PROCESSES": "2", "MOELA_PROCESS_ID": "2"}, r"must be in \[0, "),
+    ],
+)
 def test_incomplete_settings_are_refused(env, needle):
     with pytest.raises(DistributedConfigError, match=needle):
         distributed_args(env)

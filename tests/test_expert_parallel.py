@@ -63,8 +63,7 @@ ROUTINGS = ["random", "idle", "one_device"]
 
 def assert_close(actual, expected, what):
     actual, expected = np.asarray(actual), np.asarray(expected)
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(expected).max()),
-                               err_msg=what)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(expected).max()), err_msg=what)
 
 
 # ----------------------------------------------------------------------------- RoutedExperts
@@ -79,8 +78,7 @@ def experts_step(graphdef, rt):
 
     @jax.jit
     def step(state, x_md, w_mk, ids_mk, cot_md):
-        (_, y_md), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(state, x_md, w_mk, ids_mk,
-                                                                                      cot_md)
+        (_, y_md), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(state, x_md, w_mk, ids_mk, cot_md)
         return y_md, grads
 
     return step
@@ -96,8 +94,9 @@ def test_routed_experts_match_unsharded(shape, strategy, impl, dispatch):
     rng = np.random.default_rng(1)
     x, cot = (jnp.asarray(rng.standard_normal((M, D)), jnp.float32) for _ in range(2))
     layout = layout_of(shape, strategy)
-    tokens = NamedSharding(layout.mesh, PartitionSpec(tuple(a for a in (layout.axis("batch"),
-                                                                         layout.axis("length")) if a)))
+    tokens = NamedSharding(
+        layout.mesh, PartitionSpec(tuple(a for a in (layout.axis("batch"), layout.axis("length")) if a))
+    )
     placed_state = jax.device_put(state, state_shardings(state, layout))
     assert placed_state["w_gate"][...].sharding.spec[0] == "data"
     sharded, reference = experts_step(graphdef, Runtime(runtime, layout)), experts_step(graphdef, Runtime(runtime))
@@ -120,8 +119,16 @@ def test_routed_experts_match_unsharded(shape, strategy, impl, dispatch):
 # ----------------------------------------------------------------------------- whole MoE layer
 
 
-MOE_CFG = MoEConfig(num_experts=E, experts_per_token=K, num_shared_experts=1, d_ff=F, n_group=4, topk_group=2,
-                    routed_scaling_factor=2.0, seq_aux_loss_coef=0.01)
+MOE_CFG = MoEConfig(
+    num_experts=E,
+    experts_per_token=K,
+    num_shared_experts=1,
+    d_ff=F,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.0,
+    seq_aux_loss_coef=0.01,
+)
 MOE_RUNTIME = RuntimeConfig(grouped_block_rows=4)
 
 
@@ -196,7 +203,7 @@ def test_expert_slices_sum_to_the_whole(impl):
     run = jax.jit(lambda first, *ws: routed_swiglu(x, w, ids, *ws, backend=impl, block=4, first_expert=first))
     whole = run(0, wg, wu, wd)
     q = E // 4
-    parts = [run(i * q, wg[i * q:(i + 1) * q], wu[i * q:(i + 1) * q], wd[i * q:(i + 1) * q]) for i in range(4)]
+    parts = [run(i * q, wg[i * q : (i + 1) * q], wu[i * q : (i + 1) * q], wd[i * q : (i + 1) * q]) for i in range(4)]
     assert_close(sum(parts), whole, "sum of slices")
     elsewhere = np.all(np.asarray(ids) >= q, axis=1)
     assert elsewhere.any() and np.all(np.asarray(parts[0])[elsewhere] == 0)
@@ -207,5 +214,6 @@ def test_indivisible_experts_are_rejected():
     x, w = jnp.zeros((M, D)), jnp.zeros((M, K))
     wg, wd = jnp.zeros((12, D, F)), jnp.zeros((12, F, D))
     with pytest.raises(ShardingRuleError, match="12 is not divisible by 8"):
-        expert_parallel_swiglu(x, w, w.astype(jnp.int32), wg, wg, wd, mesh=layout.mesh,
-                               axes=ExpertAxes(expert="data", batch="data"))
+        expert_parallel_swiglu(
+            x, w, w.astype(jnp.int32), wg, wg, wd, mesh=layout.mesh, axes=ExpertAxes(expert="data", batch="data")
+        )

@@ -64,4 +64,8 @@ def test_block_layout_starts_every_group_on_a_block():
 
 
 def test_auto_picks_blocked_on_cpu():
-    assert jax.default_backend() == "cpu" and GROUPED.resolve("auto") == "blocked" and GROUPED.resolve("ragged_dot") == "ragged_dot"
+    assert (
+        jax.default_backend() == "cpu"
+        and GROUPED.resolve("auto") == "blocked"
+        and GROUPED.resolve("ragged_dot") == "ragged_dot"
+    )

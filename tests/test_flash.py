@@ -47,8 +47,7 @@ CASES = [
 FAST = CASES[:3]
 TARGETS = ["tpu", "gpu"]
 # small TPU blocks so the 300-long cases run 3 x 3 block grids (skipped, masked and clean blocks)
-SMALL = flash_tpu.BlockSizes(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128, block_q_dkv=128,
-                             block_k_dkv=128)
+SMALL = flash_tpu.BlockSizes(block_q=128, block_k=128, block_q_dq=128, block_k_dq=128, block_q_dkv=128, block_k_dkv=128)
 BLOCKS = {"tpu": SMALL, "gpu": None}
 
 
@@ -105,12 +104,28 @@ def check(case, got, want):
 def run_case(case, target, interpret=True):
     t, s, dims, heads, causal, seg, dtype = case
     q, k, v, q_seg, kv_seg, d_out, d_lse = inputs(case)
-    kernel = lambda q, k, v: flash.attention(q, k, v, scale=SCALE, causal=causal, q_segment_ids=q_seg,  # noqa: E731
-                                            kv_segment_ids=kv_seg, target=target, interpret=interpret,
-                                            blocks=BLOCKS[target])
+    kernel = lambda q, k, v: flash.attention(
+        q,
+        k,
+        v,
+        scale=SCALE,
+        causal=causal,
+        q_segment_ids=q_seg,  # noqa: E731
+        kv_segment_ids=kv_seg,
+        target=target,
+        interpret=interpret,
+        blocks=BLOCKS[target],
+    )
     # the reference runs in float32 on the same (possibly bfloat16-rounded) inputs
-    ref = lambda q, k, v: reference.attention(q, k, v, scale=SCALE, causal=causal, q_segment_ids=q_seg,  # noqa: E731
-                                              kv_segment_ids=kv_seg)
+    ref = lambda q, k, v: reference.attention(
+        q,
+        k,
+        v,
+        scale=SCALE,
+        causal=causal,
+        q_segment_ids=q_seg,  # noqa: E731
+        kv_segment_ids=kv_seg,
+    )
     up = lambda x: x.astype(F32)  # noqa: E731
     got = jax.jit(lambda *a: with_gradients(kernel, *a))(q, k, v, d_out, d_lse)
     # IEEE float32 for the reference: on a GPU XLA's default float32 matmul is TF32 (~1e-3 off)
@@ -133,7 +148,7 @@ def test_compiled_gpu_kernel_matches_reference(case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("case", CASES[len(FAST):], ids=case_id)
+@pytest.mark.parametrize("case", CASES[len(FAST) :], ids=case_id)
 def test_kernel_matches_reference_sweep(case, target):
     run_case(case, target)
 
@@ -149,10 +164,12 @@ def test_attention_bwd_blocks_of_a_larger_attention(impl):
     whole = kernels.attention_bwd(q, k, v, out, lse, d_out, causal=True, kv_segment_ids=kv_seg, backend="xla", **kw)
     # queries are positions 240..255: they see all of keys 0..127 (no causal mask) and keys
     # 128..255 causally with offset 112, exactly as the whole attention does
-    first = kernels.attention_bwd(q, k[:, :128], v[:, :128], out, lse, d_out, causal=False,
-                                  kv_segment_ids=kv_seg[:, :128], backend=impl, **kw)
-    second = kernels.attention_bwd(q, k[:, 128:], v[:, 128:], out, lse, d_out, causal=True,
-                                   kv_segment_ids=kv_seg[:, 128:], backend=impl, **kw)
+    first = kernels.attention_bwd(
+        q, k[:, :128], v[:, :128], out, lse, d_out, causal=False, kv_segment_ids=kv_seg[:, :128], backend=impl, **kw
+    )
+    second = kernels.attention_bwd(
+        q, k[:, 128:], v[:, 128:], out, lse, d_out, causal=True, kv_segment_ids=kv_seg[:, 128:], backend=impl, **kw
+    )
     np.testing.assert_allclose(first[0] + second[0], whole[0], atol=2e-5)
     np.testing.assert_allclose(jnp.concatenate([first[1], second[1]], 1), whole[1], atol=2e-5)
     np.testing.assert_allclose(jnp.concatenate([first[2], second[2]], 1), whole[2], atol=2e-5)
@@ -183,8 +200,17 @@ def test_block_schedules_skip_other_documents():
 def test_long_documents_are_exact_with_skipping(target):
     case = (512, 512, (64, 64), (4, 2), True, False, F32)
     q, k, v, _, _, d_out, d_lse = inputs(case, b=1, seed=5)
-    kernel = lambda q, k, v: flash.attention(q, k, v, scale=SCALE, q_segment_ids=DOCS, kv_segment_ids=DOCS,  # noqa: E731
-                                            target=target, interpret=True, blocks=BLOCKS[target])
+    kernel = lambda q, k, v: flash.attention(
+        q,
+        k,
+        v,
+        scale=SCALE,
+        q_segment_ids=DOCS,
+        kv_segment_ids=DOCS,  # noqa: E731
+        target=target,
+        interpret=True,
+        blocks=BLOCKS[target],
+    )
     ref = lambda q, k, v: reference.attention(q, k, v, scale=SCALE, q_segment_ids=DOCS, kv_segment_ids=DOCS)  # noqa: E731
     got = jax.jit(lambda *a: with_gradients(kernel, *a))(q, k, v, d_out, d_lse)
     check(case, got, jax.jit(lambda *a: with_gradients(ref, *a))(q, k, v, d_out, d_lse))

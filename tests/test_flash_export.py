@@ -48,23 +48,29 @@ def abstract(kv_heads, segmented):
 
 
 def kernel_calls(module: str, target: str) -> int:
-    return len(re.findall(rf"stablehlo.custom_call @{re.escape(CUSTOM_CALL[target])}\b|"
-                          rf"custom_call_target = \"{re.escape(CUSTOM_CALL[target])}\"", module))
+    return len(
+        re.findall(
+            rf"stablehlo.custom_call @{re.escape(CUSTOM_CALL[target])}\b|"
+            rf"custom_call_target = \"{re.escape(CUSTOM_CALL[target])}\"",
+            module,
+        )
+    )
 
 
 def triton_modules_verify(module: str) -> list[bool]:
     """Parse each Triton call's serialized kernel module and run MLIR verification on it."""
     blobs = []
     with jax_mlir.make_ir_context():
+
         def walk(op):
             for region in op.regions:
                 for block in region:
                     for child in block.operations:
                         attrs = child.operation.attributes
-                        if child.operation.name == "stablehlo.custom_call" and \
-                                TRITON in str(attrs["call_target_name"]):
+                        if child.operation.name == "stablehlo.custom_call" and TRITON in str(attrs["call_target_name"]):
                             blobs.append(ir.StringAttr(attrs["mhlo.backend_config"]["ir"]).value_bytes)
                         walk(child.operation)
+
         walk(ir.Module.parse(module).operation)
     with triton_lowering._new_ir_context():
         return [ir.Module.parse(blob).operation.verify() for blob in blobs]
@@ -93,11 +99,10 @@ def assert_no_dense_attention(module: str):
 @pytest.mark.parametrize("kv_heads,segmented", [(H, True), (4, False)], ids=["mla-seg", "gqa4"])
 def test_forward_and_backward_lower(target, kv_heads, segmented):
     q, k, v, seg, d_out = abstract(kv_heads, segmented)
-    scale = DQK ** -0.5
+    scale = DQK**-0.5
 
     def forward(q, k, v, seg):
-        return flash.attention(q, k, v, scale=scale, causal=True, q_segment_ids=seg, kv_segment_ids=seg,
-                               target=target)
+        return flash.attention(q, k, v, scale=scale, causal=True, q_segment_ids=seg, kv_segment_ids=seg, target=target)
 
     def gradients(q, k, v, seg, d_out):
         (out, _), vjp = jax.vjp(lambda q, k, v: forward(q, k, v, seg), q, k, v)

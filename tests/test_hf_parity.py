@@ -8,7 +8,6 @@ MoE and RoPE are DeepSeek's.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -24,25 +23,55 @@ transformers = pytest.importorskip("transformers")
 from moela.model.checkpoint import load_model  # noqa: E402
 from moela.model.hf_import import UnsupportedCheckpoint, config_from_hf, import_checkpoint  # noqa: E402
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 16,
-        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 PLAIN = {"rope_type": "default", "rope_theta": 10000.0}
 YARN_V2 = dict(YARN, mscale=0.707, mscale_all_dim=0.707)
 
-BASE = dict(vocab_size=160, hidden_size=48, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=3,
-            num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
-            kv_lora_rank=16, qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, num_experts_per_tok=2,
-            routed_scaling_factor=2.5, max_position_embeddings=256, norm_topk_prob=True)
+BASE = dict(
+    vocab_size=160,
+    hidden_size=48,
+    intermediate_size=96,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    qk_nope_head_dim=16,
+    num_experts_per_tok=2,
+    routed_scaling_factor=2.5,
+    max_position_embeddings=256,
+    norm_topk_prob=True,
+)
 
 CASES = {
-    "qlora_yarn_groups_dense1": dict(q_lora_rank=24, rope_parameters=YARN, n_group=4, topk_group=2,
-                                     first_k_dense_replace=1),
-    "direct_q_plain_dense2": dict(q_lora_rank=None, rope_parameters=PLAIN, n_group=2, topk_group=1,
-                                  first_k_dense_replace=2),
-    "qlora_plain_dense2": dict(q_lora_rank=24, rope_parameters=PLAIN, n_group=1, topk_group=1,
-                               first_k_dense_replace=2),
-    "direct_q_yarn_groups_dense1": dict(q_lora_rank=None, rope_parameters=YARN_V2,
-                                        n_group=2, topk_group=1, first_k_dense_replace=1, num_experts_per_tok=3),
+    "qlora_yarn_groups_dense1": dict(
+        q_lora_rank=24, rope_parameters=YARN, n_group=4, topk_group=2, first_k_dense_replace=1
+    ),
+    "direct_q_plain_dense2": dict(
+        q_lora_rank=None, rope_parameters=PLAIN, n_group=2, topk_group=1, first_k_dense_replace=2
+    ),
+    "qlora_plain_dense2": dict(q_lora_rank=24, rope_parameters=PLAIN, n_group=1, topk_group=1, first_k_dense_replace=2),
+    "direct_q_yarn_groups_dense1": dict(
+        q_lora_rank=None,
+        rope_parameters=YARN_V2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        num_experts_per_tok=3,
+    ),
 }
 
 
@@ -111,9 +140,16 @@ def test_deepseek_v3_logits_match_transformers(case, tmp_path):
 
 
 def test_deepseek_v2_softmax_group_limited_logits_match(tmp_path):
-    overrides = dict(q_lora_rank=None, rope_parameters=YARN_V2,
-                     n_group=4, topk_group=2, topk_method="group_limited_greedy", first_k_dense_replace=1,
-                     norm_topk_prob=False, routed_scaling_factor=1.0)
+    overrides = dict(
+        q_lora_rank=None,
+        rope_parameters=YARN_V2,
+        n_group=4,
+        topk_group=2,
+        topk_method="group_limited_greedy",
+        first_k_dense_replace=1,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    )
     hf_model = build_hf("v2", overrides, seed=7)
     hf_model.save_pretrained(tmp_path / "hf")
     cfg = import_checkpoint(tmp_path / "hf", tmp_path / "moela", log=lambda *_: None)
@@ -134,16 +170,26 @@ def test_logits_cli_matches_transformers(tmp_path):
     assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
     tokens = np.random.default_rng(0).integers(0, BASE["vocab_size"], (2, 11)).astype(np.int32)
     np.save(tmp_path / "in.npy", tokens)
-    cmd = [sys.executable, "-m", "moela.model.logits", "--checkpoint", str(tmp_path / "moela"),
-           "--tokens", str(tmp_path / "in.npy"), "--out", str(tmp_path / "out.npy")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moela.model.logits",
+        "--checkpoint",
+        str(tmp_path / "moela"),
+        "--tokens",
+        str(tmp_path / "in.npy"),
+        "--out",
+        str(tmp_path / "out.npy"),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     out = np.load(tmp_path / "out.npy")
     assert out.dtype == np.float32 and out.shape == (2, 11, BASE["vocab_size"])
     np.testing.assert_allclose(out, hf_logits(hf_model, tokens), atol=1e-4, rtol=0)
     # a token id outside the vocabulary is refused with a message naming the range
     np.save(tmp_path / "bad.npy", tokens + BASE["vocab_size"])
-    bad = subprocess.run(cmd[:6] + [str(tmp_path / "bad.npy"), "--out", str(tmp_path / "o2.npy")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        cmd[:6] + [str(tmp_path / "bad.npy"), "--out", str(tmp_path / "o2.npy")], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and f"[0, {BASE['vocab_size']})" in bad.stderr
     assert not (tmp_path / "o2.npy").exists()
 
@@ -181,14 +227,24 @@ def test_fp8_block_scaled_checkpoint_is_dequantised(tmp_path):
 
 
 def test_unsupported_configs_are_refused_by_name():
-    ok = {**BASE, "model_type": "deepseek_v3", "q_lora_rank": 24, "n_group": 1, "topk_group": 1,
-          "first_k_dense_replace": 1, "rope_parameters": PLAIN}
+    ok = {
+        **BASE,
+        "model_type": "deepseek_v3",
+        "q_lora_rank": 24,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "rope_parameters": PLAIN,
+    }
     config_from_hf(ok)
-    for change, needle in [({"model_type": "llama"}, "model_type"), ({"hidden_act": "gelu"}, "hidden_act"),
-                           ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
-                           ({"scoring_func": "sqrtsoftplus"}, "scoring_func"),
-                           ({"n_group": 3}, "n_group"),
-                           ({"quantization_config": {"quant_method": "awq"}}, "quantization_config")]:
+    for change, needle in [
+        ({"model_type": "llama"}, "model_type"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
+        ({"scoring_func": "sqrtsoftplus"}, "scoring_func"),
+        ({"n_group": 3}, "n_group"),
+        ({"quantization_config": {"quant_method": "awq"}}, "quantization_config"),
+    ]:
         with pytest.raises(UnsupportedCheckpoint, match=needle):
             config_from_hf({**ok, **change})
 
@@ -204,6 +260,8 @@ def test_hf_config_kwargs_round_trips_through_the_importer():
     for field in ("vocab_size", "d_model", "num_layers", "first_k_dense", "d_ff", "attention", "moe"):
         got, want = getattr(back, field), getattr(cfg, field)
         if field == "moe":
-            got, want = (got.num_experts, got.experts_per_token, got.d_ff, got.n_group, got.topk_group), \
-                (want.num_experts, want.experts_per_token, want.d_ff, want.n_group, want.topk_group)
+            got, want = (
+                (got.num_experts, got.experts_per_token, got.d_ff, got.n_group, got.topk_group),
+                (want.num_experts, want.experts_per_token, want.d_ff, want.n_group, want.topk_group),
+            )
         assert got == want, field

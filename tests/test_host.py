@@ -14,8 +14,10 @@ import pytest
 from moela.parallel import host
 
 ROOT = Path(__file__).resolve().parent.parent
-glibc_linux = pytest.mark.skipif(sys.platform != "linux" or host.platform.libc_ver()[0] != "glibc",
-                                 reason="the allocator switch applies to Linux/glibc only")
+glibc_linux = pytest.mark.skipif(
+    sys.platform != "linux" or host.platform.libc_ver()[0] != "glibc",
+    reason="the allocator switch applies to Linux/glibc only",
+)
 
 
 @glibc_linux
@@ -35,8 +37,14 @@ def test_tcmalloc_is_preloaded_when_found(monkeypatch):
 
 
 @glibc_linux
-@pytest.mark.parametrize("environ", [{"MOELA_ALLOCATOR": "system"}, {"LD_PRELOAD": "/x/libjemalloc.so.2"},
-                                     {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}])
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"MOELA_ALLOCATOR": "system"},
+        {"LD_PRELOAD": "/x/libjemalloc.so.2"},
+        {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+    ],
+)
 def test_nothing_changes_when_the_user_already_chose(monkeypatch, environ):
     monkeypatch.setattr(host, "find_tcmalloc", lambda: None)
     assert host.allocator_env(environ) is None
@@ -60,11 +68,13 @@ def test_a_script_is_re_executed_once_with_its_arguments(tmp_path):
         "from moela.parallel.host import active_allocator, fast_allocator\n"
         "print('start', flush=True)\n"
         "fast_allocator()\n"
-        "print(json.dumps({'argv': sys.argv[1:], 'allocator': active_allocator()}))\n")
+        "print(json.dumps({'argv': sys.argv[1:], 'allocator': active_allocator()}))\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("MOELA_ALLOCATOR", "MOELA_ALLOCATOR_APPLIED")}
     env["MOELA_ALLOCATOR"] = "hugepages"
-    done = subprocess.run([sys.executable, str(script), "a b", "--flag"], capture_output=True, text=True, env=env,
-                          timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, str(script), "a b", "--flag"], capture_output=True, text=True, env=env, timeout=60, check=True
+    )
     lines = done.stdout.splitlines()
     assert lines.count("start") == 2  # the original process, then the re-executed one
     assert json.loads(lines[-1]) == {"argv": ["a b", "--flag"], "allocator": "hugepages"}

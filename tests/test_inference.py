@@ -36,17 +36,25 @@ def tiny(kind="mla", init_std=0.02, paged_attention="auto", **serve):
     cfg = load("tiny")
     model_cfg = cfg.model if kind == "mla" else dataclasses.replace(cfg.model, attention=GQA)
     model_cfg = dataclasses.replace(model_cfg, init_std=init_std)
-    return dataclasses.replace(cfg, model=model_cfg, serve=ServeConfig(**serve),
-                               runtime=RuntimeConfig(paged_attention=paged_attention))
+    return dataclasses.replace(
+        cfg, model=model_cfg, serve=ServeConfig(**serve), runtime=RuntimeConfig(paged_attention=paged_attention)
+    )
 
 
 def one_sequence_batch(start: int, stop: int, page_size: int, pages: list[int]) -> Batch:
     pos = np.arange(start, stop, dtype=np.int32)
     pages_np = np.asarray(pages, np.int32)
     slots = pages_np[pos // page_size] * page_size + pos % page_size
-    return Batch(jnp.zeros(stop - start, jnp.int32), jnp.asarray(pos), jnp.asarray(slots), jnp.asarray([stop]),
-                 jnp.asarray(pages_np[None]), jnp.asarray([0, stop - start]), jnp.int32(1),
-                 jnp.asarray([stop - start - 1]))
+    return Batch(
+        jnp.zeros(stop - start, jnp.int32),
+        jnp.asarray(pos),
+        jnp.asarray(slots),
+        jnp.asarray([stop]),
+        jnp.asarray(pages_np[None]),
+        jnp.asarray([0, stop - start]),
+        jnp.int32(1),
+        jnp.asarray([stop - start - 1]),
+    )
 
 
 @pytest.mark.slow
@@ -60,17 +68,29 @@ def test_absorbed_mla_equals_expanded_attention_in_float32():
     pool = jnp.full((1, 8, page, 1, cfg.attention.kv_lora_rank + cfg.attention.qk_rope_head_dim), jnp.nan)
     pages = [5, 2, 7, 0, 3, 6]
     # the first 10 tokens as one chunk, then the other 13 attending to them through the cache
-    first, cache = attn(x_btd[:, :10], cos[:, :10], sin[:, :10], rt=REFERENCE,
-                        cache=one_sequence_batch(0, 10, page, pages).cache(pool))
-    rest, _ = attn(x_btd[:, 10:], cos[:, 10:], sin[:, 10:], rt=REFERENCE,
-                   cache=one_sequence_batch(10, t, page, pages).cache(cache.pool))
+    first, cache = attn(
+        x_btd[:, :10], cos[:, :10], sin[:, :10], rt=REFERENCE, cache=one_sequence_batch(0, 10, page, pages).cache(pool)
+    )
+    rest, _ = attn(
+        x_btd[:, 10:],
+        cos[:, 10:],
+        sin[:, 10:],
+        rt=REFERENCE,
+        cache=one_sequence_batch(10, t, page, pages).cache(cache.pool),
+    )
     absorbed_td = jnp.concatenate([first[0], rest[0]])
     assert float(jnp.std(expanded_td)) > 0.1
     np.testing.assert_allclose(np.asarray(absorbed_td), np.asarray(expanded_td), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,layout", [("mla", "serving"), pytest.param("mla", "stacked", marks=pytest.mark.slow),
-                                         pytest.param("gqa", "serving", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kind,layout",
+    [
+        ("mla", "serving"),
+        pytest.param("mla", "stacked", marks=pytest.mark.slow),
+        pytest.param("gqa", "serving", marks=pytest.mark.slow),
+    ],
+)
 def test_serve_step_logits_equal_training_forward(kind, layout):
     """One forward: the model's paged step over a prefill chunk, one decode-like token and the rest
     gives the logits its training forward gives on the whole sequence, in the serving layout
@@ -98,14 +118,16 @@ def test_engine_prefill_and_decode_equal_the_training_forward_argmax():
     the argmax of the training forward over the prompt and the tokens before it."""
     cfg = tiny(init_std=0.1, page_size=4, num_pages=32, max_batch=4, max_batched_tokens=16)
     model = init_model(cfg.model, seed=3)
-    reqs = [Request(str(i), p, max_tokens=8, index=i)
-            for i, p in enumerate(prompts(cfg.model.vocab_size, [5, 23, 2], seed=4))]
+    reqs = [
+        Request(str(i), p, max_tokens=8, index=i)
+        for i, p in enumerate(prompts(cfg.model.vocab_size, [5, 23, 2], seed=4))
+    ]
     forward = nnx.jit(lambda m, t: m(t)[0])
     for r in Engine(model, cfg).generate(reqs):
         prompt = reqs[r.index].tokens
         seq = jnp.asarray([prompt + r.tokens], jnp.int32)
         argmax = np.asarray(jnp.argmax(forward(model, seq)[0], axis=-1))
-        assert r.tokens == argmax[len(prompt) - 1:-1].tolist(), f"request {r.id}"
+        assert r.tokens == argmax[len(prompt) - 1 : -1].tolist(), f"request {r.id}"
 
 
 def prompts(vocab, lengths, seed=0):
@@ -119,8 +141,10 @@ def test_engine_equals_no_cache_greedy_loop_with_chunks_and_preemption(kind):
     # a 16-token budget splits the 30-token prompt into chunks
     cfg = tiny(kind, init_std=0.1, page_size=4, num_pages=14, max_batch=4, max_batched_tokens=16)
     model = init_model(cfg.model, seed=1)
-    reqs = [Request(str(i), p, max_tokens=12, index=i)
-            for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 17, 9, 30, 1, 12]))]
+    reqs = [
+        Request(str(i), p, max_tokens=12, index=i)
+        for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 17, 9, 30, 1, 12]))
+    ]
     engine = Engine(model, cfg)
     results = engine.generate(reqs)
     assert engine.scheduler.preemptions > 0 and engine.allocator.peak_used == 14
@@ -156,8 +180,10 @@ def test_serving_expert_paths_equal_a_per_token_loop(tokens, routing):
             want[i] += weights[i, j] * ((h / (1 + np.exp(-h))) * (x[i] @ wu[ids[i, j]])) @ wd[ids[i, j]]
     ids = np.where(real[:, None], ids, e)  # padding routes to no expert
     args = tuple(jnp.asarray(a) for a in (x, weights, ids, wg, wu, wd))
-    for name, fn in [("capacity", grouped.capacity_swiglu),
-                     ("grouped", lambda *a: grouped.routed_swiglu(*a, backend="auto", block=8))]:
+    for name, fn in [
+        ("capacity", grouped.capacity_swiglu),
+        ("grouped", lambda *a: grouped.routed_swiglu(*a, backend="auto", block=8)),
+    ]:
         np.testing.assert_allclose(np.asarray(jax.jit(fn)(*args)), want, atol=1e-5, rtol=1e-4, err_msg=name)
     assert grouped.capacities(32, 2, 16) == (4, 8, 16, 32) and grouped.capacities(8, 2, 16) == (4, 8)
     assert grouped.capacities(128, 2, 16) == (16, 32, 64, 128)  # never below the mean load
@@ -184,9 +210,13 @@ def test_sample_filters_and_distribution():
     n = logits.shape[0]
 
     def draw(temperature, top_k, top_p):
-        params = SamplingArrays(jnp.full(n, temperature, jnp.float32), jnp.full(n, top_k, jnp.int32),
-                                jnp.full(n, top_p, jnp.float32), jnp.arange(n, dtype=jnp.uint32),
-                                jnp.zeros(n, jnp.int32))
+        params = SamplingArrays(
+            jnp.full(n, temperature, jnp.float32),
+            jnp.full(n, top_k, jnp.int32),
+            jnp.full(n, top_p, jnp.float32),
+            jnp.arange(n, dtype=jnp.uint32),
+            jnp.zeros(n, jnp.int32),
+        )
         return np.bincount(np.asarray(jax.jit(sample)(logits, params)), minlength=4) / n
 
     np.testing.assert_allclose(draw(1.0, 0, 1.0), [0.1, 0.4, 0.2, 0.3], atol=0.03)
@@ -214,7 +244,7 @@ def test_stop_strings_and_eos_end_generation():
     stop = text[3:5]
     cut = text.find(stop)
     r = Engine(model, cfg, Letters()).generate([Request("s", prompt, 8, stop=(stop,))])[0]
-    assert r.finish_reason == "stop" and r.text == text[:cut] and r.tokens == greedy[:cut + 2]
+    assert r.finish_reason == "stop" and r.text == text[:cut] and r.tokens == greedy[: cut + 2]
     eos_cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, eos_id=greedy[4]))
     r = Engine(model, eos_cfg).generate([Request("e", prompt, 8)])[0]
     first = greedy.index(greedy[4])
@@ -274,11 +304,11 @@ def test_latent_cache_is_smaller_than_expanded_kv():
 
 
 def engine_through(impl: str, **serve):
-    cfg = tiny(init_std=0.1, paged_attention=impl, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16,
-               **serve)
+    cfg = tiny(
+        init_std=0.1, paged_attention=impl, page_size=8, num_pages=32, max_batch=4, max_batched_tokens=16, **serve
+    )
     model = init_model(cfg.model, seed=1)
-    reqs = [Request(str(i), p, max_tokens=5, index=i)
-            for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 21, 9]))]
+    reqs = [Request(str(i), p, max_tokens=5, index=i) for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 21, 9]))]
     for r in Engine(model, cfg).generate(reqs):
         assert r.tokens == greedy_reference(model, reqs[r.index].tokens, 5), f"{impl}: request {r.id} diverged"
 

@@ -73,8 +73,10 @@ def test_imports_point_down_the_layers():
             if here is None or there == here:
                 continue
             if there is None or there not in LAYERS[here]:
-                upward.append(f"{path.relative_to(ROOT)}:{line} imports {target} "
-                              f"({here} may import only {sorted(LAYERS[here]) or 'nothing of moela'})")
+                upward.append(
+                    f"{path.relative_to(ROOT)}:{line} imports {target} "
+                    f"({here} may import only {sorted(LAYERS[here]) or 'nothing of moela'})"
+                )
     assert not upward, "imports that run up (or across) the layers:\n" + "\n".join(upward)
 
 
@@ -87,7 +89,7 @@ def test_no_module_imports_itself_in_a_circle():
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = path[path.index(nxt) :] + [nxt]
                 cycles.append(" -> ".join(str(MODULES[m].relative_to(ROOT)) for m in cycle))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
@@ -99,8 +101,15 @@ def test_no_module_imports_itself_in_a_circle():
     assert not cycles, "modules that import each other in a circle:\n" + "\n".join(cycles)
 
 
-@pytest.mark.parametrize("source,target,ok", [("model", "parallel", False), ("parallel", "model", True),
-                                              ("configs", "scaling", False), ("kernels", "configs", True)])
+@pytest.mark.parametrize(
+    "source,target,ok",
+    [
+        ("model", "parallel", False),
+        ("parallel", "model", True),
+        ("configs", "scaling", False),
+        ("kernels", "configs", True),
+    ],
+)
 def test_the_table_says_what_the_design_says(source, target, ok):
     """A few decisions spelled out, so that a change to the table is a change someone meant."""
     assert (target in LAYERS[source]) is ok

@@ -38,8 +38,9 @@ def test_value_and_gradients_match_autodiff(layout, chunks, z_coef):
         return 0.7 * objective, stats  # a non-unit cotangent reaches the backward pass
 
     (obj, stats), (dx, dw) = jax.value_and_grad(fused, argnums=(0, 1), has_aux=True)(x, w)
-    ref, (rdx, rdw) = jax.value_and_grad(lambda x, w: 0.7 * reference(x, w, targets, weights, z_coef, layout),
-                                         argnums=(0, 1))(x, w)
+    ref, (rdx, rdw) = jax.value_and_grad(
+        lambda x, w: 0.7 * reference(x, w, targets, weights, z_coef, layout), argnums=(0, 1)
+    )(x, w)
     np.testing.assert_allclose(obj, ref, rtol=1e-6)
     np.testing.assert_allclose(dx, rdx, atol=1e-6)
     np.testing.assert_allclose(dw, rdw, atol=1e-6)
@@ -51,9 +52,11 @@ def test_value_and_gradients_match_autodiff(layout, chunks, z_coef):
 def test_bfloat16_compute_is_close_to_float32():
     x, w, targets, weights = inputs(dtype=jnp.bfloat16)
     (obj, _), (dx, dw) = jax.value_and_grad(
-        lambda x, w: head_loss(x, w, targets, weights, chunks=4), argnums=(0, 1), has_aux=True)(x, w)
-    ref, (rdx, rdw) = jax.value_and_grad(lambda x, w: reference(x.astype(jnp.float32), w, targets, weights, 0.0, "dn"),
-                                         argnums=(0, 1))(x, w)
+        lambda x, w: head_loss(x, w, targets, weights, chunks=4), argnums=(0, 1), has_aux=True
+    )(x, w)
+    ref, (rdx, rdw) = jax.value_and_grad(
+        lambda x, w: reference(x.astype(jnp.float32), w, targets, weights, 0.0, "dn"), argnums=(0, 1)
+    )(x, w)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
     np.testing.assert_allclose(obj, ref, rtol=2e-2)
     np.testing.assert_allclose(dx.astype(jnp.float32), rdx, atol=2e-2)
@@ -76,7 +79,8 @@ def test_bad_arguments_are_refused():
         head_loss(x, w, targets, weights, layout="nn")
 
 
-@pytest.mark.parametrize("batch,seq,target,expected", [(8, 256, 256, 8), (8, 256, 10**9, 1), (1, 7, 2, 7),
-                                                       (4, 96, 100, 4)])
+@pytest.mark.parametrize(
+    "batch,seq,target,expected", [(8, 256, 256, 8), (8, 256, 10**9, 1), (1, 7, 2, 7), (4, 96, 100, 4)]
+)
 def test_loss_chunks_picks_a_divisor_near_the_target(batch, seq, target, expected):
     assert loss_chunks(batch, seq, target) == expected

@@ -16,8 +16,21 @@ from moela.model.checkpoint import CheckpointError, load_model, save_params
 from moela.model.runtime import Runtime
 from moela.model.transformer import Decoder, init_model
 
-MODEL_AXES = {"layers", "embed", "vocab", "mlp", "heads", "kv_heads", "qk", "v", "q_lora", "kv_lora", "rope",
-              "expert", "norm"}
+MODEL_AXES = {
+    "layers",
+    "embed",
+    "vocab",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "qk",
+    "v",
+    "q_lora",
+    "kv_lora",
+    "rope",
+    "expert",
+    "norm",
+}
 
 
 def tiny(*overrides):
@@ -43,15 +56,23 @@ def test_forward_shapes_dtypes_and_expert_load():
     assert bool(jnp.isfinite(logits).all())
 
 
-@pytest.mark.parametrize("overrides", [
-    [],
-    ["model.attention.kind=gqa", "model.attention.num_kv_heads=2"],
-    ["model.attention.kind=gqa", "model.attention.num_kv_heads=1"],
-    ["model.attention.q_lora_rank=16", "model.rope.scaling=yarn", "model.rope.factor=4",
-     "model.rope.original_max_position=8", "model.rope.mscale_all_dim=1"],
-    ["model.moe.num_experts=0"],
-    ["model.first_k_dense=0"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.attention.kind=gqa", "model.attention.num_kv_heads=2"],
+        ["model.attention.kind=gqa", "model.attention.num_kv_heads=1"],
+        [
+            "model.attention.q_lora_rank=16",
+            "model.rope.scaling=yarn",
+            "model.rope.factor=4",
+            "model.rope.original_max_position=8",
+            "model.rope.mscale_all_dim=1",
+        ],
+        ["model.moe.num_experts=0"],
+        ["model.first_k_dense=0"],
+    ],
+)
 def test_causal_no_future_leak(overrides):
     model = init_model(tiny(*overrides))
     a, b = tokens(1, 12, seed=1), tokens(1, 12, seed=2)
@@ -73,7 +94,7 @@ def test_packed_row_equals_documents_run_separately():
     start = 0
     for doc in (d1, d2, d3):
         alone, _ = run(model, doc)
-        np.testing.assert_allclose(logits[:, start:start + doc.shape[1]], alone, atol=2e-5)
+        np.testing.assert_allclose(logits[:, start : start + doc.shape[1]], alone, atol=2e-5)
         start += doc.shape[1]
 
 
@@ -113,8 +134,10 @@ def test_bfloat16_params_are_stored_in_bfloat16():
     assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
-@pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow),
-                                    pytest.param("dots_no_batch", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "policy",
+    ["full", pytest.param("dots", marks=pytest.mark.slow), pytest.param("dots_no_batch", marks=pytest.mark.slow)],
+)
 def test_remat_policies_keep_gradients(policy):
     x = tokens(2, 8)
 
@@ -123,8 +146,9 @@ def test_remat_policies_keep_gradients(policy):
         return nnx.jit(nnx.grad(lambda m: jnp.mean(m(x, rt=Runtime(runtime))[0] ** 2)))(model)
 
     ref, got = grads(tiny()), grads(tiny(), RuntimeConfig(remat=policy))
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ref, nnx.Param)),
-                                 nnx.to_flat_state(nnx.state(got, nnx.Param))):
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(ref, nnx.Param)), nnx.to_flat_state(nnx.state(got, nnx.Param))
+    ):
         np.testing.assert_allclose(a[...], b[...], atol=1e-6, err_msg=str(path))
 
 

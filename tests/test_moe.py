@@ -53,7 +53,7 @@ def ref_route(x, w_router, bias, cfg: MoEConfig):
             per = e // cfg.n_group
             group_scores = []
             for gi in range(cfg.n_group):
-                members = sorted(c[gi * per:(gi + 1) * per], reverse=True)
+                members = sorted(c[gi * per : (gi + 1) * per], reverse=True)
                 group_scores.append(members[0] + members[1] if cfg.group_score == "top2_sum" else members[0])
             keep = sorted(range(cfg.n_group), key=lambda gi: -group_scores[gi])[: cfg.topk_group]
             c = np.array([c[i] if i // per in keep else -np.inf for i in range(e)])
@@ -73,8 +73,13 @@ def ref_swiglu(x, wg, wu, wd):
 
 def params64(moe: MoE):
     p = lambda v: np.asarray(v[...], np.float64)
-    out = {"router": p(moe.router.w), "bias": p(moe.router.bias),
-           "gate": p(moe.experts.w_gate), "up": p(moe.experts.w_up), "down": p(moe.experts.w_down)}
+    out = {
+        "router": p(moe.router.w),
+        "bias": p(moe.router.bias),
+        "gate": p(moe.experts.w_gate),
+        "up": p(moe.experts.w_up),
+        "down": p(moe.experts.w_down),
+    }
     if moe.shared is not None:
         out["shared"] = (p(moe.shared.w_gate), p(moe.shared.w_up), p(moe.shared.w_down))
     return out
@@ -155,24 +160,70 @@ def forward(moe, x, segment_ids=None):
 
 ALPHA = 0.03
 CONFIGS = {
-    "sigmoid-g1-k3-norm-shared2": MoEConfig(num_experts=12, experts_per_token=3, num_shared_experts=2, d_ff=8,
-                                            routed_scaling_factor=2.5, seq_aux_loss_coef=ALPHA),
-    "sigmoid-g4-top2sum-k3-norm": MoEConfig(num_experts=12, experts_per_token=3, num_shared_experts=0, d_ff=8,
-                                            n_group=4, topk_group=2, group_score="top2_sum", routed_scaling_factor=1.7,
-                                            seq_aux_loss_coef=ALPHA),
-    "sigmoid-g4-max-k1-nonorm-shared2": MoEConfig(num_experts=12, experts_per_token=1, num_shared_experts=2, d_ff=8,
-                                                  n_group=4, topk_group=2, group_score="max", norm_topk_prob=False,
-                                                  seq_aux_loss_coef=ALPHA),
-    "softmax-g1-k3-nonorm": MoEConfig(num_experts=12, experts_per_token=3, num_shared_experts=0, d_ff=8,
-                                      score_func="softmax", norm_topk_prob=False, seq_aux_loss_coef=ALPHA),
-    "softmax-g3-max-k3-norm-shared2": MoEConfig(num_experts=12, experts_per_token=3, num_shared_experts=2, d_ff=8,
-                                                score_func="softmax", n_group=3, topk_group=1, group_score="max",
-                                                routed_scaling_factor=16.0, seq_aux_loss_coef=ALPHA),
-    "sigmoid-g1-k1-nonorm-noaux": MoEConfig(num_experts=12, experts_per_token=1, num_shared_experts=0, d_ff=8,
-                                            norm_topk_prob=False),
-    "sigmoid-g2-top2sum-k3-nonorm-shared2": MoEConfig(num_experts=12, experts_per_token=3, num_shared_experts=2,
-                                                      d_ff=8, n_group=2, topk_group=1, norm_topk_prob=False,
-                                                      seq_aux_loss_coef=ALPHA),
+    "sigmoid-g1-k3-norm-shared2": MoEConfig(
+        num_experts=12,
+        experts_per_token=3,
+        num_shared_experts=2,
+        d_ff=8,
+        routed_scaling_factor=2.5,
+        seq_aux_loss_coef=ALPHA,
+    ),
+    "sigmoid-g4-top2sum-k3-norm": MoEConfig(
+        num_experts=12,
+        experts_per_token=3,
+        num_shared_experts=0,
+        d_ff=8,
+        n_group=4,
+        topk_group=2,
+        group_score="top2_sum",
+        routed_scaling_factor=1.7,
+        seq_aux_loss_coef=ALPHA,
+    ),
+    "sigmoid-g4-max-k1-nonorm-shared2": MoEConfig(
+        num_experts=12,
+        experts_per_token=1,
+        num_shared_experts=2,
+        d_ff=8,
+        n_group=4,
+        topk_group=2,
+        group_score="max",
+        norm_topk_prob=False,
+        seq_aux_loss_coef=ALPHA,
+    ),
+    "softmax-g1-k3-nonorm": MoEConfig(
+        num_experts=12,
+        experts_per_token=3,
+        num_shared_experts=0,
+        d_ff=8,
+        score_func="softmax",
+        norm_topk_prob=False,
+        seq_aux_loss_coef=ALPHA,
+    ),
+    "softmax-g3-max-k3-norm-shared2": MoEConfig(
+        num_experts=12,
+        experts_per_token=3,
+        num_shared_experts=2,
+        d_ff=8,
+        score_func="softmax",
+        n_group=3,
+        topk_group=1,
+        group_score="max",
+        routed_scaling_factor=16.0,
+        seq_aux_loss_coef=ALPHA,
+    ),
+    "sigmoid-g1-k1-nonorm-noaux": MoEConfig(
+        num_experts=12, experts_per_token=1, num_shared_experts=0, d_ff=8, norm_topk_prob=False
+    ),
+    "sigmoid-g2-top2sum-k3-nonorm-shared2": MoEConfig(
+        num_experts=12,
+        experts_per_token=3,
+        num_shared_experts=2,
+        d_ff=8,
+        n_group=2,
+        topk_group=1,
+        norm_topk_prob=False,
+        seq_aux_loss_coef=ALPHA,
+    ),
 }
 CFG_PARAMS = [pytest.param(c, id=name) for name, c in CONFIGS.items()]
 B, T = 3, 16
@@ -325,6 +376,7 @@ def _loss_fn(cotangent):
     def loss(moe, x):
         y, stats = moe(x)
         return jnp.sum(y * cotangent) + stats["aux_loss"]
+
     return loss
 
 

@@ -12,14 +12,27 @@ from tests.paged_cases import BATCHES, GQA_SMALL, MLA_SMALL, dense_expected, mak
 FORMS = {"mla": (8, 1, MLA_SMALL), "gqa": (8, 2, GQA_SMALL), "mqa": (4, 1, GQA_SMALL), "mha": (4, 4, GQA_SMALL)}
 
 
-@pytest.mark.parametrize("form,batch", [
-    pytest.param(f, b, marks=[] if (b == "mixed" and f in ("mla", "gqa")) else pytest.mark.slow)
-    for f in sorted(FORMS) for b in sorted(BATCHES)])
+@pytest.mark.parametrize(
+    "form,batch",
+    [
+        pytest.param(f, b, marks=[] if (b == "mixed" and f in ("mla", "gqa")) else pytest.mark.slow)
+        for f in sorted(FORMS)
+        for b in sorted(BATCHES)
+    ],
+)
 def test_reference_equals_dense_attention_per_sequence(batch, form):
     page_size = 4 if form in ("mla", "mqa") else 16
     heads, kv_heads, fmt = FORMS[form]
-    case = make_case(BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=page_size,
-                     pad_tokens=3, pad_seqs=2, seed=page_size)
+    case = make_case(
+        BATCHES[batch],
+        heads=heads,
+        kv_heads=kv_heads,
+        fmt=fmt,
+        page_size=page_size,
+        pad_tokens=3,
+        pad_seqs=2,
+        seed=page_size,
+    )
     out = np.asarray(paged.ragged_paged_attention(*case.args(), scale=case.scale, fmt=fmt, backend="reference"))
     want = dense_expected(case)
     assert np.isfinite(out).all(), "a NaN row of an unused page leaked into the output"
@@ -28,9 +41,15 @@ def test_reference_equals_dense_attention_per_sequence(batch, form):
     assert np.all(out[real:] == 0), "padding tokens must return zeros"
 
 
-@pytest.mark.parametrize("form,batch,rows_per_step", [
-    pytest.param(f, b, r, marks=[] if (b, f, r) == ("mixed", "mla", 64) else pytest.mark.slow)
-    for f in ("mla", "gqa") for b in sorted(BATCHES) for r in (1 << 16, 64)])
+@pytest.mark.parametrize(
+    "form,batch,rows_per_step",
+    [
+        pytest.param(f, b, r, marks=[] if (b, f, r) == ("mixed", "mla", 64) else pytest.mark.slow)
+        for f in ("mla", "gqa")
+        for b in sorted(BATCHES)
+        for r in (1 << 16, 64)
+    ],
+)
 def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step, monkeypatch):
     """The CPU path walks blocks of pages with an online softmax: with 64 rows per step every
     context spans several blocks (and a long chunk gets blocks of one page)."""
@@ -38,8 +57,9 @@ def test_xla_path_equals_dense_attention_per_sequence(form, batch, rows_per_step
 
     monkeypatch.setattr(paged_xla, "ROWS_PER_STEP", rows_per_step)
     heads, kv_heads, fmt = FORMS[form]
-    case = make_case(BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=4, pad_tokens=3,
-                     pad_seqs=2, seed=7)
+    case = make_case(
+        BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=4, pad_tokens=3, pad_seqs=2, seed=7
+    )
     out = np.asarray(paged.ragged_paged_attention(*case.args(), scale=case.scale, fmt=fmt, backend="xla"))
     assert np.isfinite(out).all(), "a NaN row of an unused page leaked into the output"
     np.testing.assert_allclose(out, dense_expected(case), atol=1e-5, rtol=1e-5)

@@ -49,8 +49,13 @@ def packed_batch(vocab: int, seed: int = 0) -> dict:
             segments[r, a:e] = s + 1
             positions[r, a:e] = np.arange(e - a)
     inputs = rng.integers(4, vocab, (B, T), dtype=np.int32)
-    return {"inputs": inputs, "targets": np.roll(inputs, -1, axis=1), "positions": positions,
-            "segment_ids": segments, "loss_mask": (segments > 0).astype(np.float32)}
+    return {
+        "inputs": inputs,
+        "targets": np.roll(inputs, -1, axis=1),
+        "positions": positions,
+        "segment_ids": segments,
+        "loss_mask": (segments > 0).astype(np.float32),
+    }
 
 
 def forward_loss_grads(graphdef, params, rest, batch, partitioner=ONE_DEVICE):
@@ -82,9 +87,17 @@ def single_device():
 
 
 FAST = {("mla_moe", (2, 2, 2)), ("gqa", (1, 1, 8))}  # the rest run in CI's slow step
-MESH_CASES = [pytest.param(model, shape, strategy, id=f"{'x'.join(map(str, shape))}-{strategy}-{model}",
-                           marks=() if (model, shape) in FAST else pytest.mark.slow)
-              for shape, strategy in CASES for model in sorted(MODELS)]
+MESH_CASES = [
+    pytest.param(
+        model,
+        shape,
+        strategy,
+        id=f"{'x'.join(map(str, shape))}-{strategy}-{model}",
+        marks=() if (model, shape) in FAST else pytest.mark.slow,
+    )
+    for shape, strategy in CASES
+    for model in sorted(MODELS)
+]
 
 
 @pytest.mark.parametrize("model, shape, strategy", MESH_CASES)
@@ -159,9 +172,13 @@ def test_sharded_train_step_with_microbatches_equals_one_device():
     new_params, new_rest, _, got = step(params, rest, opt_state, jax.device_put(batch, sharded.batch_sharding(layout)))
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
     np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-4)
-    for (path, a), (_, b), (_, s) in zip(nnx.to_flat_state(new_params), nnx.to_flat_state(want_params),
-                                         nnx.to_flat_state(shardings[0])):
+    for (path, a), (_, b), (_, s) in zip(
+        nnx.to_flat_state(new_params), nnx.to_flat_state(want_params), nnx.to_flat_state(shardings[0])
+    ):
         np.testing.assert_allclose(a[...], b[...], atol=1e-6, err_msg=str(path))
         assert a[...].sharding == s.get_value(), path
-    np.testing.assert_allclose(new_rest["moe_blocks"]["ffn"]["router"]["bias"][...],
-                               want_rest["moe_blocks"]["ffn"]["router"]["bias"][...], atol=1e-7)
+    np.testing.assert_allclose(
+        new_rest["moe_blocks"]["ffn"]["router"]["bias"][...],
+        want_rest["moe_blocks"]["ffn"]["router"]["bias"][...],
+        atol=1e-7,
+    )

@@ -43,8 +43,9 @@ def test_tied_embeddings_drop_the_head_and_dense_models_are_all_active():
 
 @pytest.mark.parametrize("preset", ["tiny", "deepseek_v3"])
 def test_cli_last_line_is_json_with_total_and_active(preset):
-    out = subprocess.run([sys.executable, "-m", "moela.model.params", "--config", preset],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "moela.model.params", "--config", preset], capture_output=True, text=True, check=True
+    )
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert last["total"] == count_params(load(preset).model)["total"] and "active" in last
     assert "total" in out.stdout.splitlines()[1] or "embedding" in out.stdout

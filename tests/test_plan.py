@@ -41,27 +41,39 @@ def xla_temp_bytes(cfg, batch: int, seq: int) -> int:
     t = cfg.train
 
     def loss(p, r, b):
-        obj, _, _, aux = training_objective(graphdef, p, r, b, z_coef=t.z_loss, chunk_tokens=t.loss_chunk_tokens,
-                                            rt=Runtime(cfg.runtime))
+        obj, _, _, aux = training_objective(
+            graphdef, p, r, b, z_coef=t.z_loss, chunk_tokens=t.loss_chunk_tokens, rt=Runtime(cfg.runtime)
+        )
         return obj / b["loss_mask"].size + aux["aux_loss"]
 
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    b = {"inputs": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
-         "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
+    b = {
+        "inputs": tokens,
+        "targets": tokens,
+        "positions": tokens,
+        "segment_ids": tokens,
+        "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32),
+    }
     return jax.jit(jax.grad(loss)).lower(params, rest, b).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("overrides, batch, seq", [
-    (LAYERS, 8, 128),  # MLA + MoE, no remat: the stacked residuals dominate
-    (LAYERS + ["runtime.remat=full"], 8, 128),  # only the carries kept; the recomputing backward dominates
-    (LAYERS + GQA + ["runtime.remat=dots"], 8, 128),  # GQA, matmul outputs kept
-], ids=["mla-none", "mla-full", "gqa-dots"])
+@pytest.mark.parametrize(
+    "overrides, batch, seq",
+    [
+        (LAYERS, 8, 128),  # MLA + MoE, no remat: the stacked residuals dominate
+        (LAYERS + ["runtime.remat=full"], 8, 128),  # only the carries kept; the recomputing backward dominates
+        (LAYERS + GQA + ["runtime.remat=dots"], 8, 128),  # GQA, matmul outputs kept
+    ],
+    ids=["mla-none", "mla-full", "gqa-dots"],
+)
 def test_activation_estimate_matches_xla(overrides, batch, seq):
     cfg = load("tiny", overrides)
     result = planner.plan(cfg, ONE_DEVICE, "dp", batch, seq, accelerator=False)  # the CPU program
     estimate, temp = result["bytes"]["activations"], xla_temp_bytes(cfg, batch, seq)
-    print(f"{'/'.join(overrides[2:]) or 'base'}: plan {estimate / 2**20:.2f} MiB, XLA temp {temp / 2**20:.2f} MiB, "
-          f"ratio {estimate / temp:.3f}")
+    print(
+        f"{'/'.join(overrides[2:]) or 'base'}: plan {estimate / 2**20:.2f} MiB, XLA temp {temp / 2**20:.2f} MiB, "
+        f"ratio {estimate / temp:.3f}"
+    )
     assert 0.75 <= estimate / temp <= 1.25, (estimate, temp)
     saved = result["bytes"]["activations_saved"]
     assert 0 < saved <= estimate
@@ -72,15 +84,21 @@ def test_activation_estimate_matches_xla(overrides, batch, seq):
 
 # The same rules written out by hand: the logical names each strategy splits, and over which axis.
 SPLITS = {
-    "dp": {}, "fsdp": {"embed": "data"},
+    "dp": {},
+    "fsdp": {"embed": "data"},
     "tp": {n: "tensor" for n in ("heads", "kv_heads", "mlp", "vocab")},
     "ep_tp": {"expert": "data", **{n: "tensor" for n in ("heads", "kv_heads", "mlp", "vocab")}},
     "dp_tp_sp": {"expert": "data", **{n: "tensor" for n in ("heads", "kv_heads", "mlp", "vocab")}},
     "fsdp_tp_sp": {"embed": "data", **{n: "tensor" for n in ("heads", "kv_heads", "mlp", "vocab")}},
 }
-MESHES = {"dp": {"data": 8, "tensor": 1, "sequence": 1}, "fsdp": {"data": 8, "tensor": 1, "sequence": 1},
-          "tp": {"data": 2, "tensor": 4, "sequence": 1}, "ep_tp": {"data": 2, "tensor": 4, "sequence": 1},
-          "dp_tp_sp": {"data": 2, "tensor": 2, "sequence": 2}, "fsdp_tp_sp": {"data": 2, "tensor": 2, "sequence": 2}}
+MESHES = {
+    "dp": {"data": 8, "tensor": 1, "sequence": 1},
+    "fsdp": {"data": 8, "tensor": 1, "sequence": 1},
+    "tp": {"data": 2, "tensor": 4, "sequence": 1},
+    "ep_tp": {"data": 2, "tensor": 4, "sequence": 1},
+    "dp_tp_sp": {"data": 2, "tensor": 2, "sequence": 2},
+    "fsdp_tp_sp": {"data": 2, "tensor": 2, "sequence": 2},
+}
 
 
 @pytest.mark.parametrize("strategy", list(SPLITS))
@@ -107,8 +125,9 @@ def test_plan_parts_are_consistent():
     assert (r["local_rows"], r["local_seq"]) == (2, 32)  # 8 rows / (data 2 x 2 microbatches), 64 / sequence 2
     assert b["grad_accumulator"] == b["gradients"] > 0
     assert 2 * b["gradients"] <= b["optimizer"] < 2 * b["gradients"] + 64  # AdamW mu, nu + replicated scalars
-    assert b["train_total"] == sum(b[k] for k in ("params", "gradients", "grad_accumulator", "optimizer",
-                                                  "activations", "fsdp_gather"))
+    assert b["train_total"] == sum(
+        b[k] for k in ("params", "gradients", "grad_accumulator", "optimizer", "activations", "fsdp_gather")
+    )
     mla = cfg.model.attention
     assert b["kv_cache"] == math.ceil(8 / 2) * 64 * cfg.model.num_layers * (mla.kv_lora_rank + mla.qk_rope_head_dim) * 4
 
@@ -137,15 +156,24 @@ def test_mesh_parsing():
         planner.resolve_mesh(planner.parse_mesh("data=-1"), None)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--mesh", "data=64;tensor=8"], "expected comma-separated AXIS=SIZE with AXIS one of data, tensor, sequence"),
-    (["--mesh", "data=2", "--strategy", "zero3"], "unknown sharding strategy 'zero3'; valid: dp, fsdp"),
-    (["--mesh", "tensor=3", "--strategy", "tp"], "num_heads = 4 cannot be split over mesh axis 'tensor' (3 devices)"),
-    (["--mesh", "data=3", "--strategy", "fsdp", "--batch", "6"], "cannot be split over mesh axis 'data' (3 devices)"),
-    (["--mesh", "data=3", "--batch", "8"], "batch 8 is not divisible by data (3)"),
-    (["--mesh", "sequence=2", "--strategy", "fsdp"], "maps nothing onto them"),
-    (["--mesh", "data=2", "--chip", "tpu9"], "unknown chip 'tpu9'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mesh", "data=64;tensor=8"], "expected comma-separated AXIS=SIZE with AXIS one of data, tensor, sequence"),
+        (["--mesh", "data=2", "--strategy", "zero3"], "unknown sharding strategy 'zero3'; valid: dp, fsdp"),
+        (
+            ["--mesh", "tensor=3", "--strategy", "tp"],
+            "num_heads = 4 cannot be split over mesh axis 'tensor' (3 devices)",
+        ),
+        (
+            ["--mesh", "data=3", "--strategy", "fsdp", "--batch", "6"],
+            "cannot be split over mesh axis 'data' (3 devices)",
+        ),
+        (["--mesh", "data=3", "--batch", "8"], "batch 8 is not divisible by data (3)"),
+        (["--mesh", "sequence=2", "--strategy", "fsdp"], "maps nothing onto them"),
+        (["--mesh", "data=2", "--chip", "tpu9"], "unknown chip 'tpu9'"),
+    ],
+)
 def test_cli_errors(capsys, argv, message):
     assert planner.main(["--config", "tiny", "--seq", "64", *argv]) == 2
     err = capsys.readouterr().err
@@ -153,17 +181,32 @@ def test_cli_errors(capsys, argv, message):
 
 
 def test_cli_deepseek_v3(capsys):
-    argv = ["--config", "deepseek_v3", "--mesh", "data=64,tensor=8,sequence=4", "--strategy",
-            "fsdp_tp_sp", "--batch", "256", "--seq", "4096", "--chip", "v5p"]
+    argv = [
+        "--config",
+        "deepseek_v3",
+        "--mesh",
+        "data=64,tensor=8,sequence=4",
+        "--strategy",
+        "fsdp_tp_sp",
+        "--batch",
+        "256",
+        "--seq",
+        "4096",
+        "--chip",
+        "v5p",
+    ]
     assert planner.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     r = json.loads(lines[-1])
     b = r["bytes"]
     assert r["devices"] == 2048 and (r["local_rows"], r["local_seq"]) == (4, 1024) and r["remat"] == "full"
-    assert all(b[k] > 0 for k in ("params", "gradients", "optimizer", "activations", "activations_saved",
-                                  "fsdp_gather", "kv_cache"))
-    assert b["train_total"] == sum(b[k] for k in ("params", "gradients", "grad_accumulator", "optimizer",
-                                                  "activations", "fsdp_gather"))
+    assert all(
+        b[k] > 0
+        for k in ("params", "gradients", "optimizer", "activations", "activations_saved", "fsdp_gather", "kv_cache")
+    )
+    assert b["train_total"] == sum(
+        b[k] for k in ("params", "gradients", "grad_accumulator", "optimizer", "activations", "fsdp_gather")
+    )
     assert r["chips"]["v5p"]["train"] == (b["train_total"] <= 95 * 2**30) and list(r["chips"]) == ["v5p"]
     assert any(line.startswith("v5p") for line in lines)
     # 671B bf16 weights: the experts (most of them) are split over data x tensor = 512 devices; the

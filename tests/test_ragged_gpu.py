@@ -20,8 +20,14 @@ from tests.paged_cases import BATCHES, GQA_SMALL, MLA_SMALL, dense_expected, mak
 from tests.test_flash_export import TRITON, export, kernel_calls, triton_modules_verify
 
 # form -> (query heads, kv heads, row format): MLA and GQA at head ratios 1, 2, 4
-FORMS = {"mla-r1": (1, 1, MLA_SMALL), "mla-r2": (2, 1, MLA_SMALL), "mla-r4": (4, 1, MLA_SMALL),
-         "gqa-r1": (2, 2, GQA_SMALL), "gqa-r2": (4, 2, GQA_SMALL), "gqa-r4": (8, 2, GQA_SMALL)}
+FORMS = {
+    "mla-r1": (1, 1, MLA_SMALL),
+    "mla-r2": (2, 1, MLA_SMALL),
+    "mla-r4": (4, 1, MLA_SMALL),
+    "gqa-r1": (2, 2, GQA_SMALL),
+    "gqa-r2": (4, 2, GQA_SMALL),
+    "gqa-r4": (8, 2, GQA_SMALL),
+}
 # the lowering proof's serving shape (and the GPU-only serving-shape test's heads and rows)
 T, S, PAGE, PAGES, LAYERS, MAX_PAGES = 256, 16, 16, 512, 2, 64
 EXPORT_FORMS = {"mla": (16, 1, paged.RowFormat.mla(512, 64)), "gqa": (32, 8, paged.RowFormat.gqa(128))}
@@ -49,8 +55,17 @@ def check(case, blocks=None, atol=1e-5):
 
 def form_case(batch, form, page_size, **kwargs):
     heads, kv_heads, fmt = FORMS[form]
-    return make_case(BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=page_size, pad_tokens=3,
-                     pad_seqs=2, seed=page_size, **kwargs)
+    return make_case(
+        BATCHES[batch],
+        heads=heads,
+        kv_heads=kv_heads,
+        fmt=fmt,
+        page_size=page_size,
+        pad_tokens=3,
+        pad_seqs=2,
+        seed=page_size,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize("form,page_size", [("mla-r4", 4), pytest.param("gqa-r2", 8, marks=pytest.mark.slow)])
@@ -61,8 +76,17 @@ def test_mixed_batch_matches_dense_and_reference(form, page_size):
     case = form_case("mixed", form, page_size)
     check(case)
     blocks = ragged_gpu.BlockSizes(block_kv=16)
-    geo = ragged_gpu._geometry(*case.q.shape[:2], case.pool.shape[3], len(case.kv_lens), case.pool.dtype, page_size,
-                               case.page_table.shape[1] * page_size, case.scale, case.fmt, blocks)
+    geo = ragged_gpu._geometry(
+        *case.q.shape[:2],
+        case.pool.shape[3],
+        len(case.kv_lens),
+        case.pool.dtype,
+        page_size,
+        case.page_table.shape[1] * page_size,
+        case.scale,
+        case.fmt,
+        blocks,
+    )
     assert geo.splits == 3
     check(case, blocks)
 
@@ -99,21 +123,31 @@ def test_bfloat16_close_to_float32():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt,page_size", [(paged.RowFormat.gqa(24), 5), (paged.RowFormat.mla(32, 8), 3)],
-                         ids=["gqa-d24-page5", "mla-40-page3"])
+@pytest.mark.parametrize(
+    "fmt,page_size",
+    [(paged.RowFormat.gqa(24), 5), (paged.RowFormat.mla(32, 8), 3)],
+    ids=["gqa-d24-page5", "mla-40-page3"],
+)
 def test_row_pieces_not_multiples_of_16_and_odd_page_sizes(fmt, page_size):
     """Keys 24 / 40 wide: a padded 16-column piece with clamped column reads."""
     heads, kv_heads = (4, 2) if fmt.v_offset else (4, 1)
-    check(make_case(BATCHES["mixed"], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=page_size, pad_tokens=3,
-                    pad_seqs=2))
+    check(
+        make_case(
+            BATCHES["mixed"], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=page_size, pad_tokens=3, pad_seqs=2
+        )
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form,blocks", [
-    ("mla-r4", ragged_gpu.BlockSizes(block_q=8, block_kv=16, block_h=2)),
-    ("gqa-r4", ragged_gpu.BlockSizes(block_q=32, block_kv=64, block_h=1, kv_splits=1)),
-    ("gqa-r2", ragged_gpu.BlockSizes(block_kv=16, kv_splits=3)),
-], ids=["mla-head-chunks", "gqa-one-head-per-program-unsplit", "gqa-three-splits"])
+@pytest.mark.parametrize(
+    "form,blocks",
+    [
+        ("mla-r4", ragged_gpu.BlockSizes(block_q=8, block_kv=16, block_h=2)),
+        ("gqa-r4", ragged_gpu.BlockSizes(block_q=32, block_kv=64, block_h=1, kv_splits=1)),
+        ("gqa-r2", ragged_gpu.BlockSizes(block_kv=16, kv_splits=3)),
+    ],
+    ids=["mla-head-chunks", "gqa-one-head-per-program-unsplit", "gqa-three-splits"],
+)
 def test_head_chunks_splits_and_block_sizes(form, blocks):
     check(form_case("mixed", form, 8), blocks)
 
@@ -122,18 +156,25 @@ on_gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled
 
 
 @on_gpu
-@pytest.mark.parametrize("form,page_size,dtype,splits", [
-    ("mla-r4", 4, jnp.float32, None), ("gqa-r2", 8, jnp.float32, 1), ("gqa-r4", 16, jnp.bfloat16, None),
-    ("mla-r2", 8, jnp.bfloat16, 1)])
+@pytest.mark.parametrize(
+    "form,page_size,dtype,splits",
+    [
+        ("mla-r4", 4, jnp.float32, None),
+        ("gqa-r2", 8, jnp.float32, 1),
+        ("gqa-r4", 16, jnp.bfloat16, None),
+        ("mla-r2", 8, jnp.bfloat16, 1),
+    ],
+)
 def test_compiled_kernel_matches_reference_on_gpu(form, page_size, dtype, splits):
     case = form_case("mixed", form, page_size)
-    out = np.asarray(attend(case, backend="pallas", dtype=dtype, blocks=ragged_gpu.BlockSizes(kv_splits=splits)),
-                     np.float32)
+    out = np.asarray(
+        attend(case, backend="pallas", dtype=dtype, blocks=ragged_gpu.BlockSizes(kv_splits=splits)), np.float32
+    )
     want = np.asarray(attend(case, backend="reference", dtype=dtype), np.float32)
     assert np.isfinite(out).all()
     atol = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(out, want, atol=atol, rtol=atol)
-    assert np.all(out[int(case.cu_q_lens[case.num_seqs]):] == 0)
+    assert np.all(out[int(case.cu_q_lens[case.num_seqs]) :] == 0)
 
 
 @on_gpu
@@ -146,7 +187,7 @@ def test_compiled_kernel_at_serving_shape_on_gpu(form):
     want = np.asarray(attend(case, backend="reference", dtype=jnp.bfloat16), np.float32)
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, want, atol=2e-2)
-    assert np.all(out[int(case.cu_q_lens[case.num_seqs]):] == 0)
+    assert np.all(out[int(case.cu_q_lens[case.num_seqs]) :] == 0)
 
 
 def test_block_sizes_are_checked():
@@ -161,20 +202,34 @@ def test_block_sizes_are_checked():
 # ---------------------------------------------------------------- lowering proof
 
 
-
 @pytest.mark.parametrize("splits", [None, 1], ids=["split", "unsplit"])
 @pytest.mark.parametrize("form", sorted(EXPORT_FORMS))
 def test_exports_one_verified_triton_call(form, splits):
     heads, kv_heads, fmt = EXPORT_FORMS[form]
     spec = jax.ShapeDtypeStruct
-    args = (spec((T, heads, fmt.k_dim), jnp.bfloat16), spec((LAYERS, PAGES, PAGE, kv_heads, fmt.width), jnp.bfloat16),
-            spec((S,), jnp.int32), spec((S, MAX_PAGES), jnp.int32), spec((S + 1,), jnp.int32),
-            spec((), jnp.int32), spec((), jnp.int32))
+    args = (
+        spec((T, heads, fmt.k_dim), jnp.bfloat16),
+        spec((LAYERS, PAGES, PAGE, kv_heads, fmt.width), jnp.bfloat16),
+        spec((S,), jnp.int32),
+        spec((S, MAX_PAGES), jnp.int32),
+        spec((S + 1,), jnp.int32),
+        spec((), jnp.int32),
+        spec((), jnp.int32),
+    )
 
     def attention(q, pool, kv_lens, page_table, cu_q_lens, num_seqs, layer):
-        return ragged_gpu.ragged_paged_attention(q, pool, kv_lens, page_table, cu_q_lens, num_seqs, layer,
-                                                 scale=fmt.k_dim ** -0.5, fmt=fmt,
-                                                 blocks=ragged_gpu.BlockSizes(kv_splits=splits))
+        return ragged_gpu.ragged_paged_attention(
+            q,
+            pool,
+            kv_lens,
+            page_table,
+            cu_q_lens,
+            num_seqs,
+            layer,
+            scale=fmt.k_dim**-0.5,
+            fmt=fmt,
+            blocks=ragged_gpu.BlockSizes(kv_splits=splits),
+        )
 
     module = export(attention, "gpu", *args)
     assert kernel_calls(module, "gpu") == 1

@@ -76,16 +76,29 @@ def test_gqa_prefill_head_ratio_1_page_16_default_blocks():
 
 # with the fast tests (mixed-mla-4, decode-gqa4-8, prefill-gqa1-16) and the bfloat16 ones (page
 # size 8): every batch with two or more forms, every form with two or more page sizes
-SWEEP = [("decode", "mla", 16), ("decode", "gqa2", 4), ("prefill", "gqa4", 4), ("mixed", "gqa1", 8),
-         ("mixed", "gqa2", 16)]
+SWEEP = [
+    ("decode", "mla", 16),
+    ("decode", "gqa2", 4),
+    ("prefill", "gqa4", 4),
+    ("mixed", "gqa1", 8),
+    ("mixed", "gqa2", 16),
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch,form,page_size", SWEEP)
 def test_sweep_batches_forms_page_sizes(batch, form, page_size):
     heads, kv_heads, fmt = FORMS[form]
-    case = make_case(BATCHES[batch], heads=heads, kv_heads=kv_heads, fmt=fmt, page_size=page_size, pad_tokens=3,
-                     pad_seqs=2, seed=page_size)
+    case = make_case(
+        BATCHES[batch],
+        heads=heads,
+        kv_heads=kv_heads,
+        fmt=fmt,
+        page_size=page_size,
+        pad_tokens=3,
+        pad_seqs=2,
+        seed=page_size,
+    )
     check(case, ragged_tpu.BlockSizes(q_tokens=16, pages_per_block=3))
 
 
@@ -111,8 +124,10 @@ def test_block_sizes_are_validated():
 # ---------------------------------------------------------------- lowering at serving shapes
 
 T, S, PAGE, PAGES, LAYERS = 256, 16, 16, 512, 2
-SERVING = {"mla": (16, 1, RowFormat.mla(512, 64)),  # DeepSeek-V3: rows [c_kv 512 | k_pe 64], W = 576
-           "gqa": (32, 8, RowFormat.gqa(128))}       # W = 256
+SERVING = {
+    "mla": (16, 1, RowFormat.mla(512, 64)),  # DeepSeek-V3: rows [c_kv 512 | k_pe 64], W = 576
+    "gqa": (32, 8, RowFormat.gqa(128)),
+}  # W = 256
 
 
 def mosaic_texts(module: str) -> list[str]:
@@ -133,12 +148,18 @@ def mosaic_texts(module: str) -> list[str]:
 def test_export_lowers_for_tpu(form):
     heads, kv_heads, fmt = SERVING[form]
     spec = jax.ShapeDtypeStruct
-    args = (spec((T, heads, fmt.k_dim), jnp.bfloat16), spec((LAYERS, PAGES, PAGE, kv_heads, fmt.width), jnp.bfloat16),
-            spec((S,), jnp.int32), spec((S, PAGES // S), jnp.int32), spec((S + 1,), jnp.int32), spec((), jnp.int32),
-            spec((), jnp.int32))
+    args = (
+        spec((T, heads, fmt.k_dim), jnp.bfloat16),
+        spec((LAYERS, PAGES, PAGE, kv_heads, fmt.width), jnp.bfloat16),
+        spec((S,), jnp.int32),
+        spec((S, PAGES // S), jnp.int32),
+        spec((S + 1,), jnp.int32),
+        spec((), jnp.int32),
+        spec((), jnp.int32),
+    )
 
     def attend(*args):
-        return ragged_tpu.ragged_paged_attention(*args, scale=fmt.k_dim ** -0.5, fmt=fmt)
+        return ragged_tpu.ragged_paged_attention(*args, scale=fmt.k_dim**-0.5, fmt=fmt)
 
     module = export(attend, "tpu", *args)
     assert kernel_calls(module, "tpu") == 1, module[:2000]

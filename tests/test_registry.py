@@ -17,8 +17,7 @@ from moela.kernels.registry import BackendError, Backends
 from moela.parallel.experts import DISPATCH
 
 ROOT = Path(__file__).resolve().parent.parent
-OPS = {"attention": kernels.ATTENTION, "paged_attention": PAGED, "grouped_matmul": GROUPED,
-       "expert_dispatch": DISPATCH}
+OPS = {"attention": kernels.ATTENTION, "paged_attention": PAGED, "grouped_matmul": GROUPED, "expert_dispatch": DISPATCH}
 
 
 @pytest.mark.parametrize("field", sorted(OPS))

@@ -33,8 +33,11 @@ def test_quickstart_has_the_two_commands_and_ci_runs_the_test_one_verbatim():
 
 
 def test_python_files_stay_small():
-    big = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
-           if ".git" not in p.parts and len(p.read_text().splitlines()) > 600]
+    big = [
+        str(p.relative_to(ROOT))
+        for p in ROOT.rglob("*.py")
+        if ".git" not in p.parts and len(p.read_text().splitlines()) > 600
+    ]
     assert not big, f"split these by concept: {big}"
 
 
@@ -53,8 +56,13 @@ def test_only_moela_is_installed_at_the_top_of_site_packages():
 
 def test_transformers_deepseek_imports_from_the_repository_root():
     pytest.importorskip("transformers")
-    done = subprocess.run([sys.executable, "-c", "from transformers import DeepseekV3ForCausalLM"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", "from transformers import DeepseekV3ForCausalLM"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -63,8 +71,13 @@ def third_party_imports() -> dict[str, str]:
     found = {}
     for path in sorted((ROOT / "moela").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top != "moela" and top not in sys.stdlib_module_names:
@@ -73,8 +86,10 @@ def third_party_imports() -> dict[str, str]:
 
 
 def test_every_imported_third_party_module_is_declared():
-    declared = {re.split(r"[<>=\[;! ]", d, maxsplit=1)[0].lower().replace("_", "-")
-                for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    declared = {
+        re.split(r"[<>=\[;! ]", d, maxsplit=1)[0].lower().replace("_", "-")
+        for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
     owners = importlib.metadata.packages_distributions()
     missing = []
     for module, where in third_party_imports().items():

@@ -26,8 +26,9 @@ SCALE = 0.3
 
 def qkv(b, t, h, g, kd, vd, seed=0):
     rng = np.random.default_rng(seed)
-    return tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32)
-                 for shape in ((b, t, h, kd), (b, t, g, kd), (b, t, g, vd)))
+    return tuple(
+        jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((b, t, h, kd), (b, t, g, kd), (b, t, g, vd))
+    )
 
 
 def segments(b, t, seed=0):
@@ -40,7 +41,7 @@ def segments(b, t, seed=0):
         end = t - int(rng.integers(1, max(2, t // 4)))
         while pos < end:
             length = int(0.6 * t) if (row == 0 and sid == 1) else int(rng.integers(1, max(2, t // 3)))
-            seg[row, pos:min(pos + length, end)] = sid
+            seg[row, pos : min(pos + length, end)] = sid
             pos, sid = pos + length, sid + 1
     return jnp.asarray(seg)
 
@@ -71,23 +72,23 @@ BWD_CASES = [  # b, t, s, h, g, kd, vd, causal, segments
 def test_attention_bwd_matches_autodiff_of_reference(case, impl):
     b, t, s, h, g, kd, vd, causal, with_seg = case
     q, k, v = qkv(b, s, h, g, kd, vd)
-    q = q[:, s - t:]
+    q = q[:, s - t :]
     kw = {}
     if with_seg:
         kv_seg = np.asarray(segments(b, s, seed=1))
-        q_seg = kv_seg[:, s - t:].copy()
+        q_seg = kv_seg[:, s - t :].copy()
         q_seg[0, 0] = 99  # a row with nothing visible: lse -inf, no gradient
         kw = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
     rng = np.random.default_rng(2)
     d_out = jnp.asarray(rng.standard_normal((b, t, h, vd)), jnp.float32)
     d_lse = jnp.asarray(rng.standard_normal((b, h, t)), jnp.float32)
 
-
     @jax.jit
     def run(q, k, v, d_out, d_lse):
         (out, lse), pull = jax.vjp(lambda *a: reference.attention(*a, scale=SCALE, causal=causal, **kw), q, k, v)
-        bwd = lambda **extra: kernels.attention_bwd(q, k, v, out, lse, d_out, scale=SCALE, causal=causal, backend=impl,
-                                                    **kw, **extra)
+        bwd = lambda **extra: kernels.attention_bwd(
+            q, k, v, out, lse, d_out, scale=SCALE, causal=causal, backend=impl, **kw, **extra
+        )
         with_lse = bwd(d_lse_bht=d_lse), pull((d_out, jnp.where(jnp.isfinite(lse), d_lse, 0.0)))
         return with_lse, (bwd(), pull((d_out, jnp.zeros_like(lse))))  # the op's default: no lse cotangent
 
@@ -135,8 +136,9 @@ def test_sharded_attention_matches_reference(case):
     inv = inverse_permutation(perm)
 
     def ring(q, k, v):
-        out = layout.attention(q[:, perm], k[:, perm], v[:, perm], seg[:, perm], scale=SCALE, backend=impl,
-                               kv_heads=kv_heads_name)
+        out = layout.attention(
+            q[:, perm], k[:, perm], v[:, perm], seg[:, perm], scale=SCALE, backend=impl, kv_heads=kv_heads_name
+        )
         return out[:, inv]
 
     def ref(q, k, v):
@@ -149,8 +151,12 @@ def test_sharded_attention_matches_reference(case):
 def _ring_island(mesh, seq, scale=SCALE):
     """ring_attention over ``seq`` returning (out, lse), with q and kv segment ids of their own."""
     spec, seg_spec, lse_spec = P(None, seq, None, None), P(None, seq), P(None, None, seq)
-    return jax.shard_map(lambda q, k, v, qs, ks: ring_attention(q, k, v, qs, ks, scale=scale, axis_name=seq),
-                         mesh=mesh, in_specs=(spec, spec, spec, seg_spec, seg_spec), out_specs=(spec, lse_spec))
+    return jax.shard_map(
+        lambda q, k, v, qs, ks: ring_attention(q, k, v, qs, ks, scale=scale, axis_name=seq),
+        mesh=mesh,
+        in_specs=(spec, spec, spec, seg_spec, seg_spec),
+        out_specs=(spec, lse_spec),
+    )
 
 
 @pytest.mark.parametrize("sequence", [4, 1])
@@ -188,8 +194,9 @@ def test_rows_with_nothing_visible_and_lse_gradient(sequence):
     want_out, want_lse = jax.jit(ref)(q, k, v)
     assert not np.isfinite(np.asarray(lse)).all()  # the test really has rows that see nothing
     np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
-    np.testing.assert_allclose(np.where(np.isfinite(want_lse), lse, 0), np.where(np.isfinite(want_lse), want_lse, 0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.where(np.isfinite(want_lse), lse, 0), np.where(np.isfinite(want_lse), want_lse, 0), atol=1e-5
+    )
     assert_close((out,), (want_out,), ("out",))
     for grad in grads:
         assert np.isfinite(np.asarray(grad)).all()

@@ -37,19 +37,51 @@ YARN_CASES = [
 
 def _hf_config(rope_parameters: dict, p: int) -> DeepseekV3Config:
     return DeepseekV3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-        topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=p, qk_nope_head_dim=NOPE,
-        v_head_dim=16, max_position_embeddings=8192, rope_parameters=rope_parameters, rope_interleave=False,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=p,
+        qk_nope_head_dim=NOPE,
+        v_head_dim=16,
+        max_position_embeddings=8192,
+        rope_parameters=rope_parameters,
+        rope_interleave=False,
     )
 
 
 def _yarn(theta, factor, orig, beta_fast, beta_slow, mscale, mscale_all_dim, truncate):
-    ours = RopeConfig(theta=theta, scaling="yarn", factor=factor, original_max_position=orig, beta_fast=beta_fast,
-                      beta_slow=beta_slow, mscale=mscale, mscale_all_dim=mscale_all_dim, truncate=truncate)
-    hf = {"rope_type": "yarn", "rope_theta": theta, "factor": factor, "original_max_position_embeddings": orig,
-          "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim,
-          "truncate": truncate}
+    ours = RopeConfig(
+        theta=theta,
+        scaling="yarn",
+        factor=factor,
+        original_max_position=orig,
+        beta_fast=beta_fast,
+        beta_slow=beta_slow,
+        mscale=mscale,
+        mscale_all_dim=mscale_all_dim,
+        truncate=truncate,
+    )
+    hf = {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": factor,
+        "original_max_position_embeddings": orig,
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+        "mscale": mscale,
+        "mscale_all_dim": mscale_all_dim,
+        "truncate": truncate,
+    }
     return ours, hf
 
 
@@ -63,7 +95,7 @@ def test_yarn_matches_hf(theta, factor, orig, beta_fast, beta_slow, mscale, msca
     np.testing.assert_allclose(inv, hf_inv.numpy(), rtol=1e-6, atol=0)
     np.testing.assert_allclose(cos_sin_scale(ours), hf_attention_factor, rtol=1e-12)
     k = NOPE + p
-    hf_scale = hf_ds3.yarn_apply_mscale(config.rope_parameters, k ** -0.5)
+    hf_scale = hf_ds3.yarn_apply_mscale(config.rope_parameters, k**-0.5)
     np.testing.assert_allclose(softmax_scale(ours, k), hf_scale, rtol=1e-12)
     # The HF attention module really uses that scale.
     np.testing.assert_allclose(hf_ds3.DeepseekV3Attention(config, 0).scaling, softmax_scale(ours, k), rtol=1e-12)
@@ -79,9 +111,8 @@ def test_default_rope_matches_hf(theta, p):
     np.testing.assert_allclose(inv_frequencies(ours, p), hf_inv.numpy(), rtol=1e-6, atol=0)
     assert cos_sin_scale(ours) == hf_factor == 1.0
     k = NOPE + p
-    assert softmax_scale(ours, k) == pytest.approx(hf_ds3.yarn_apply_mscale(config.rope_parameters, k ** -0.5),
-                                                   rel=1e-12)
-    assert softmax_scale(ours, k) == pytest.approx(k ** -0.5, rel=1e-12)
+    assert softmax_scale(ours, k) == pytest.approx(hf_ds3.yarn_apply_mscale(config.rope_parameters, k**-0.5), rel=1e-12)
+    assert softmax_scale(ours, k) == pytest.approx(k**-0.5, rel=1e-12)
 
 
 def test_yarn_is_a_real_change():
@@ -123,8 +154,9 @@ def test_tables_and_apply_match_hf(case):
         np.testing.assert_allclose(np.asarray(cos), cos_hf[..., half], rtol=1e-5, atol=2e-6)
         np.testing.assert_allclose(np.asarray(sin), sin_hf[..., half], rtol=1e-5, atol=2e-6)
 
-    q_hf, k_hf = hf_ds3.apply_rotary_pos_emb(torch.from_numpy(q), torch.from_numpy(x), torch.from_numpy(cos_hf),
-                                             torch.from_numpy(sin_hf))
+    q_hf, k_hf = hf_ds3.apply_rotary_pos_emb(
+        torch.from_numpy(q), torch.from_numpy(x), torch.from_numpy(cos_hf), torch.from_numpy(sin_hf)
+    )
     q_ours = Rotary.apply(jnp.asarray(q.transpose(0, 2, 1, 3)), cos, sin)  # [B, T, H, P]
     k_ours = Rotary.apply(jnp.asarray(x[:, 0]), cos, sin)  # [B, T, P]: no head axis (MLA's k_pe)
     np.testing.assert_allclose(np.asarray(q_ours), q_hf.numpy().transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)
@@ -135,15 +167,19 @@ def test_tables_and_apply_match_hf(case):
 
 PROPERTY_ROPES = [
     pytest.param(RopeConfig(), id="default"),
-    pytest.param(RopeConfig(scaling="yarn", factor=40.0, original_max_position=64, mscale=1.0, mscale_all_dim=1.0),
-                 id="yarn-scale1"),
-    pytest.param(RopeConfig(scaling="yarn", factor=40.0, original_max_position=64, mscale=1.0, mscale_all_dim=0.0),
-                 id="yarn-scaled"),
+    pytest.param(
+        RopeConfig(scaling="yarn", factor=40.0, original_max_position=64, mscale=1.0, mscale_all_dim=1.0),
+        id="yarn-scale1",
+    ),
+    pytest.param(
+        RopeConfig(scaling="yarn", factor=40.0, original_max_position=64, mscale=1.0, mscale_all_dim=0.0),
+        id="yarn-scaled",
+    ),
 ]
 
 
 def _pair_norms(x, p):
-    return np.sqrt(x[..., : p // 2] ** 2 + x[..., p // 2:] ** 2)
+    return np.sqrt(x[..., : p // 2] ** 2 + x[..., p // 2 :] ** 2)
 
 
 @pytest.mark.parametrize("rope", PROPERTY_ROPES)

@@ -12,8 +12,14 @@ from moela.parallel.rules import DP_TP, STRATEGIES, ShardingRuleError, logical_t
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-@pytest.mark.parametrize("overrides", [[], ["model.attention.kind=gqa", "model.attention.num_kv_heads=2"],
-                                       ["model.attention.q_lora_rank=16", "model.tie_embeddings=true"]])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.attention.kind=gqa", "model.attention.num_kv_heads=2"],
+        ["model.attention.q_lora_rank=16", "model.tie_embeddings=true"],
+    ],
+)
 def test_all_model_axes_resolve(strategy, overrides):
     model = abstract_model(load("tiny", overrides).model)
     for path, var in nnx.to_flat_state(nnx.state(model)):

@@ -15,8 +15,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: see sc
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from moela.scaling.fit import (approach2, approach3, compute_optimal, huber_objective, load_rows,  # noqa: E402
-                         power_law_optimal, predict_loss, synthetic_rows)
+from moela.scaling.fit import (
+    approach2,
+    approach3,
+    compute_optimal,
+    huber_objective,
+    load_rows,  # noqa: E402
+    power_law_optimal,
+    predict_loss,
+    synthetic_rows,
+)
 from moela.scaling.plot import plot_all  # noqa: E402
 
 HOFFMANN = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -51,13 +59,23 @@ def test_huber_gradient_matches_finite_differences(delta):
     rows = rows_for(BESIROGLU, noise=0.02)
     data = tuple(np.log([r[k] for r in rows]) for k in ("N", "D", "loss"))
     rng = np.random.default_rng(1)
-    for theta in [np.array([6.0, 7.5, 0.6, 0.35, 0.37]), np.array([5.0, 6.0, 0.0, 0.3, 0.3]),
-                  rng.uniform([0, 0, -1, 0, 0], [25, 25, 1, 2, 2])]:
+    for theta in [
+        np.array([6.0, 7.5, 0.6, 0.35, 0.37]),
+        np.array([5.0, 6.0, 0.0, 0.3, 0.3]),
+        rng.uniform([0, 0, -1, 0, 0], [25, 25, 1, 2, 2]),
+    ]:
         _, grad = huber_objective(theta, *data, delta)
         eps = 1e-6
-        numeric = np.array([(huber_objective(theta + eps * unit, *data, delta)[0]
-                             - huber_objective(theta - eps * unit, *data, delta)[0]) / (2 * eps)
-                            for unit in np.eye(5)])
+        numeric = np.array(
+            [
+                (
+                    huber_objective(theta + eps * unit, *data, delta)[0]
+                    - huber_objective(theta - eps * unit, *data, delta)[0]
+                )
+                / (2 * eps)
+                for unit in np.eye(5)
+            ]
+        )
         np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-9 * max(1, np.abs(numeric).max()))
     batch = np.stack([np.array([6.0, 7.5, 0.6, 0.35, 0.37]), np.array([5.0, 6.0, 0.0, 0.3, 0.3])])
     values, grads = huber_objective(batch, *data, delta)
@@ -175,8 +193,9 @@ def test_approach2_skips_thin_and_concave_budgets_and_says_why():
 
 
 def test_runs_without_a_budget_are_grouped_by_c_to_two_digits():
-    rows = synthetic_rows(**BESIROGLU, budgets=[1e19, 3e19, 1e20, 3e20, 1e21], sizes_per_budget=SIZES,
-                          noise=NOISE)  # budgets away from the 2-digit rounding boundaries
+    rows = synthetic_rows(
+        **BESIROGLU, budgets=[1e19, 3e19, 1e20, 3e20, 1e21], sizes_per_budget=SIZES, noise=NOISE
+    )  # budgets away from the 2-digit rounding boundaries
     jittered = []
     for i, r in enumerate(rows):  # C off the nominal budget by up to ±0.3%, still C = 6·N·D
         c = r["C"] * (1 + 0.003 * math.sin(i))
@@ -192,8 +211,9 @@ def test_runs_without_a_budget_are_grouped_by_c_to_two_digits():
 def test_load_rows_reads_jsonl_and_csv(tmp_path):
     rows = rows_for(HOFFMANN)[:5]
     (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    lines = ["name,C,N,D,loss,budget"] + [f"{r['name']},{r['C']!r},{r['N']!r},{r['D']!r},{r['loss']!r},{r['budget']!r}"
-                                         for r in rows]
+    lines = ["name,C,N,D,loss,budget"] + [
+        f"{r['name']},{r['C']!r},{r['N']!r},{r['D']!r},{r['loss']!r},{r['budget']!r}" for r in rows
+    ]
     (tmp_path / "runs.csv").write_text("\n".join(lines) + "\n")
     for name in ("runs.jsonl", "runs.csv"):
         loaded = load_rows(tmp_path / name)
@@ -204,13 +224,16 @@ def test_load_rows_reads_jsonl_and_csv(tmp_path):
     assert load_rows(tmp_path / "no_budget.csv") == [{"name": "7", "C": 6e18, "N": 1e8, "D": 1e10, "loss": 3.0}]
 
 
-@pytest.mark.parametrize("line, match", [
-    ('{"name": "x", "C": 6e18, "N": 1e8, "D": 1e10}', "missing column 'loss'"),
-    ('{"name": "x", "C": 6e18, "N": -1e8, "D": -1e10, "loss": 3.0}', "'N' must be finite and > 0"),
-    ('{"name": "x", "C": 6e18, "N": 1e8, "D": 1e10, "loss": NaN}', "'loss' must be finite"),
-    ('{"name": "x", "C": 6e18, "N": 1e8, "D": 1e10, "loss": "high"}', "'loss' is not a number"),
-    ('{"name": "x", "C": 1e19, "N": 1e8, "D": 1e10, "loss": 3.0}', r"C = 6\*N\*D"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"name": "x", "C": 6e18, "N": 1e8, "D": 1e10}', "missing column 'loss'"),
+        ('{"name": "x", "C": 6e18, "N": -1e8, "D": -1e10, "loss": 3.0}', "'N' must be finite and > 0"),
+        ('{"name": "x", "C": 6e18, "N": 1e8, "D": 1e10, "loss": NaN}', "'loss' must be finite"),
+        ('{"name": "x", "C": 6e18, "N": 1e8, "D": 1e10, "loss": "high"}', "'loss' is not a number"),
+        ('{"name": "x", "C": 1e19, "N": 1e8, "D": 1e10, "loss": 3.0}', r"C = 6\*N\*D"),
+    ],
+)
 def test_load_rows_names_the_file_line_and_column(tmp_path, line, match):
     good = '{"name": "ok", "C": 6e18, "N": 1e8, "D": 1e10, "loss": 3.0}'
     path = tmp_path / "bad.jsonl"
@@ -240,10 +263,16 @@ def test_plot_all_writes_the_figures_it_has_fits_for(fits, tmp_path):
     assert [p.name for p in written] == ["isoflop.png", "frontier.png", "optimal.png", "residuals.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    assert [p.name for p in plot_all(rows, fit2, None, tmp_path / "no3")] == ["isoflop.png", "frontier.png",
-                                                                               "optimal.png"]
-    assert [p.name for p in plot_all(rows, None, fit3, tmp_path / "no2")] == ["frontier.png", "optimal.png",
-                                                                               "residuals.png"]
+    assert [p.name for p in plot_all(rows, fit2, None, tmp_path / "no3")] == [
+        "isoflop.png",
+        "frontier.png",
+        "optimal.png",
+    ]
+    assert [p.name for p in plot_all(rows, None, fit3, tmp_path / "no2")] == [
+        "frontier.png",
+        "optimal.png",
+        "residuals.png",
+    ]
     assert [p.name for p in plot_all(rows, None, None, tmp_path / "none")] == ["frontier.png"]
     assert sorted(p.name for p in (tmp_path / "no3").iterdir()) == ["frontier.png", "isoflop.png", "optimal.png"]
 

@@ -17,37 +17,54 @@ from moela.configs.schema import AttentionConfig, ModelConfig
 from moela.model.flops import CONVENTION, SCALING_CONVENTION, param_summary, training_flops_per_token
 
 
-def dense_mha(n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int, vocab: int,
-              max_seq_len: int) -> ModelConfig:
+def dense_mha(
+    n_layers: int, d_model: int, d_ff: int, n_heads: int, head_dim: int, vocab: int, max_seq_len: int
+) -> ModelConfig:
     """A dense multi-head (GQA with as many KV heads as heads) SwiGLU decoder, untied embeddings."""
     return ModelConfig(
-        vocab_size=vocab, d_model=d_model, num_layers=n_layers, d_ff=d_ff, max_seq_len=max_seq_len,
+        vocab_size=vocab,
+        d_model=d_model,
+        num_layers=n_layers,
+        d_ff=d_ff,
+        max_seq_len=max_seq_len,
         attention=AttentionConfig(kind="gqa", num_heads=n_heads, num_kv_heads=n_heads, head_dim=head_dim),
     )
 
 
 # ---------------------------------------------------------------- Chinchilla (Hoffmann et al. 2022)
 
-def chinchilla_forward_flops(seq_len, vocab, d_model, n_heads, key_size, n_layers, ffw_size,
-                             embeddings=True, logits=True, softmax=True) -> int:
+
+def chinchilla_forward_flops(
+    seq_len, vocab, d_model, n_heads, key_size, n_layers, ffw_size, embeddings=True, logits=True, softmax=True
+) -> int:
     """Appendix F: forward FLOPs of one sequence, term by term as the paper writes them."""
     kh = key_size * n_heads
-    attention = (2 * 3 * seq_len * d_model * kh        # key, query, value projections
-                 + 2 * seq_len * seq_len * kh          # key @ query logits
-                 + (3 * n_heads * seq_len * seq_len if softmax else 0)
-                 + 2 * seq_len * seq_len * kh          # softmax @ value
-                 + 2 * seq_len * kh * d_model)         # final linear
+    attention = (
+        2 * 3 * seq_len * d_model * kh  # key, query, value projections
+        + 2 * seq_len * seq_len * kh  # key @ query logits
+        + (3 * n_heads * seq_len * seq_len if softmax else 0)
+        + 2 * seq_len * seq_len * kh  # softmax @ value
+        + 2 * seq_len * kh * d_model
+    )  # final linear
     dense = 2 * seq_len * (d_model * ffw_size + d_model * ffw_size)
-    return ((2 * seq_len * vocab * d_model if embeddings else 0) + n_layers * (attention + dense)
-            + (2 * seq_len * d_model * vocab if logits else 0))
+    return (
+        (2 * seq_len * vocab * d_model if embeddings else 0)
+        + n_layers * (attention + dense)
+        + (2 * seq_len * d_model * vocab if logits else 0)
+    )
 
 
 def chinchilla_params(d_model, n_heads, key_size, n_layers, ffw_size, vocab=32000) -> int:
     """Their parameter count (Table A9): per layer QKV + relative-position (d² + 2d) + output
     projection + FFW (with biases) + layer norms, then the final norm and the output matrix."""
     kh = key_size * n_heads
-    layer = (3 * d_model * kh + 3 * kh) + (d_model ** 2 + 2 * d_model) + (kh * d_model + d_model) \
-        + (2 * d_model * ffw_size + ffw_size + d_model) + 4 * d_model
+    layer = (
+        (3 * d_model * kh + 3 * kh)
+        + (d_model**2 + 2 * d_model)
+        + (kh * d_model + d_model)
+        + (2 * d_model * ffw_size + ffw_size + d_model)
+        + 4 * d_model
+    )
     return n_layers * layer + 2 * d_model + d_model * vocab
 
 
@@ -77,8 +94,9 @@ def test_chinchilla_table_a4_ratio(n_layers, d_model, ffw, heads, key, published
 
 
 # Table A9 models whose 2-matrix FFW (4·d) has an exact SwiGLU twin: d_ff = 2/3 · ffw
-@pytest.mark.parametrize("n_layers,d_model,ffw,heads,key", [(12, 768, 3072, 12, 64), (19, 1536, 6144, 12, 128),
-                                                         (28, 2304, 9216, 18, 128)])
+@pytest.mark.parametrize(
+    "n_layers,d_model,ffw,heads,key", [(12, 768, 3072, 12, 64), (19, 1536, 6144, 12, 128), (28, 2304, 9216, 18, 128)]
+)
 def test_module_matches_appendix_f(n_layers, d_model, ffw, heads, key):
     """Our count equals appendix F term for term under our convention: the embedding lookup
     costs 0, the logits matmul counts, the softmax's 3·H·S² is not counted, no causal halving;
@@ -87,8 +105,9 @@ def test_module_matches_appendix_f(n_layers, d_model, ffw, heads, key):
     s, vocab = 2048, 32000
     cfg = dense_mha(n_layers, d_model, 2 * ffw // 3, heads, key, vocab, s)
     ours = training_flops_per_token(cfg, s, causal_halving=False)
-    theirs = 3 * chinchilla_forward_flops(s, vocab, d_model, heads, key, n_layers, ffw, embeddings=False,
-                                          softmax=False) // s
+    theirs = (
+        3 * chinchilla_forward_flops(s, vocab, d_model, heads, key, n_layers, ffw, embeddings=False, softmax=False) // s
+    )
     assert ours["total"] == theirs
     halved = training_flops_per_token(cfg, s)
     assert ours["total"] - halved["total"] == pytest.approx(ours["attention_scores"] * (s - 1) / (2 * s), abs=1)
@@ -117,15 +136,16 @@ def test_deepseek_llm_table3(n_layers, d_model, r1, r2):
     vocab, seq = 102400, 4096
     cfg = dense_mha(n_layers, d_model, round(8 * d_model / 3), d_model // 64, 64, vocab, seq)
     s = param_summary(cfg, seq)
-    assert s["n1"] == pytest.approx(12 * n_layers * d_model ** 2, rel=2e-3)
+    assert s["n1"] == pytest.approx(12 * n_layers * d_model**2, rel=2e-3)
     assert s["n2"] == s["n1"] + vocab * d_model
-    assert s["deepseek_m"] == pytest.approx(72 * n_layers * d_model ** 2 + 12 * n_layers * d_model * seq, rel=2e-3)
+    assert s["deepseek_m"] == pytest.approx(72 * n_layers * d_model**2 + 12 * n_layers * d_model * seq, rel=2e-3)
     assert s["six_n1_over_m"] == pytest.approx(r1, abs=0.02)
     assert s["six_n2_over_m"] == pytest.approx(r2, abs=0.02)
     assert s["convention"] == SCALING_CONVENTION and CONVENTION in SCALING_CONVENTION
 
 
 # ---------------------------------------------------------------- DeepSeek-V3
+
 
 def test_deepseek_v3_params_and_budget():
     """671B total / 37B active (main model; the 14B MTP module is not part of the deepseek_v3 preset).

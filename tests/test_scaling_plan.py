@@ -41,8 +41,9 @@ def cli(capsys, *argv) -> tuple[int, dict | None, str]:
 
 
 def plan(capsys, out: Path, *extra, budgets: str = BUDGETS, sizes: int = 5) -> dict:
-    code, result, err = cli(capsys, "plan", "--budgets", budgets, "--family", TINY, "--out", out, "--sizes", sizes,
-                            *extra)
+    code, result, err = cli(
+        capsys, "plan", "--budgets", budgets, "--family", TINY, "--out", out, "--sizes", sizes, *extra
+    )
     assert code == 0, err
     return result
 
@@ -63,8 +64,9 @@ def test_family_n_is_the_exact_flops_count(tiny):
         assert model.attention.num_heads == width // head_dim and model.vocab_size == 1024
 
 
-@pytest.mark.parametrize("path", ["cpu_tiny", pytest.param("dense", marks=pytest.mark.slow),
-                                  pytest.param("moe", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "path", ["cpu_tiny", pytest.param("dense", marks=pytest.mark.slow), pytest.param("moe", marks=pytest.mark.slow)]
+)
 def test_family_rules_are_monotone_and_close(path):
     family = load_family(path)
     lo, hi = family.sizer.n_range()
@@ -168,20 +170,24 @@ def test_replan_is_idempotent_and_a_different_plan_is_refused(capsys, tmp_path):
     assert code == 2 and "already holds a different plan" in err and "budgets" in err
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    code, _, err = cli(capsys, "plan", "--budgets", BUDGETS, "--family", TINY, "--out", tmp_path / "other",
-                       "--sizes", 5)
+    code, _, err = cli(
+        capsys, "plan", "--budgets", BUDGETS, "--family", TINY, "--out", tmp_path / "other", "--sizes", 5
+    )
     assert code == 2 and "not empty" in err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--budgets", "0,1e15"], "must be a finite number of FLOPs > 0"),
-    (["--budgets", "1e15,-1e15"], "> 0"),
-    (["--budgets", "lots"], "comma-separated numbers"),
-    (["--sizes", "4"], "between 5 and 9"),
-    (["--sizes", "10"], "--force"),
-    (["--span", "9"], "wider than the family's range"),
-    (["--family", "nope"], "not found"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--budgets", "0,1e15"], "must be a finite number of FLOPs > 0"),
+        (["--budgets", "1e15,-1e15"], "> 0"),
+        (["--budgets", "lots"], "comma-separated numbers"),
+        (["--sizes", "4"], "between 5 and 9"),
+        (["--sizes", "10"], "--force"),
+        (["--span", "9"], "wider than the family's range"),
+        (["--family", "nope"], "not found"),
+    ],
+)
 def test_bad_plan_input_is_one_error(capsys, tmp_path, args, message):
     argv = {"--budgets": BUDGETS, "--family": TINY, "--out": str(tmp_path / "p"), "--sizes": "5"}
     argv.update(dict(zip(args[::2], args[1::2])))
@@ -243,8 +249,18 @@ def test_run_skips_finished_rows_records_failures_and_resumes(capsys, tmp_path):
     good = [r for r in rows if not r.get("error")]
     for r in good:
         assert r["C"] == pytest.approx(6 * r["N"] * r["D"], rel=1e-12) and r["convention"] == SCALING_CONVENTION
-        assert {"n_total", "n_active", "n_non_embedding", "flops_per_token", "tokens", "steps", "wall_s",
-                "run_dir", "budget", "name"} <= r.keys()
+        assert {
+            "n_total",
+            "n_active",
+            "n_non_embedding",
+            "flops_per_token",
+            "tokens",
+            "steps",
+            "wall_s",
+            "run_dir",
+            "budget",
+            "name",
+        } <= r.keys()
     second = FakeTrainer()
     summary = run_sweep(out, trainer=second, log=quiet)  # the plan directory works too
     assert second.calls == [names[3]] and summary["skipped"] == 9
@@ -272,8 +288,9 @@ def test_run_shards_share_one_results_file_and_sigterm_stops(capsys, tmp_path):
 def test_flops_mismatch_is_an_error_row(capsys, tmp_path):
     out = tmp_path / "p"
     plan(capsys, out)
-    run_sweep(out, trainer=lambda run: {"exit_code": 0, "eval_loss": 3.0, "flops_per_token": 1},
-              log=lambda *a, **k: None)
+    run_sweep(
+        out, trainer=lambda run: {"exit_code": 0, "eval_loss": 3.0, "flops_per_token": 1}, log=lambda *a, **k: None
+    )
     assert all("re-plan" in r["error"] for r in read_rows(out / "results.jsonl"))
 
 
@@ -281,8 +298,9 @@ def test_fit_and_plot_cli_on_results(capsys, tmp_path):
     """fit/plot read the runner's rows (failed rows left out) and end with a JSON line."""
     from moela.scaling.fit import synthetic_rows
 
-    rows = synthetic_rows(E=1.8, A=480, B=2000, alpha=0.35, beta=0.37, budgets=[1e17, 1e18, 1e19],
-                          sizes_per_budget=7, noise=0.002, seed=0)
+    rows = synthetic_rows(
+        E=1.8, A=480, B=2000, alpha=0.35, beta=0.37, budgets=[1e17, 1e18, 1e19], sizes_per_budget=7, noise=0.002, seed=0
+    )
     rows.append({"name": "broken", "budget": 1e18, "C": 1e18, "N": 1e8, "D": 1.6e9, "loss": None, "error": "x"})
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -313,8 +331,21 @@ def test_cli_plan_run_round_trip(capsys, tmp_path, monkeypatch):
         shutil.copy(f, corpus / f.name.replace(".py", ".txt"))
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     out = tmp_path / "p"
-    plan(capsys, out, "--force", "--span", "0.3", "--set", f"data.text_glob={corpus}/*.txt",
-         "--set", f"data.data_dir={tmp_path / 'tfds'}", "--set", "model.vocab_size=512", budgets="6e9", sizes=2)
+    plan(
+        capsys,
+        out,
+        "--force",
+        "--span",
+        "0.3",
+        "--set",
+        f"data.text_glob={corpus}/*.txt",
+        "--set",
+        f"data.data_dir={tmp_path / 'tfds'}",
+        "--set",
+        "model.vocab_size=512",
+        budgets="6e9",
+        sizes=2,
+    )
     runs = manifest_runs(out)
     assert len(runs) == 2 and all(10 <= r["steps"] <= 60 for r in runs)
     code, summary, err = cli(capsys, "run", out / "manifest.json")

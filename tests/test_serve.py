@@ -44,13 +44,32 @@ LINES = [
     '{"id": "h", "tokens": [7, 7, 7, 7, 7, 7, 7, 7, 7, 7], "max_tokens": 3, "stop": "}"}',
     '{"id": "long", "tokens": ' + json.dumps([4] * 300) + "}",
 ]
-ERRORS = {"c": "empty prompt", "d": "unknown field", "e": "top_p", "6": "malformed JSON", "a": "duplicate id",
-          "g": "max_tokens", "long": "context"}
+ERRORS = {
+    "c": "empty prompt",
+    "d": "unknown field",
+    "e": "top_p",
+    "6": "malformed JSON",
+    "a": "duplicate id",
+    "g": "max_tokens",
+    "long": "context",
+}
 
 
 def run(checkpoint_dir, prompts: Path, out: Path, *extra) -> dict:
-    argv = ["--checkpoint", str(checkpoint_dir), "--prompts", str(prompts), "--out", str(out), "--quiet",
-            "--set", "serve.max_batch=4", "--set", "serve.max_batched_tokens=16", *extra]
+    argv = [
+        "--checkpoint",
+        str(checkpoint_dir),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "serve.max_batch=4",
+        "--set",
+        "serve.max_batched_tokens=16",
+        *extra,
+    ]
     assert serve.main(argv) == 0
     return argv
 
@@ -107,10 +126,13 @@ def test_serve_runs_under_any_runtime_and_mesh(checkpoint, tmp_path, capsys):
     packed batch is refused with the reason."""
     ckpt, model = checkpoint
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text('{"id": "x", "tokens": [9, 10, 11], "max_tokens": 5}\n{"id": "y", "tokens": [4], "max_tokens": 5}\n')
+    prompts.write_text(
+        '{"id": "x", "tokens": [9, 10, 11], "max_tokens": 5}\n{"id": "y", "tokens": [4], "max_tokens": 5}\n'
+    )
     want = {"x": greedy_reference(model, [9, 10, 11], 5), "y": greedy_reference(model, [4], 5)}
-    for i, extra in enumerate([["runtime.paged_attention=reference"],
-                               ["mesh.tensor=2", "mesh.strategy=tp", "runtime.paged_attention=xla"]]):
+    for i, extra in enumerate(
+        [["runtime.paged_attention=reference"], ["mesh.tensor=2", "mesh.strategy=tp", "runtime.paged_attention=xla"]]
+    ):
         out = tmp_path / f"out{i}.jsonl"
         run(ckpt, prompts, out, *[x for e in extra for x in ("--set", e)])
         got = {r["id"]: r["tokens"] for r in map(json.loads, out.read_text().splitlines())}

@@ -30,8 +30,12 @@ def test_engine_greedy_equals_transformers_generate(case, tmp_path):
     cfg, model = load_model(tmp_path / "moela")
     eos = hf_model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
-    cfg = dataclasses.replace(cfg, serve=ServeConfig(page_size=8, num_pages=32, max_batch=4, max_batched_tokens=32,
-                                                     eos_id=-1 if eos is None else int(eos)))
+    cfg = dataclasses.replace(
+        cfg,
+        serve=ServeConfig(
+            page_size=8, num_pages=32, max_batch=4, max_batched_tokens=32, eos_id=-1 if eos is None else int(eos)
+        ),
+    )
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, BASE["vocab_size"], n).tolist() for n in (5, 41, 1, 17)]
     results = Engine(model, cfg).generate([Request(str(i), p, NEW_TOKENS, index=i) for i, p in enumerate(prompts)])
@@ -39,9 +43,10 @@ def test_engine_greedy_equals_transformers_generate(case, tmp_path):
     for prompt, result in zip(prompts, results):
         ids = torch.tensor([prompt])
         with torch.no_grad():
-            out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                    max_new_tokens=NEW_TOKENS, pad_token_id=0)
-        want = out[0, len(prompt):].tolist()
+            out = hf_model.generate(
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0
+            )
+        want = out[0, len(prompt) :].tolist()
         if eos is not None and want and want[-1] == eos:
             want = want[:-1]
         assert result.tokens == want, f"prompt of {len(prompt)} tokens: {result.tokens} != {want}"

@@ -46,17 +46,30 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def overrides(corpus: Path, data_dir: Path, out: Path, **train) -> list[str]:
-    base = {"steps": 12, "global_batch_size": 4, "seq_len": 32, "log_every": 1, "eval_every": 4,
-            "eval_batches": 2, "checkpoint_every": 3, "keep_checkpoints": 10, "warmup_steps": 2,
-            "out_dir": str(out), **train}
-    return [f"data.text_glob={corpus}/*.txt", f"data.data_dir={data_dir}", "model.vocab_size=512",
-            "model.moe.bias_update_rate=0.01", "model.moe.seq_aux_loss_coef=0.001"] + \
-           [f"train.{k}={v}" for k, v in base.items()]
+    base = {
+        "steps": 12,
+        "global_batch_size": 4,
+        "seq_len": 32,
+        "log_every": 1,
+        "eval_every": 4,
+        "eval_batches": 2,
+        "checkpoint_every": 3,
+        "keep_checkpoints": 10,
+        "warmup_steps": 2,
+        "out_dir": str(out),
+        **train,
+    }
+    return [
+        f"data.text_glob={corpus}/*.txt",
+        f"data.data_dir={data_dir}",
+        "model.vocab_size=512",
+        "model.moe.bias_update_rate=0.01",
+        "model.moe.seq_aux_loss_coef=0.001",
+    ] + [f"train.{k}={v}" for k, v in base.items()]
 
 
 def train_cmd(args: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), "--config", "tiny"] + \
-        [x for a in args for x in ("--set", a)]
+    return [sys.executable, str(ROOT / "train.py"), "--config", "tiny"] + [x for a in args for x in ("--set", a)]
 
 
 def run_train(args, **kw) -> subprocess.CompletedProcess:
@@ -97,8 +110,7 @@ def test_loss_goes_down_and_the_run_is_readable(reference_run):
     for name in ("tokenizer.model", "config.json", "loss.png"):
         assert (reference_run / name).is_file(), name
     assert any((reference_run / "tensorboard").glob("events.out.tfevents.*"))
-    assert sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit()) == \
-        [2, 5, 8, 11]
+    assert sorted(int(p.name) for p in (reference_run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 5, 8, 11]
 
 
 def test_a_run_resumes_under_another_runtime(corpus, data_dir, tmp_path, reference_run):
@@ -124,8 +136,9 @@ def test_a_run_resumes_under_another_runtime(corpus, data_dir, tmp_path, referen
 def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
     out = tmp_path / "run"
     args = overrides(corpus, data_dir, out)
-    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        train_cmd(args), cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "checkpoints" / "5").exists():
         time.sleep(0.05)
@@ -142,8 +155,9 @@ def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, refer
 def test_sigterm_saves_then_resume_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
     out = tmp_path / "run"
     args = overrides(corpus, data_dir, out)
-    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(args), cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
         time.sleep(0.05)
@@ -173,11 +187,19 @@ def test_two_processes_train_sharded_then_resume_on_another_mesh(corpus, data_di
     out = tmp_path / "run"
     procs = []
     for i in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "MOELA_PROCESS_ID": str(i),
-               "MOELA_COORDINATOR": f"127.0.0.1:{port}", "MOELA_NUM_PROCESSES": "2"}
+        env = {
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "MOELA_PROCESS_ID": str(i),
+            "MOELA_COORDINATOR": f"127.0.0.1:{port}",
+            "MOELA_NUM_PROCESSES": "2",
+        }
         args = overrides(corpus, data_dir, out) + ["mesh.strategy=fsdp"]
-        procs.append(subprocess.Popen(train_cmd(args), cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(
+            subprocess.Popen(
+                train_cmd(args), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
@@ -218,8 +240,9 @@ def test_corrupt_latest_checkpoint_falls_back(corpus, data_dir, tmp_path, refere
 
 def test_nan_stops_without_a_nan_checkpoint(corpus, data_dir, tmp_path):
     out = tmp_path / "run"
-    done = run_train(overrides(corpus, data_dir, out, learning_rate=1e12, checkpoint_every=1, grad_clip=0,
-                               warmup_steps=0))
+    done = run_train(
+        overrides(corpus, data_dir, out, learning_rate=1e12, checkpoint_every=1, grad_clip=0, warmup_steps=0)
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "loss is nan" in done.stderr or "loss is inf" in done.stderr
     if (out / "checkpoints").exists() and any(p.name.isdigit() for p in (out / "checkpoints").iterdir()):
@@ -227,12 +250,15 @@ def test_nan_stops_without_a_nan_checkpoint(corpus, data_dir, tmp_path):
             assert np.isfinite(value).all(), name
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (["data.dataset=no_such_dataset_xyz"], "not a known tfds dataset"),
-    (["data.text_glob=/nonexistent/folder/*.txt"], "matches no files"),
-    (["mesh.data=3"], "needs 3 devices but 2 are present"),
-    (["train.microbatches=8"], "must be divisible by the 2 devices the batch is split over x train.microbatches 8"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (["data.dataset=no_such_dataset_xyz"], "not a known tfds dataset"),
+        (["data.text_glob=/nonexistent/folder/*.txt"], "matches no files"),
+        (["mesh.data=3"], "needs 3 devices but 2 are present"),
+        (["train.microbatches=8"], "must be divisible by the 2 devices the batch is split over x train.microbatches 8"),
+    ],
+)
 def test_bad_data_configs_fail_fast(bad, needle, tmp_path):
     done = run_train([f"train.out_dir={tmp_path / 'run'}", f"data.data_dir={tmp_path}"] + bad)
     assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr
@@ -244,8 +270,11 @@ def test_bad_data_configs_fail_fast(bad, needle, tmp_path):
 @pytest.fixture(scope="module")
 def micro(corpus, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("micro")
-    cfg = load("tiny", overrides(corpus, data_dir, out, global_batch_size=8, seq_len=16) +
-               ["model.d_model=32", "model.num_layers=2", "model.moe.d_ff=16", "model.d_ff=32"])
+    cfg = load(
+        "tiny",
+        overrides(corpus, data_dir, out, global_batch_size=8, seq_len=16)
+        + ["model.d_model=32", "model.num_layers=2", "model.moe.d_ff=16", "model.d_ff=32"],
+    )
     rows, _ = prepare(cfg, "train")
     batch = jax.tree.map(jnp.asarray, Batches(rows, 8, seed=0).local(0))
     return cfg, batch
@@ -255,8 +284,9 @@ def test_gradient_accumulation_equals_one_big_batch(micro):
     cfg, batch = micro
     results = []
     for m in (1, 4):
-        c = load("tiny", []).__class__(**{**cfg.__dict__, "train": cfg.train.__class__(
-            **{**cfg.train.__dict__, "microbatches": m})})
+        c = load("tiny", []).__class__(
+            **{**cfg.__dict__, "train": cfg.train.__class__(**{**cfg.train.__dict__, "microbatches": m})}
+        )
         graphdef, params, rest = nnx.split(init_model(c.model, seed=1), nnx.Param, ...)
         tx = optax.sgd(1.0)  # the update is minus the gradient
         step = make_train_step(graphdef, c, tx)
@@ -274,15 +304,29 @@ def test_gradient_accumulation_equals_one_big_batch(micro):
 def test_train_step_gradient_equals_autodiff_of_the_logits_loss(micro, tied):
     """The chunked head loss (gradient formed in the forward pass) against plain autodiff."""
     cfg, batch = micro
-    cfg = load("tiny", [f"{k}={v}" for k, v in {
-        "model.vocab_size": 512, "model.d_model": 32, "model.num_layers": 2, "model.moe.d_ff": 16,
-        "model.d_ff": 32, "model.tie_embeddings": str(tied).lower(), "train.global_batch_size": 8,
-        "train.seq_len": 16, "train.z_loss": 1e-3, "train.loss_chunk_tokens": 32}.items()])
+    cfg = load(
+        "tiny",
+        [
+            f"{k}={v}"
+            for k, v in {
+                "model.vocab_size": 512,
+                "model.d_model": 32,
+                "model.num_layers": 2,
+                "model.moe.d_ff": 16,
+                "model.d_ff": 32,
+                "model.tie_embeddings": str(tied).lower(),
+                "train.global_batch_size": 8,
+                "train.seq_len": 16,
+                "train.z_loss": 1e-3,
+                "train.loss_chunk_tokens": 32,
+            }.items()
+        ],
+    )
     graphdef, params, rest = nnx.split(init_model(cfg.model, seed=3), nnx.Param, ...)
     tx = optax.sgd(1.0)
-    new_params, _, _, metrics = make_train_step(graphdef, cfg, tx)(jax.tree.map(jnp.copy, params),
-                                                                   jax.tree.map(jnp.copy, rest),
-                                                                   tx.init(params), batch)
+    new_params, _, _, metrics = make_train_step(graphdef, cfg, tx)(
+        jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, rest), tx.init(params), batch
+    )
     grads = jax.tree.map(lambda a, b: a - b, params, new_params)
     tokens = jnp.sum(batch["loss_mask"])
 
@@ -292,8 +336,9 @@ def test_train_step_gradient_equals_autodiff_of_the_logits_loss(micro, tied):
 
     (_, ce), expected = jax.value_and_grad(plain, has_aux=True)(params)
     np.testing.assert_allclose(metrics["loss"], ce, rtol=1e-5)
-    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
-                          jax.tree.leaves(expected)):
+    for path, a, b in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads), jax.tree.leaves(expected)
+    ):
         np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4, err_msg=jax.tree_util.keystr(path[0]))
 
 
@@ -307,6 +352,7 @@ def test_gradients_match_finite_differences(micro):
 
     grads = jax.jit(jax.grad(loss))(params)
     rng = np.random.default_rng(0)
+
     def unit(tree):
         norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
         return jax.tree.map(lambda x: x / norm, tree)
@@ -322,14 +368,18 @@ def test_gradients_match_finite_differences(micro):
     assert numeric == pytest.approx(analytic, rel=2e-2)
 
 
-@pytest.mark.parametrize("extra", [
-    ["model.moe.num_experts=0"],
-    ["model.attention.kind=gqa", "model.attention.num_kv_heads=2", "model.tie_embeddings=true"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["model.moe.num_experts=0"],
+        ["model.attention.kind=gqa", "model.attention.num_kv_heads=2", "model.tie_embeddings=true"],
+    ],
+)
 def test_train_step_runs_for_dense_and_gqa_models(micro, extra):
     _, batch = micro
-    cfg = load("tiny", extra + ["model.vocab_size=512", "model.d_model=32", "train.global_batch_size=8",
-                                "train.seq_len=16"])
+    cfg = load(
+        "tiny", extra + ["model.vocab_size=512", "model.d_model=32", "train.global_batch_size=8", "train.seq_len=16"]
+    )
     graphdef, params, rest = nnx.split(init_model(cfg.model), nnx.Param, ...)
     tx = optax.adamw(1e-2)
     step = make_train_step(graphdef, cfg, tx)

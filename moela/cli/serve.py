@@ -39,8 +39,10 @@ def serving_config(checkpoint_cfg, overrides: list[str]):
 
     bad = [item for item in overrides if not item.startswith(SETTABLE)]
     if bad:
-        raise ConfigError(f"--set may change only {', '.join(k + '*' for k in SETTABLE)} keys (the model is the "
-                          f"checkpoint's); got {', '.join(bad)}")
+        raise ConfigError(
+            f"--set may change only {', '.join(k + '*' for k in SETTABLE)} keys (the model is the "
+            f"checkpoint's); got {', '.join(bad)}"
+        )
     cfg = dataclasses.replace(checkpoint_cfg, runtime=RuntimeConfig(), mesh=MeshConfig(data=1))
     return validate(apply_overrides(cfg, overrides))
 
@@ -60,12 +62,14 @@ def serving_runtime(cfg):
     from moela.parallel.rules import ShardingRuleError
 
     sizes = (cfg.mesh.data, cfg.mesh.tensor, cfg.mesh.sequence)
-    devices = jax.devices() if -1 in sizes else jax.devices()[:math.prod(sizes)]
+    devices = jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)]
     try:
         mesh = build_mesh(cfg.mesh, devices)
         if mesh.shape["data"] != 1 or mesh.shape["sequence"] != 1:
-            raise MeshError(f"serving runs one packed batch of sequences, so mesh.data and mesh.sequence must be 1 "
-                            f"(got {dict(mesh.shape)}); split the model with mesh.tensor=N and mesh.strategy=tp")
+            raise MeshError(
+                f"serving runs one packed batch of sequences, so mesh.data and mesh.sequence must be 1 "
+                f"(got {dict(mesh.shape)}); split the model with mesh.tensor=N and mesh.strategy=tp"
+            )
         if mesh.size == 1:
             return Runtime(cfg.runtime)
         return Runtime(cfg.runtime, Layout.of(mesh, cfg.mesh.strategy))
@@ -86,10 +90,18 @@ def build_engine(args):
 
 
 def record(result) -> dict:
-    return {"id": result.id, "index": result.index, "text": result.text, "tokens": result.tokens,
-            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": len(result.tokens), "ttft_s": round(result.ttft_s, 6),
-            "tpot_s": None if result.tpot_s is None else round(result.tpot_s, 6), "preemptions": result.preemptions}
+    return {
+        "id": result.id,
+        "index": result.index,
+        "text": result.text,
+        "tokens": result.tokens,
+        "finish_reason": result.finish_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": len(result.tokens),
+        "ttft_s": round(result.ttft_s, 6),
+        "tpot_s": None if result.tpot_s is None else round(result.tpot_s, 6),
+        "preemptions": result.preemptions,
+    }
 
 
 def serve(args) -> dict:
@@ -138,8 +150,10 @@ def serve(args) -> dict:
 
     def on_step(eng):
         elapsed = time.perf_counter() - start
-        bar.set_postfix_str(f"{generated / max(elapsed, 1e-9):.1f} tok/s, pages {eng.allocator.used}/"
-                            f"{eng.allocator.num_pages}", refresh=False)
+        bar.set_postfix_str(
+            f"{generated / max(elapsed, 1e-9):.1f} tok/s, pages {eng.allocator.used}/{eng.allocator.num_pages}",
+            refresh=False,
+        )
 
     try:
         for result in engine.run(requests, on_step=on_step):
@@ -152,14 +166,24 @@ def serve(args) -> dict:
         bar.close()
         writer.close()
     wall = time.perf_counter() - start
-    return {"requests": len(requests), "errors": errors, "skipped": skipped, "prompt_tokens": prompt_tokens,
-            "generated_tokens": generated, "wall_s": round(wall, 3),
-            "generated_tokens_per_s": round(generated / wall, 2) if wall else None,
-            "total_tokens_per_s": round((generated + prompt_tokens) / wall, 2) if wall else None,
-            "ttft_s": percentiles(ttfts), "itl_s": percentiles(itls), "steps": engine.steps,
-            "peak_pages": engine.allocator.peak_used, "num_pages": engine.allocator.num_pages,
-            "preemptions": engine.scheduler.preemptions, "compiled_shapes": len(engine.compiled_shapes),
-            "out": str(out)}
+    return {
+        "requests": len(requests),
+        "errors": errors,
+        "skipped": skipped,
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated,
+        "wall_s": round(wall, 3),
+        "generated_tokens_per_s": round(generated / wall, 2) if wall else None,
+        "total_tokens_per_s": round((generated + prompt_tokens) / wall, 2) if wall else None,
+        "ttft_s": percentiles(ttfts),
+        "itl_s": percentiles(itls),
+        "steps": engine.steps,
+        "peak_pages": engine.allocator.peak_used,
+        "num_pages": engine.allocator.num_pages,
+        "preemptions": engine.scheduler.preemptions,
+        "compiled_shapes": len(engine.compiled_shapes),
+        "out": str(out),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,11 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="moela checkpoint dir (train.py run or hf_import output)")
     parser.add_argument("--prompts", required=True, help="JSONL requests or plain-text prompts, one per line")
     parser.add_argument("--out", required=True, help="JSONL completions to write")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a serve.*, runtime.* or mesh.* override, e.g. serve.max_batch=32 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a serve.*, runtime.* or mesh.* override, e.g. serve.max_batch=32 (repeatable)",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.model / tokenizer.json (default: the checkpoint's)")
+    parser.add_argument(
+        "--tokenizer", default=None, help="tokenizer.model / tokenizer.json (default: the checkpoint's)"
+    )
     parser.add_argument("--resume", action="store_true", help="keep --out and skip the ids already in it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

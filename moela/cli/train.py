@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     from moela.training.loop import NonFiniteLoss, run
 
     counts = count_params(cfg.model)
-    print(f"config {cfg.name}: {human(counts['total'])} parameters, {human(counts['active'])} active per token; "
-          f"host allocator: {active_allocator()}")
+    print(
+        f"config {cfg.name}: {human(counts['total'])} parameters, {human(counts['active'])} active per token; "
+        f"host allocator: {active_allocator()}"
+    )
     try:
         summary = run(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
@@ -66,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         return summary["exit_code"]
     losses = [loss for _, loss in summary["history"]]
     if losses:
-        tail = losses[-max(1, len(losses) // 10):]
-        print(f"train loss {losses[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} logged)  "
-              f"{sparkline(losses)}")
+        tail = losses[-max(1, len(losses) // 10) :]
+        print(
+            f"train loss {losses[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} logged)  "
+            f"{sparkline(losses)}"
+        )
     if "eval_loss" in summary:
-        print(f"validation loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f}); "
-              f"unigram entropy of the validation tokens {summary['unigram_entropy']:.4f}")
+        print(
+            f"validation loss {summary['eval_loss']:.4f} (ppl {summary['eval_ppl']:.2f}); "
+            f"unigram entropy of the validation tokens {summary['unigram_entropy']:.4f}"
+        )
     print(f"run directory: {summary['run_dir']} (metrics.jsonl, loss.png, tensorboard/, checkpoints/)")
     summary.pop("history")
     print(json.dumps(summary))

@@ -19,7 +19,21 @@ from moela.configs.schema import (
 from moela.configs.validate import ConfigError, validate
 
 __all__ = [
-    "AttentionConfig", "Config", "ConfigError", "DataConfig", "LayerContext", "MeshConfig", "ModelConfig",
-    "MoEConfig", "RopeConfig", "RuntimeConfig", "ServeConfig", "TrainConfig", "apply_overrides", "load", "load_json",
-    "save_json", "validate",
+    "AttentionConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LayerContext",
+    "MeshConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "RopeConfig",
+    "RuntimeConfig",
+    "ServeConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "load",
+    "load_json",
+    "save_json",
+    "validate",
 ]

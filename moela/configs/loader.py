@@ -42,8 +42,10 @@ def _describe(tp: Any) -> str:
 def _unknown_key(key: str, cls: type) -> ConfigError:
     new = moved_to(key)
     if new:
-        return ConfigError(f"config key '{key}' has moved to '{new}' (how a model is computed is the runtime "
-                           "section, apart from what the model is)")
+        return ConfigError(
+            f"config key '{key}' has moved to '{new}' (how a model is computed is the runtime "
+            "section, apart from what the model is)"
+        )
     names = [f.name for f in dataclasses.fields(cls)]
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, names, n=1)
@@ -61,9 +63,7 @@ def check_value(key: str, tp: Any, value: Any) -> Any:
         return float(value)
     if tp in (int, float, bool, str) and type(value) is tp:
         return value
-    raise ConfigError(
-        f"config key '{key}' = {value!r} has type {type(value).__name__}; expected {_describe(tp)}"
-    )
+    raise ConfigError(f"config key '{key}' = {value!r} has type {type(value).__name__}; expected {_describe(tp)}")
 
 
 def parse_scalar(key: str, tp: Any, text: str) -> Any:
@@ -172,12 +172,29 @@ def find_file(name: str | os.PathLike, folder: Path, kind: str, error: type[Exce
 def load_preset(path: str | os.PathLike) -> Config:
     """Import a preset file (or a bare preset name: ``moela/configs/presets/<name>.py``) and call ``get_config()``."""
     p = find_file(path, PRESETS, "config", ConfigError)
-    return call_file(p, "get_config", Config, ConfigError, label=str(path), kind="config file",
-                     module_prefix="moela_preset", returns="moela.configs.Config")
+    return call_file(
+        p,
+        "get_config",
+        Config,
+        ConfigError,
+        label=str(path),
+        kind="config file",
+        module_prefix="moela_preset",
+        returns="moela.configs.Config",
+    )
 
 
-def call_file(p: Path, func: str, expected: type, error: type[Exception], *, label: str, kind: str,
-              module_prefix: str, returns: str):
+def call_file(
+    p: Path,
+    func: str,
+    expected: type,
+    error: type[Exception],
+    *,
+    label: str,
+    kind: str,
+    module_prefix: str,
+    returns: str,
+):
     """Import the Python file ``p`` and return ``func()``, which must be an ``expected``; every
     mistake (the file fails to import, lacks ``func``, returns something else) is one ``error``
     naming the file. Presets (``get_config``) and scaling families (``get_family``) load this way."""
@@ -219,7 +236,8 @@ def load_json(path: str | os.PathLike, log=None) -> Config:
     data, moved = migrate(data)
     if moved:
         (log or (lambda line: print(line, file=sys.stderr)))(
-            f"note: '{path}' was written by an earlier moela; read with {', '.join(moved)}")
+            f"note: '{path}' was written by an earlier moela; read with {', '.join(moved)}"
+        )
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
@@ -227,10 +245,15 @@ def load_json(path: str | os.PathLike, log=None) -> Config:
 
 def add_cli_args(parser) -> None:
     """The shared ``--config`` / ``--set`` flags of every entry point."""
-    parser.add_argument("--config", required=True, 
-                        help="a preset name (tiny, small, bench, ...) or a config file, e.g. my_config.py")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--config", required=True, help="a preset name (tiny, small, bench, ...) or a config file, e.g. my_config.py"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override one field, e.g. --set model.num_layers=4 (repeatable)",
     )
 

@@ -30,14 +30,15 @@ def validate(cfg: Config) -> Config:
     _positive(a, "model.attention", "num_heads")
     _require(
         0 <= m.first_k_dense <= m.num_layers,
-        f"config key 'model.first_k_dense' = {m.first_k_dense} must be between 0 and "
-        f"model.num_layers = {m.num_layers}",
+        f"config key 'model.first_k_dense' = {m.first_k_dense} must be between 0 and model.num_layers = {m.num_layers}",
     )
 
     if a.kind == "mla":
         _positive(a, "model.attention", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        _require(a.q_lora_rank >= 0, f"config key 'model.attention.q_lora_rank' = {a.q_lora_rank} must be >= 0 "
-                 "(0 = direct query projection)")
+        _require(
+            a.q_lora_rank >= 0,
+            f"config key 'model.attention.q_lora_rank' = {a.q_lora_rank} must be >= 0 (0 = direct query projection)",
+        )
     else:
         _positive(a, "model.attention", "num_kv_heads", "head_dim")
         _require(
@@ -56,8 +57,10 @@ def validate(cfg: Config) -> Config:
     if r.scaling == "yarn":
         _require(r.factor >= 1.0, f"config key 'model.rope.factor' = {r.factor} must be >= 1 with yarn scaling")
         _positive(r, "model.rope", "original_max_position", "beta_fast", "beta_slow")
-        _require(r.beta_fast > r.beta_slow, f"config key 'model.rope.beta_fast' = {r.beta_fast} must exceed "
-                 f"model.rope.beta_slow = {r.beta_slow}")
+        _require(
+            r.beta_fast > r.beta_slow,
+            f"config key 'model.rope.beta_fast' = {r.beta_fast} must exceed model.rope.beta_slow = {r.beta_slow}",
+        )
 
     if e.num_experts > 0:
         _positive(e, "model.moe", "experts_per_token", "d_ff", "n_group", "topk_group", "routed_scaling_factor")
@@ -92,8 +95,7 @@ def validate(cfg: Config) -> Config:
     _positive(cfg.runtime, "runtime", "grouped_block_rows")
 
     t = cfg.train
-    _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate",
-              "loss_chunk_tokens")
+    _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate", "loss_chunk_tokens")
     _require(
         t.global_batch_size % t.microbatches == 0,
         f"config key 'train.microbatches' = {t.microbatches} must divide train.global_batch_size = "
@@ -106,8 +108,10 @@ def validate(cfg: Config) -> Config:
         "model.rope.scaling=yarn with model.rope.factor >= max_seq_len / model.rope.original_max_position)",
     )
 
-    _require(cfg.data.max_documents >= 0, f"config key 'data.max_documents' = {cfg.data.max_documents} must be "
-             ">= 0 (0 = all)")
+    _require(
+        cfg.data.max_documents >= 0,
+        f"config key 'data.max_documents' = {cfg.data.max_documents} must be >= 0 (0 = all)",
+    )
     for name in ("data", "tensor", "sequence"):
         size = getattr(cfg.mesh, name)
         _require(size == -1 or size >= 1, f"config key 'mesh.{name}' = {size} must be >= 1, or -1 (fill)")

@@ -34,8 +34,13 @@ class Rows:
 
     def as_batch(self) -> dict[str, np.ndarray]:
         """The arrays a training or evaluation step takes."""
-        return {"inputs": self.inputs, "targets": self.targets, "segment_ids": self.segment_ids,
-                "positions": self.positions, "loss_mask": self.loss_mask}
+        return {
+            "inputs": self.inputs,
+            "targets": self.targets,
+            "segment_ids": self.segment_ids,
+            "positions": self.positions,
+            "loss_mask": self.loss_mask,
+        }
 
     def take(self, index) -> "Rows":
         return Rows(self.inputs[index], self.targets[index], self.segment_ids[index], self.positions[index])
@@ -80,6 +85,7 @@ def pack(inputs: np.ndarray, targets: np.ndarray, doc_ids: np.ndarray, seq_len: 
     return Rows(x, y, segments, positions)
 
 
-def pack_documents(docs: Iterable[list[int]], seq_len: int, eos_id: int, pad_id: int = 0,
-                   bos_id: int | None = None) -> Rows:
+def pack_documents(
+    docs: Iterable[list[int]], seq_len: int, eos_id: int, pad_id: int = 0, bos_id: int | None = None
+) -> Rows:
     return pack(*stream(docs, eos_id, bos_id), seq_len=seq_len, pad_id=pad_id)

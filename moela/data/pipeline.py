@@ -48,17 +48,23 @@ def get_tokenizer(cfg: Config) -> spm_tokenizer.Tokenizer:
         if path.is_file():
             tok = spm_tokenizer.load(path)
         else:
+
             def lines():
                 for i in range(len(source)):
                     yield from document(source[i], cfg.data.text_field).splitlines()
 
             start = time.perf_counter()
             tok = spm_tokenizer.train(lines(), path, cfg.model.vocab_size, cfg.data.tokenizer_type)
-            print(f"trained a {cfg.data.tokenizer_type} tokenizer ({tok.vocab_size} pieces) in "
-                  f"{time.perf_counter() - start:.1f}s: {path}", file=sys.stderr)
+            print(
+                f"trained a {cfg.data.tokenizer_type} tokenizer ({tok.vocab_size} pieces) in "
+                f"{time.perf_counter() - start:.1f}s: {path}",
+                file=sys.stderr,
+            )
     if tok.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is "
-                        f"{cfg.model.vocab_size}; set model.vocab_size >= {tok.vocab_size}")
+        raise DataError(
+            f"tokenizer '{tok.path}' has {tok.vocab_size} pieces but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size >= {tok.vocab_size}"
+        )
     return tok
 
 
@@ -136,14 +142,20 @@ def process_span(sharding, shape: tuple[int, ...]) -> tuple[int, int]:
     Each process loads only those rows; they must be contiguous (``jax.make_mesh`` keeps a
     host's devices together along ``data``)."""
     global_batch = shape[0]
-    covered = sorted({(sl[0].start or 0, global_batch if sl[0].stop is None else sl[0].stop)
-                      for sl in sharding.addressable_devices_indices_map(shape).values()})
+    covered = sorted(
+        {
+            (sl[0].start or 0, global_batch if sl[0].stop is None else sl[0].stop)
+            for sl in sharding.addressable_devices_indices_map(shape).values()
+        }
+    )
     start, stop = covered[0][0], max(end for _, end in covered)
     reached = start
     for lo, hi in covered:
         if lo > reached:
-            raise DataError(f"this process's devices hold non-contiguous batch rows {covered}; "
-                            "build the mesh with parallel.mesh.build_mesh")
+            raise DataError(
+                f"this process's devices hold non-contiguous batch rows {covered}; "
+                "build the mesh with parallel.mesh.build_mesh"
+            )
         reached = max(reached, hi)
     return start, stop
 

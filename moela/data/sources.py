@@ -26,19 +26,25 @@ def open_split(data: DataConfig, split: str):
         try:
             builder = tfds.builder(data.dataset, data_dir=data.data_dir or None, file_format="array_record")
         except Exception as e:  # tfds raises DatasetNotFoundError and others with long texts
-            raise DataError(f"data.dataset '{data.dataset}' is not a known tfds dataset ({type(e).__name__}); "
-                            f"use '{EMBEDDED}' (local text files) or a tfds name such as lm1b, c4/en") from None
+            raise DataError(
+                f"data.dataset '{data.dataset}' is not a known tfds dataset ({type(e).__name__}); "
+                f"use '{EMBEDDED}' (local text files) or a tfds name such as lm1b, c4/en"
+            ) from None
         if not builder.is_prepared():
-            raise DataError(f"tfds dataset '{data.dataset}' is not prepared under "
-                            f"'{builder.data_dir_root}'; prepare it in array_record format "
-                            "(tfds build --file_format=array_record) or set data.data_dir")
+            raise DataError(
+                f"tfds dataset '{data.dataset}' is not prepared under "
+                f"'{builder.data_dir_root}'; prepare it in array_record format "
+                "(tfds build --file_format=array_record) or set data.data_dir"
+            )
         sources = builder.as_data_source()
     if split not in sources:
         raise DataError(f"dataset '{data.dataset}' has no split '{split}'; splits: {', '.join(sorted(sources))}")
     source = sources[split]
     if len(source) and data.text_field not in source[0]:
-        raise DataError(f"data.text_field '{data.text_field}' is not a feature of '{data.dataset}'; "
-                        f"features: {', '.join(sorted(source[0]))}")
+        raise DataError(
+            f"data.text_field '{data.text_field}' is not a feature of '{data.dataset}'; "
+            f"features: {', '.join(sorted(source[0]))}"
+        )
     return source, Path(builder.data_dir)
 
 

@@ -39,8 +39,11 @@ class TextSourceConfig(tfds.core.BuilderConfig):
 
 def stdlib_files() -> tuple[str, list[str]]:
     root = sysconfig.get_paths()["stdlib"]
-    files = [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-             if f"{os.sep}site-packages{os.sep}" not in f]
+    files = [
+        f
+        for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+        if f"{os.sep}site-packages{os.sep}" not in f
+    ]
     return root, sorted(files)
 
 
@@ -49,14 +52,23 @@ def source_config(text_glob: str = "", validation_percent: int = 2) -> TextSourc
     if not text_glob:
         root, _ = stdlib_files()
         tag = "py" + "".join(sysconfig.get_python_version().split("."))
-        return TextSourceConfig(name=f"{STDLIB_NAME}_{tag}_val{validation_percent}",
-                                patterns=(os.path.join(root, "**", "*.py"),), root=root,
-                                validation_percent=validation_percent, description="Python standard library sources")
+        return TextSourceConfig(
+            name=f"{STDLIB_NAME}_{tag}_val{validation_percent}",
+            patterns=(os.path.join(root, "**", "*.py"),),
+            root=root,
+            validation_percent=validation_percent,
+            description="Python standard library sources",
+        )
     patterns = tuple(str(Path(p.strip()).expanduser().absolute()) for p in text_glob.split(",") if p.strip())
     root = os.path.commonpath([os.path.dirname(p.split("*")[0]) for p in patterns])
     digest = f"{zlib.crc32('|'.join(patterns).encode()):08x}"
-    return TextSourceConfig(name=f"files_{digest}_val{validation_percent}", patterns=patterns, root=root,
-                            validation_percent=validation_percent, description=f"text files {text_glob}")
+    return TextSourceConfig(
+        name=f"files_{digest}_val{validation_percent}",
+        patterns=patterns,
+        root=root,
+        validation_percent=validation_percent,
+        description=f"text files {text_glob}",
+    )
 
 
 def list_files(cfg: TextSourceConfig) -> list[str]:
@@ -64,8 +76,10 @@ def list_files(cfg: TextSourceConfig) -> list[str]:
         return stdlib_files()[1]
     files = sorted({f for p in cfg.patterns for f in glob.glob(p, recursive=True) if os.path.isfile(f)})
     if not files:
-        raise DataError(f"data.text_glob matches no files: {', '.join(cfg.patterns)}; give a folder glob such as "
-                        "'/path/to/texts/**/*.txt' (comma-separated for several)")
+        raise DataError(
+            f"data.text_glob matches no files: {', '.join(cfg.patterns)}; give a folder glob such as "
+            "'/path/to/texts/**/*.txt' (comma-separated for several)"
+        )
     return files
 
 
@@ -95,8 +109,10 @@ class MoelaText(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
         train, validation = split_files(list_files(cfg), cfg.root, cfg.validation_percent)
-        return {"train": self._generate_examples(train, cfg.root),
-                "validation": self._generate_examples(validation, cfg.root)}
+        return {
+            "train": self._generate_examples(train, cfg.root),
+            "validation": self._generate_examples(validation, cfg.root),
+        }
 
     def _generate_examples(self, files, root):
         for f in files:
@@ -107,8 +123,9 @@ class MoelaText(tfds.core.GeneratorBasedBuilder):
 
 def build(text_glob: str = "", data_dir: str = "", validation_percent: int = 2) -> MoelaText:
     """The prepared builder for a source, building it on first use."""
-    builder = MoelaText(config=source_config(text_glob, validation_percent), data_dir=data_dir or None,
-                        file_format="array_record")
+    builder = MoelaText(
+        config=source_config(text_glob, validation_percent), data_dir=data_dir or None, file_format="array_record"
+    )
     if not builder.is_prepared():
         builder.download_and_prepare()
     return builder

@@ -63,8 +63,9 @@ def load(path: str | Path) -> Tokenizer:
     return tok
 
 
-def train(lines: Iterable[str], out_path: str | Path, vocab_size: int, model_type: str = "bpe",
-          max_chars: int = 20_000_000) -> Tokenizer:
+def train(
+    lines: Iterable[str], out_path: str | Path, vocab_size: int, model_type: str = "bpe", max_chars: int = 20_000_000
+) -> Tokenizer:
     """Train on ``lines`` (in order, up to ``max_chars``) and write ``out_path`` (a ``.model``)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,10 +83,22 @@ def train(lines: Iterable[str], out_path: str | Path, vocab_size: int, model_typ
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=sample(), model_writer=model, vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=8192,
-            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, num_threads=2, minloglevel=2,
+            sentence_iterator=sample(),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=8192,
+            pad_id=PAD,
+            unk_id=UNK,
+            bos_id=BOS,
+            eos_id=EOS,
+            num_threads=2,
+            minloglevel=2,
             character_coverage=0.9995,
         )
     except RuntimeError as e:

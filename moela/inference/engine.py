@@ -50,12 +50,12 @@ class Result:
 class Batch:
     """One engine step's packed ragged batch (host-built, bucket-padded)::
 
-        tokens, positions, slots   [T]    token ids, positions, cache slots (-1: padding)
-        kv_lens                    [S]    cache length per sequence after this step's tokens
-        page_table                 [S, M]
-        cu_q_lens                  [S+1]
-        num_seqs                   []     sequences in use
-        last_index                 [S]    packed index of each sequence's last token this step
+    tokens, positions, slots   [T]    token ids, positions, cache slots (-1: padding)
+    kv_lens                    [S]    cache length per sequence after this step's tokens
+    page_table                 [S, M]
+    cu_q_lens                  [S+1]
+    num_seqs                   []     sequences in use
+    last_index                 [S]    packed index of each sequence's last token this step
     """
 
     tokens: jax.Array
@@ -111,8 +111,9 @@ class Engine:
     layout (``to_serving_layout``): drop the model afterwards to hold them once (serve.py does).
     ``step`` shares another engine's compiled step (same graph and runtime)."""
 
-    def __init__(self, model: Decoder, cfg: Config, tokenizer=None, rt: Runtime | None = None,
-                 step: CompiledStep | None = None):
+    def __init__(
+        self, model: Decoder, cfg: Config, tokenizer=None, rt: Runtime | None = None, step: CompiledStep | None = None
+    ):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.rt = Runtime(cfg.runtime) if rt is None else rt
         s = cfg.serve
@@ -149,11 +150,11 @@ class Engine:
         for i, c in enumerate(chunks):
             seq, req = c.seq, c.seq.request
             stop = c.start + c.length
-            tokens[at:at + c.length] = seq.tokens[c.start:stop]
-            positions[at:at + c.length] = np.arange(c.start, stop)
-            slots[at:at + c.length] = self.allocator.slots(seq.seq_id, c.start, stop)
+            tokens[at : at + c.length] = seq.tokens[c.start : stop]
+            positions[at : at + c.length] = np.arange(c.start, stop)
+            slots[at : at + c.length] = self.allocator.slots(seq.seq_id, c.start, stop)
             pages = self.allocator.pages[seq.seq_id]
-            page_table[i, :len(pages)] = pages
+            page_table[i, : len(pages)] = pages
             kv_lens[i], cu[i], last[i] = stop, at, at + c.length - 1
             params.temperature[i], params.top_k[i], params.top_p[i] = req.temperature, req.top_k, req.top_p
             params.seed[i], params.index[i] = np.uint32(req.seed % 2**32), len(seq.generated)
@@ -167,8 +168,10 @@ class Engine:
         """Run one step; returns (sequence, new token) for every sequence that sampled."""
         chunks = self.scheduler.plan()
         if not chunks:
-            raise RuntimeError("no sequence can run: the page pool is too small for the oldest waiting request "
-                               f"({self.allocator.free} of {self.allocator.num_pages} pages free)")
+            raise RuntimeError(
+                "no sequence can run: the page pool is too small for the oldest waiting request "
+                f"({self.allocator.free} of {self.allocator.num_pages} pages free)"
+            )
         batch, params = self.pack(chunks)
         tokens_dev, self.pool = self.compiled.fn(self.weights, self.pool, batch, params)
         tokens = np.asarray(tokens_dev)
@@ -189,8 +192,10 @@ class Engine:
             return f"token ids must lie in [0, {vocab})"
         need = self.allocator.pages_for(min(n + req.max_tokens, self.max_seq_len))
         if need > self.allocator.num_pages:
-            return (f"prompt + max_tokens needs {need} pages of {self.page_size} tokens but the cache has "
-                    f"{self.allocator.num_pages} (raise serve.num_pages or lower max_tokens)")
+            return (
+                f"prompt + max_tokens needs {need} pages of {self.page_size} tokens but the cache has "
+                f"{self.allocator.num_pages} (raise serve.num_pages or lower max_tokens)"
+            )
         return None
 
     def submit(self, req: Request) -> Sequence:
@@ -215,7 +220,7 @@ class Engine:
             text = self._text(seq.generated)
             hits = [text.find(s) for s in req.stop if s and s in text]
             if hits:
-                return "stop", list(seq.generated), text[:min(hits)]
+                return "stop", list(seq.generated), text[: min(hits)]
         if len(seq.generated) >= req.max_tokens or seq.length >= self.max_seq_len:
             return "length", list(seq.generated), self._text(seq.generated)
         return None
@@ -235,8 +240,18 @@ class Engine:
                 self.scheduler.finish(seq)
                 times = seq.token_times
                 tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
-                yield Result(seq.request.id, seq.request.index, tokens, text, reason, len(seq.request.tokens),
-                             times[0] - seq.submitted, tpot, seq.preemptions, times)
+                yield Result(
+                    seq.request.id,
+                    seq.request.index,
+                    tokens,
+                    text,
+                    reason,
+                    len(seq.request.tokens),
+                    times[0] - seq.submitted,
+                    tpot,
+                    seq.preemptions,
+                    times,
+                )
             if on_step is not None:
                 on_step(self)
 
@@ -254,7 +269,7 @@ def greedy_reference(model, prompt: list[int], max_tokens: int, eos_id: int = -1
     nothing before it), so the loop compiles once."""
     length = -(-(len(prompt) + max_tokens) // 16) * 16
     tokens = np.zeros((1, length), np.int32)
-    tokens[0, :len(prompt)] = prompt
+    tokens[0, : len(prompt)] = prompt
     n, out = len(prompt), []
     for _ in range(max_tokens):
         token = int(_next_token(model, jnp.asarray(tokens), n - 1))

@@ -128,15 +128,26 @@ def parse_line(line: str, index: int, defaults: ServeConfig, tokenizer) -> Reque
         if not prompt:
             return Problem(rid, index, "empty prompt")
         if tokenizer is None:
-            return Problem(rid, index, "text prompts need a tokenizer (the checkpoint has no tokenizer.model or "
-                                       "tokenizer.json; pass --tokenizer, or give 'tokens')")
+            return Problem(
+                rid,
+                index,
+                "text prompts need a tokenizer (the checkpoint has no tokenizer.model or "
+                "tokenizer.json; pass --tokenizer, or give 'tokens')",
+            )
         tokens = tokenizer.encode(prompt)
     if stop and tokenizer is None:
         return Problem(rid, index, "stop strings need a tokenizer to decode the output; pass --tokenizer")
-    return Request(rid, list(tokens), int(fields.get("max_tokens", defaults.max_new_tokens)),
-                   float(fields.get("temperature", defaults.temperature)), int(fields.get("top_k", defaults.top_k)),
-                   float(fields.get("top_p", defaults.top_p)), int(fields.get("seed", defaults.seed)), tuple(stop),
-                   index)
+    return Request(
+        rid,
+        list(tokens),
+        int(fields.get("max_tokens", defaults.max_new_tokens)),
+        float(fields.get("temperature", defaults.temperature)),
+        int(fields.get("top_k", defaults.top_k)),
+        float(fields.get("top_p", defaults.top_p)),
+        int(fields.get("seed", defaults.seed)),
+        tuple(stop),
+        index,
+    )
 
 
 def read_done(path: Path) -> list[dict]:

@@ -30,8 +30,13 @@ class SamplingArrays:
 
     @classmethod
     def greedy(cls, rows: int) -> "SamplingArrays":
-        return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
-                   np.zeros(rows, np.uint32), np.zeros(rows, np.int32))
+        return cls(
+            np.zeros(rows, np.float32),
+            np.zeros(rows, np.int32),
+            np.ones(rows, np.float32),
+            np.zeros(rows, np.uint32),
+            np.zeros(rows, np.int32),
+        )
 
 
 def _filtered_draw(logits_v, temperature, top_k, top_p, seed, index):
@@ -56,8 +61,9 @@ def sample(logits_sv, params: SamplingArrays):
     greedy_s = jnp.argmax(logits_sv, axis=-1).astype(jnp.int32)
 
     def draw(_):
-        drawn_s = jax.vmap(_filtered_draw)(logits_sv, params.temperature, params.top_k, params.top_p,
-                                           params.seed.astype(jnp.uint32), params.index)
+        drawn_s = jax.vmap(_filtered_draw)(
+            logits_sv, params.temperature, params.top_k, params.top_p, params.seed.astype(jnp.uint32), params.index
+        )
         return jnp.where(params.temperature > 0, drawn_s, greedy_s)
 
     return jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda _: greedy_s, None)

@@ -31,24 +31,51 @@ class AttentionBackend(NamedTuple):
     backward: Callable
 
 
-ATTENTION = Backends("attention", {
-    "xla": AttentionBackend(xla.attention, xla.attention_bwd),
-    "reference": AttentionBackend(reference.attention, xla.attention_bwd),
-    "pallas": AttentionBackend(flash.pallas, flash.pallas_bwd),
-    "interpret": AttentionBackend(flash.interpret_tpu, flash.interpret_tpu_bwd),
-    "interpret_gpu": AttentionBackend(flash.interpret_gpu, flash.interpret_gpu_bwd),
-}, auto={"tpu": "pallas", "gpu": "pallas", ANY: "xla"})
+ATTENTION = Backends(
+    "attention",
+    {
+        "xla": AttentionBackend(xla.attention, xla.attention_bwd),
+        "reference": AttentionBackend(reference.attention, xla.attention_bwd),
+        "pallas": AttentionBackend(flash.pallas, flash.pallas_bwd),
+        "interpret": AttentionBackend(flash.interpret_tpu, flash.interpret_tpu_bwd),
+        "interpret_gpu": AttentionBackend(flash.interpret_gpu, flash.interpret_gpu_bwd),
+    },
+    auto={"tpu": "pallas", "gpu": "pallas", ANY: "xla"},
+)
 
 
-def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_segment_ids=None,
-              kv_segment_ids=None, backend: str = "auto"):
+def attention(
+    q_bthk,
+    k_bsgk,
+    v_bsgv,
+    *,
+    scale: float,
+    causal: bool = True,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    backend: str = "auto",
+):
     """Causal (offset) attention with optional segment ids; returns (out, lse). See ``kernels.reference``."""
-    return ATTENTION[backend].forward(q_bthk, k_bsgk, v_bsgv, scale=scale, causal=causal,
-                                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    return ATTENTION[backend].forward(
+        q_bthk, k_bsgk, v_bsgv, scale=scale, causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids
+    )
 
 
-def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scale: float, causal: bool = True,
-                  q_segment_ids=None, kv_segment_ids=None, d_lse_bht=None, backend: str = "auto"):
+def attention_bwd(
+    q_bthk,
+    k_bsgk,
+    v_bsgv,
+    out_bthv,
+    lse_bht,
+    d_out_bthv,
+    *,
+    scale: float,
+    causal: bool = True,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    d_lse_bht=None,
+    backend: str = "auto",
+):
     """Flash-attention backward of one block: (dq [B,T,H,K], dk [B,S,G,K], dv [B,S,G,V]) in the inputs' dtypes.
 
     ``out_bthv`` [B,T,H,V] and ``lse_bht`` [B,H,T] are the final output and log-sum-exp of the
@@ -61,9 +88,19 @@ def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scal
     (nothing visible) contribute nothing; under GQA dk/dv sum over each kv head's query heads.
     Masking (``causal`` with offset S - T, segment ids) is that of ``attention``.
     """
-    return ATTENTION[backend].backward(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, scale=scale,
-                                       causal=causal, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                                       d_lse_bht=d_lse_bht)
+    return ATTENTION[backend].backward(
+        q_bthk,
+        k_bsgk,
+        v_bsgv,
+        out_bthv,
+        lse_bht,
+        d_out_bthv,
+        scale=scale,
+        causal=causal,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        d_lse_bht=d_lse_bht,
+    )
 
 
 __all__ = ["ATTENTION", "AttentionBackend", "BackendError", "Backends", "attention", "attention_bwd", "reference"]

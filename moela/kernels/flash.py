@@ -26,8 +26,10 @@ def platform_target() -> str:
     on = platform()
     if on in _TARGETS:
         return on
-    raise BackendError(f"backend 'pallas' needs a TPU or GPU, but the default JAX platform is {on!r}; use 'xla' "
-                       "(or 'auto') here, or 'interpret' to run the TPU kernel through the interpreter")
+    raise BackendError(
+        f"backend 'pallas' needs a TPU or GPU, but the default JAX platform is {on!r}; use 'xla' "
+        "(or 'auto') here, or 'interpret' to run the TPU kernel through the interpreter"
+    )
 
 
 def _module(target: str):
@@ -45,8 +47,9 @@ def _module(target: str):
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def _attention(q, k, v, q_seg, kv_seg, scale, causal, target, interpret, blocks):
-    return _module(target).forward(q, k, v, q_seg, kv_seg, scale=scale, causal=causal, interpret=interpret,
-                                   blocks=blocks)
+    return _module(target).forward(
+        q, k, v, q_seg, kv_seg, scale=scale, causal=causal, interpret=interpret, blocks=blocks
+    )
 
 
 def _fwd(q, k, v, q_seg, kv_seg, scale, causal, target, interpret, blocks):
@@ -57,33 +60,81 @@ def _fwd(q, k, v, q_seg, kv_seg, scale, causal, target, interpret, blocks):
 def _bwd(scale, causal, target, interpret, blocks, residuals, cotangents):
     q, k, v, q_seg, kv_seg, out, lse = residuals
     d_out, d_lse = cotangents
-    grads = _module(target).backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, scale=scale, causal=causal,
-                                     interpret=interpret, blocks=blocks)
+    grads = _module(target).backward(
+        q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, scale=scale, causal=causal, interpret=interpret, blocks=blocks
+    )
     return grads + (None, None)
 
 
 _attention.defvjp(_fwd, _bwd)
 
 
-def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_segment_ids=None,
-              kv_segment_ids=None, target: str | None = None, interpret: bool = False, blocks=None):
+def attention(
+    q_bthk,
+    k_bsgk,
+    v_bsgv,
+    *,
+    scale: float,
+    causal: bool = True,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    target: str | None = None,
+    interpret: bool = False,
+    blocks=None,
+):
     """(out [B, T, H, V] in q's dtype, lse [B, H, T]); ``target`` None = the default platform's;
     ``blocks`` the target module's ``BlockSizes`` (None: its defaults)."""
     target = target or platform_target()
     if (q_segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    return _attention(q_bthk, k_bsgk, v_bsgv, q_segment_ids, kv_segment_ids, float(scale), bool(causal), target,
-                      bool(interpret), blocks)
+    return _attention(
+        q_bthk,
+        k_bsgk,
+        v_bsgv,
+        q_segment_ids,
+        kv_segment_ids,
+        float(scale),
+        bool(causal),
+        target,
+        bool(interpret),
+        blocks,
+    )
 
 
-def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scale: float, causal: bool = True,
-                  q_segment_ids=None, kv_segment_ids=None, d_lse_bht=None, target: str | None = None,
-                  interpret: bool = False, blocks=None):
+def attention_bwd(
+    q_bthk,
+    k_bsgk,
+    v_bsgv,
+    out_bthv,
+    lse_bht,
+    d_out_bthv,
+    *,
+    scale: float,
+    causal: bool = True,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    d_lse_bht=None,
+    target: str | None = None,
+    interpret: bool = False,
+    blocks=None,
+):
     """(dq, dk, dv) of one attention block given the whole attention's out and lse; see ``kernels.attention_bwd``."""
     target = target or platform_target()
-    return _module(target).backward(q_bthk, k_bsgk, v_bsgv, q_segment_ids, kv_segment_ids, out_bthv, lse_bht,
-                                    d_out_bthv, d_lse_bht, scale=float(scale), causal=bool(causal),
-                                    interpret=bool(interpret), blocks=blocks)
+    return _module(target).backward(
+        q_bthk,
+        k_bsgk,
+        v_bsgv,
+        q_segment_ids,
+        kv_segment_ids,
+        out_bthv,
+        lse_bht,
+        d_out_bthv,
+        d_lse_bht,
+        scale=float(scale),
+        causal=bool(causal),
+        interpret=bool(interpret),
+        blocks=blocks,
+    )
 
 
 pallas = attention

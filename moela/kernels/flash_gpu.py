@@ -70,8 +70,10 @@ def _dot(a, b, trans_b: bool = False):
     """a @ b (or a @ bᵀ), accumulated in float32 (float32 inputs in IEEE precision, not TF32);
     ``pl.dot`` is deprecated in jax 0.11 and gone in 0.12."""
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jax.lax.dot_general(a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((1,), (1 if trans_b else 0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
+
 
 @dataclasses.dataclass(frozen=True)
 class _Geometry(schedule.Geometry):
@@ -156,8 +158,11 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, first_ref, last_re
 
     clean, end = geo.kv_range(i)
     start, end = _spanned(0, end, first_ref, last_ref)
-    init = (jnp.zeros((geo.bq, v_ref.shape[-1]), jnp.float32), jnp.full((geo.bq,), NEG_INF, jnp.float32),
-            jnp.zeros((geo.bq,), jnp.float32))
+    init = (
+        jnp.zeros((geo.bq, v_ref.shape[-1]), jnp.float32),
+        jnp.full((geo.bq,), NEG_INF, jnp.float32),
+        jnp.zeros((geo.bq,), jnp.float32),
+    )
     acc, m, total = _two_loops(start, clean, end, body, init)
     empty = total == 0.0
     safe = jnp.where(empty, 1.0, total)
@@ -165,8 +170,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, first_ref, last_re
     lse_ref[...] = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, first_ref, last_ref, dq_ref, *,
-               geo):
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, first_ref, last_ref, dq_ref, *, geo
+):
     i = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
@@ -190,8 +196,23 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_
     dq_ref[...] = (acc * geo.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kvseg_ref, first_ref, last_ref, dk_ref,
-                dv_ref, *, geo, heads_per_kv: int):
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qseg_ref,
+    kvseg_ref,
+    first_ref,
+    last_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    geo,
+    heads_per_kv: int,
+):
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]
     kv_seg = None if kvseg_ref is None else kvseg_ref[...]
@@ -258,8 +279,12 @@ def _segments(q_seg, kv_seg, geo, tp, sp, over: str):
     i, j = jnp.arange(geo.nq)[:, None], jnp.arange(geo.nk)[None, :]
     active = schedule.active_pairs(q_lo, q_hi, kv_lo, kv_hi, geo.visible(i, j))
     first, last, some = schedule.span(active, -1 if over == "kv" else 1)
-    return [_pad(q_seg.astype(jnp.int32), 1, tp, -1), _pad(kv_seg.astype(jnp.int32), 1, sp, -2),
-            jnp.where(some, first, 0), jnp.where(some, last, -1)]
+    return [
+        _pad(q_seg.astype(jnp.int32), 1, tp, -1),
+        _pad(kv_seg.astype(jnp.int32), 1, sp, -2),
+        jnp.where(some, first, 0),
+        jnp.where(some, last, -1),
+    ]
 
 
 def _with_segments(kernel, segmented: bool, position: int):
@@ -269,11 +294,22 @@ def _with_segments(kernel, segmented: bool, position: int):
 
     def wrapped(*refs, **kwargs):
         return kernel(*refs[:position], None, None, None, None, *refs[position:], **kwargs)
+
     return wrapped
 
 
-def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: bool, interpret: bool = False,
-            blocks: BlockSizes | None = None):
+def forward(
+    q,
+    k,
+    v,
+    q_segment_ids,
+    kv_segment_ids,
+    *,
+    scale: float,
+    causal: bool,
+    interpret: bool = False,
+    blocks: BlockSizes | None = None,
+):
     """-> (out [B, T, H, V] in q's dtype, lse [B, H, T] float32)."""
     schedule.validate(q, k, v, q_segment_ids, kv_segment_ids)
     blocks = blocks or BlockSizes()
@@ -283,25 +319,48 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: boo
     geo = _geometry(t, s, blocks.block_q, blocks.block_k, causal, q_segment_ids is not None, scale)
     tp, sp = geo.nq * geo.bq, geo.nk * geo.bk
     args = [_pad(_pad(q, 1, tp), 3, dkp), _pad(_pad(k, 1, sp), 3, dkp), _pad(_pad(v, 1, sp), 3, dvp)]
-    in_specs = [pl.BlockSpec((None, geo.bq, None, dkp), lambda i, bi, hi: (bi, i, hi, 0)),
-                pl.BlockSpec((None, sp, None, dkp), lambda i, bi, hi: (bi, 0, hi // r, 0)),
-                pl.BlockSpec((None, sp, None, dvp), lambda i, bi, hi: (bi, 0, hi // r, 0))]
+    in_specs = [
+        pl.BlockSpec((None, geo.bq, None, dkp), lambda i, bi, hi: (bi, i, hi, 0)),
+        pl.BlockSpec((None, sp, None, dkp), lambda i, bi, hi: (bi, 0, hi // r, 0)),
+        pl.BlockSpec((None, sp, None, dvp), lambda i, bi, hi: (bi, 0, hi // r, 0)),
+    ]
     if geo.segmented:
-        in_specs += [pl.BlockSpec((None, geo.bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0))] + [_tile_entry(lambda i, bi, hi: (bi, i))] * 2
+        in_specs += [
+            pl.BlockSpec((None, geo.bq), lambda i, bi, hi: (bi, i)),
+            pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0)),
+        ] + [_tile_entry(lambda i, bi, hi: (bi, i))] * 2
     out, lse = pl.pallas_call(
         _with_segments(functools.partial(_forward_kernel, geo=geo), geo.segmented, 3),
-        grid=(geo.nq, b, h), in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, geo.bq, None, dvp), lambda i, bi, hi: (bi, i, hi, 0)),
-                   pl.BlockSpec((None, None, geo.bq), lambda i, bi, hi: (bi, hi, i))],
+        grid=(geo.nq, b, h),
+        in_specs=in_specs,
+        out_specs=[
+            pl.BlockSpec((None, geo.bq, None, dvp), lambda i, bi, hi: (bi, i, hi, 0)),
+            pl.BlockSpec((None, None, geo.bq), lambda i, bi, hi: (bi, hi, i)),
+        ],
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, dvp), q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
-        compiler_params=_params(blocks, dkp, dvp), interpret=interpret, name="moela_flash_fwd",
+        compiler_params=_params(blocks, dkp, dvp),
+        interpret=interpret,
+        name="moela_flash_fwd",
     )(*args, *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "kv"))
     return out[:, :t, :, :dv], lse[:, :, :t]
 
 
-def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, scale: float, causal: bool,
-             interpret: bool = False, blocks: BlockSizes | None = None):
+def backward(
+    q,
+    k,
+    v,
+    q_segment_ids,
+    kv_segment_ids,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    *,
+    scale: float,
+    causal: bool,
+    interpret: bool = False,
+    blocks: BlockSizes | None = None,
+):
     """-> (dq [B, T, H, K], dk [B, S, G, K], dv [B, S, G, V]) in q's, k's and v's dtypes.
 
     ``out`` and ``lse`` may belong to a larger attention this block is part of (ring
@@ -325,16 +384,28 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
     row_spec = pl.BlockSpec((None, None, geo.bq), lambda i, bi, hi: (bi, hi, i))
     in_specs = [q_spec(dkp), kv_spec(dkp), kv_spec(dvp), q_spec(dvp), row_spec, row_spec]
     if segmented:
-        in_specs += [pl.BlockSpec((None, geo.bq), lambda i, bi, hi: (bi, i)),
-                     pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0))] + [_tile_entry(lambda i, bi, hi: (bi, i))] * 2
+        in_specs += [
+            pl.BlockSpec((None, geo.bq), lambda i, bi, hi: (bi, i)),
+            pl.BlockSpec((None, sp), lambda i, bi, hi: (bi, 0)),
+        ] + [_tile_entry(lambda i, bi, hi: (bi, i))] * 2
     dq = pl.pallas_call(
         _with_segments(functools.partial(_dq_kernel, geo=geo), segmented, 6),
-        grid=(geo.nq, b, h), in_specs=in_specs, out_specs=q_spec(dkp),
+        grid=(geo.nq, b, h),
+        in_specs=in_specs,
+        out_specs=q_spec(dkp),
         out_shape=jax.ShapeDtypeStruct((b, tp, h, dkp), q.dtype),
-        compiler_params=_params(blocks, dkp, dvp), interpret=interpret, name="moela_flash_dq",
-    )(_pad(_pad(q, 1, tp), 3, dkp), _pad(_pad(k, 1, sp), 3, dkp), _pad(_pad(v, 1, sp), 3, dvp),
-      _pad(_pad(d_out, 1, tp), 3, dvp), _pad(lse, 2, tp, jnp.inf), _pad(delta, 2, tp),
-      *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "kv"))
+        compiler_params=_params(blocks, dkp, dvp),
+        interpret=interpret,
+        name="moela_flash_dq",
+    )(
+        _pad(_pad(q, 1, tp), 3, dkp),
+        _pad(_pad(k, 1, sp), 3, dkp),
+        _pad(_pad(v, 1, sp), 3, dvp),
+        _pad(_pad(d_out, 1, tp), 3, dvp),
+        _pad(lse, 2, tp, jnp.inf),
+        _pad(delta, 2, tp),
+        *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "kv"),
+    )
 
     # dk/dv: one program per (KV tile, row, kv head), looping over its query heads
     geo = _geometry(t, s, blocks.block_q_dkv, blocks.block_k_dkv, causal, segmented, scale)
@@ -344,15 +415,27 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
     rows_spec = pl.BlockSpec((None, r, tp), lambda j, bi, gi: (bi, gi, 0))
     in_specs = [group_spec(dkp), tile_spec(dkp), tile_spec(dvp), group_spec(dvp), rows_spec, rows_spec]
     if segmented:
-        in_specs += [pl.BlockSpec((None, tp), lambda j, bi, gi: (bi, 0)),
-                     pl.BlockSpec((None, geo.bk), lambda j, bi, gi: (bi, j))]
+        in_specs += [
+            pl.BlockSpec((None, tp), lambda j, bi, gi: (bi, 0)),
+            pl.BlockSpec((None, geo.bk), lambda j, bi, gi: (bi, j)),
+        ]
         in_specs += [_tile_entry(lambda j, bi, gi: (bi, j))] * 2
     dk_p, dv_p = pl.pallas_call(
         _with_segments(functools.partial(_dkv_kernel, geo=geo, heads_per_kv=r), segmented, 6),
-        grid=(geo.nk, b, g), in_specs=in_specs, out_specs=[tile_spec(dkp), tile_spec(dvp)],
+        grid=(geo.nk, b, g),
+        in_specs=in_specs,
+        out_specs=[tile_spec(dkp), tile_spec(dvp)],
         out_shape=[jax.ShapeDtypeStruct((b, sp, g, dkp), k.dtype), jax.ShapeDtypeStruct((b, sp, g, dvp), v.dtype)],
-        compiler_params=_params(blocks, dkp, dvp), interpret=interpret, name="moela_flash_dkv",
-    )(_pad(_pad(q, 1, tp), 3, dkp), _pad(_pad(k, 1, sp), 3, dkp), _pad(_pad(v, 1, sp), 3, dvp),
-      _pad(_pad(d_out, 1, tp), 3, dvp), _pad(lse, 2, tp, jnp.inf), _pad(delta, 2, tp),
-      *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "q"))
+        compiler_params=_params(blocks, dkp, dvp),
+        interpret=interpret,
+        name="moela_flash_dkv",
+    )(
+        _pad(_pad(q, 1, tp), 3, dkp),
+        _pad(_pad(k, 1, sp), 3, dkp),
+        _pad(_pad(v, 1, sp), 3, dvp),
+        _pad(_pad(d_out, 1, tp), 3, dvp),
+        _pad(lse, 2, tp, jnp.inf),
+        _pad(delta, 2, tp),
+        *_segments(q_segment_ids, kv_segment_ids, geo, tp, sp, "q"),
+    )
     return dq[:, :t, :, :dk], dk_p[:, :s, :, :dk], dv_p[:, :s, :, :dv]

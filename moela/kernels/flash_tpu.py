@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from moela.kernels import blocks as schedule
-from moela.kernels.common import LANES, NEG_INF, NT_DIMS, SUBLANES, div, fit_block, lane_aligned, lanes, round_up
+from moela.kernels.common import LANES, NEG_INF, NT_DIMS, SUBLANES, div, fit_block, lane_aligned, lanes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,10 +222,12 @@ def _segments(q_seg, kv_seg, geo, tp, sp):
     b = q_seg.shape[0]
     q_seg = jnp.pad(q_seg.astype(jnp.int32), ((0, 0), (0, tp - geo.t)), constant_values=-1)
     kv_seg = jnp.pad(kv_seg.astype(jnp.int32), ((0, 0), (0, sp - geo.s)), constant_values=-2)
-    return {"q_rows": jnp.broadcast_to(q_seg[:, :, None], (b, tp, LANES)),
-            "q_cols": jnp.broadcast_to(q_seg[:, None, :], (b, SUBLANES, tp)),
-            "kv_rows": jnp.broadcast_to(kv_seg[:, :, None], (b, sp, LANES)),
-            "kv_cols": jnp.broadcast_to(kv_seg[:, None, :], (b, SUBLANES, sp))}
+    return {
+        "q_rows": jnp.broadcast_to(q_seg[:, :, None], (b, tp, LANES)),
+        "q_cols": jnp.broadcast_to(q_seg[:, None, :], (b, SUBLANES, tp)),
+        "kv_rows": jnp.broadcast_to(kv_seg[:, :, None], (b, sp, LANES)),
+        "kv_cols": jnp.broadcast_to(kv_seg[:, None, :], (b, SUBLANES, sp)),
+    }
 
 
 def _head_major(x_bthd, rows: int, dim: int):
@@ -242,22 +244,43 @@ def _call(kernel, *, grid, in_specs, out_specs, out_shape, scratch, semantics, i
     """pallas_call with the six block tables scalar-prefetched ahead of the other inputs."""
     return pl.pallas_call(
         kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=6, grid=grid, in_specs=in_specs,
-                                               out_specs=out_specs, scratch_shapes=scratch),
-        out_shape=out_shape, compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
-        interpret=interpret, name=name)
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=6, grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
+        ),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        interpret=interpret,
+        name=name,
+    )
 
 
-def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: bool, interpret: bool = False,
-            blocks: BlockSizes | None = None):
+def forward(
+    q,
+    k,
+    v,
+    q_segment_ids,
+    kv_segment_ids,
+    *,
+    scale: float,
+    causal: bool,
+    interpret: bool = False,
+    blocks: BlockSizes | None = None,
+):
     """-> (out [B, T, H, V] in q's dtype, lse [B, H, T] float32)."""
     schedule.validate(q, k, v, q_segment_ids, kv_segment_ids)
     blocks = blocks or default_blocks()
     b, t, h, dk = q.shape
     s, g, dv = k.shape[1], k.shape[2], v.shape[3]
     r = h // g
-    geo = _Geometry(t, s, fit_block(t, blocks.block_q, SUBLANES), fit_block(s, blocks.block_k, LANES), causal,
-                    q_segment_ids is not None, float(scale))
+    geo = _Geometry(
+        t,
+        s,
+        fit_block(t, blocks.block_q, SUBLANES),
+        fit_block(s, blocks.block_k, LANES),
+        causal,
+        q_segment_ids is not None,
+        float(scale),
+    )
     tp, sp, dkp, dvp = geo.nq * geo.bq, geo.nk * geo.bk, lane_aligned(dk), lane_aligned(dv)
     tables = _Tables.build(q_segment_ids, kv_segment_ids, geo, b, over="kv")
 
@@ -271,18 +294,28 @@ def forward(q, k, v, q_segment_ids, kv_segment_ids, *, scale: float, causal: boo
     args = [_head_major(q, tp, dkp), _head_major(k, sp, dkp), _head_major(v, sp, dvp)]
     if geo.segmented:
         segs = _segments(q_segment_ids, kv_segment_ids, geo, tp, sp)
-        in_specs += [pl.BlockSpec((None, geo.bq, LANES), lambda bi, hi, i, j, *refs: (bi, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, geo.bk), lambda *ix: (ix[0], 0, kv_map(*ix)[2]))]
+        in_specs += [
+            pl.BlockSpec((None, geo.bq, LANES), lambda bi, hi, i, j, *refs: (bi, i, 0)),
+            pl.BlockSpec((None, SUBLANES, geo.bk), lambda *ix: (ix[0], 0, kv_map(*ix)[2])),
+        ]
         args += [segs["q_rows"], segs["kv_cols"]]
     out, lse = _call(
         functools.partial(_forward_kernel, geo=geo, segmented=geo.segmented),
-        grid=(b, h, geo.nq, geo.nk), in_specs=in_specs,
+        grid=(b, h, geo.nq, geo.nk),
+        in_specs=in_specs,
         out_specs=[_spec(geo.bq, dvp, q_map), _spec(geo.bq, LANES, q_map)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, tp, dvp), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, tp, LANES), jnp.float32)],
-        scratch=[pltpu.VMEM((geo.bq, LANES), jnp.float32), pltpu.VMEM((geo.bq, LANES), jnp.float32),
-                 pltpu.VMEM((geo.bq, dvp), jnp.float32)],
-        semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=interpret, name="moela_flash_fwd",
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, tp, dvp), q.dtype),
+            jax.ShapeDtypeStruct((b, h, tp, LANES), jnp.float32),
+        ],
+        scratch=[
+            pltpu.VMEM((geo.bq, LANES), jnp.float32),
+            pltpu.VMEM((geo.bq, LANES), jnp.float32),
+            pltpu.VMEM((geo.bq, dvp), jnp.float32),
+        ],
+        semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+        name="moela_flash_fwd",
     )(*tables.arrays(), *args)
     return out[:, :, :t, :dv].transpose(0, 2, 1, 3), lse[:, :, :t, 0]
 
@@ -357,12 +390,28 @@ def _row_stats(lse_bht, delta_bht, tp: int, sublanes: int):
     lse = jnp.where(jnp.isfinite(lse_bht), lse_bht, jnp.inf)
     lse = jnp.pad(lse, ((0, 0), (0, 0), (0, tp - t)), constant_values=jnp.inf)
     delta = jnp.pad(delta_bht, ((0, 0), (0, 0), (0, tp - t)))
-    return (jnp.broadcast_to(lse[:, :, None], (b, h, sublanes, tp)),
-            jnp.broadcast_to(delta[:, :, None], (b, h, sublanes, tp)))
+    return (
+        jnp.broadcast_to(lse[:, :, None], (b, h, sublanes, tp)),
+        jnp.broadcast_to(delta[:, :, None], (b, h, sublanes, tp)),
+    )
 
 
-def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, scale: float, causal: bool,
-             interpret: bool = False, blocks: BlockSizes | None = None):
+def backward(
+    q,
+    k,
+    v,
+    q_segment_ids,
+    kv_segment_ids,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    *,
+    scale: float,
+    causal: bool,
+    interpret: bool = False,
+    blocks: BlockSizes | None = None,
+):
     """-> (dq [B, T, H, K], dk [B, S, G, K], dv [B, S, G, V]) in q's, k's and v's dtypes.
 
     ``out`` [B, T, H, V] and ``lse`` [B, H, T] may belong to a larger attention this block is
@@ -376,8 +425,15 @@ def backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, d_lse, *, 
     args = (q, k, v, q_segment_ids, kv_segment_ids, d_out, lse.astype(jnp.float32), delta)
 
     def geometry(block_q, block_k):
-        return _Geometry(t, s, fit_block(t, block_q, SUBLANES), fit_block(s, block_k, LANES), causal,
-                         q_segment_ids is not None, float(scale))
+        return _Geometry(
+            t,
+            s,
+            fit_block(t, block_q, SUBLANES),
+            fit_block(s, block_k, LANES),
+            causal,
+            q_segment_ids is not None,
+            float(scale),
+        )
 
     dq = _dq_call(*args, geo=geometry(blocks.block_q_dq, blocks.block_k_dq), interpret=interpret)
     dk, dv = _dkv_call(*args, geo=geometry(blocks.block_q_dkv, blocks.block_k_dkv), interpret=interpret)
@@ -402,20 +458,39 @@ def _dq_call(q, k, v, q_seg, kv_seg, d_out, lse, delta, *, geo, interpret):
     def row_map(bi, hi, i, j, *refs):
         return bi, hi, 0, i
 
-    in_specs = [_spec(geo.bq, dkp, q_map), _spec(geo.bk, dkp, kv_map), _spec(geo.bk, dvp, kv_map),
-                _spec(geo.bq, dvp, q_map), _spec(1, geo.bq, row_map), _spec(1, geo.bq, row_map)]
-    args = [_head_major(q, tp, dkp), _head_major(k, sp, dkp), _head_major(v, sp, dvp), _head_major(d_out, tp, dvp),
-            lse_rows, delta_rows]
+    in_specs = [
+        _spec(geo.bq, dkp, q_map),
+        _spec(geo.bk, dkp, kv_map),
+        _spec(geo.bk, dvp, kv_map),
+        _spec(geo.bq, dvp, q_map),
+        _spec(1, geo.bq, row_map),
+        _spec(1, geo.bq, row_map),
+    ]
+    args = [
+        _head_major(q, tp, dkp),
+        _head_major(k, sp, dkp),
+        _head_major(v, sp, dvp),
+        _head_major(d_out, tp, dvp),
+        lse_rows,
+        delta_rows,
+    ]
     if geo.segmented:
         segs = _segments(q_seg, kv_seg, geo, tp, sp)
-        in_specs += [pl.BlockSpec((None, geo.bq, LANES), lambda bi, hi, i, j, *refs: (bi, i, 0)),
-                     pl.BlockSpec((None, SUBLANES, geo.bk), lambda *ix: (ix[0], 0, kv_map(*ix)[2]))]
+        in_specs += [
+            pl.BlockSpec((None, geo.bq, LANES), lambda bi, hi, i, j, *refs: (bi, i, 0)),
+            pl.BlockSpec((None, SUBLANES, geo.bk), lambda *ix: (ix[0], 0, kv_map(*ix)[2])),
+        ]
         args += [segs["q_rows"], segs["kv_cols"]]
     dq = _call(
         functools.partial(_dq_kernel, geo=geo, segmented=geo.segmented),
-        grid=(b, h, geo.nq, geo.nk), in_specs=in_specs, out_specs=_spec(geo.bq, dkp, q_map),
-        out_shape=jax.ShapeDtypeStruct((b, h, tp, dkp), q.dtype), scratch=[pltpu.VMEM((geo.bq, dkp), jnp.float32)],
-        semantics=("parallel", "parallel", "parallel", "arbitrary"), interpret=interpret, name="moela_flash_dq",
+        grid=(b, h, geo.nq, geo.nk),
+        in_specs=in_specs,
+        out_specs=_spec(geo.bq, dkp, q_map),
+        out_shape=jax.ShapeDtypeStruct((b, h, tp, dkp), q.dtype),
+        scratch=[pltpu.VMEM((geo.bq, dkp), jnp.float32)],
+        semantics=("parallel", "parallel", "parallel", "arbitrary"),
+        interpret=interpret,
+        name="moela_flash_dq",
     )(*tables.arrays(), *args)
     return dq[:, :, :t, :dk].transpose(0, 2, 1, 3)
 
@@ -439,22 +514,38 @@ def _dkv_call(q, k, v, q_seg, kv_seg, d_out, lse, delta, *, geo, interpret):
         bi, hi, ic, _ = q_map(*ix)
         return bi, hi, 0, ic
 
-    in_specs = [_spec(geo.bq, dkp, q_map), _spec(geo.bk, dkp, kv_map), _spec(geo.bk, dvp, kv_map),
-                _spec(geo.bq, dvp, q_map), _spec(SUBLANES, geo.bq, row_map), _spec(SUBLANES, geo.bq, row_map)]
-    args = [_head_major(q, tp, dkp), _head_major(k, sp, dkp), _head_major(v, sp, dvp), _head_major(d_out, tp, dvp),
-            lse_rows, delta_rows]
+    in_specs = [
+        _spec(geo.bq, dkp, q_map),
+        _spec(geo.bk, dkp, kv_map),
+        _spec(geo.bk, dvp, kv_map),
+        _spec(geo.bq, dvp, q_map),
+        _spec(SUBLANES, geo.bq, row_map),
+        _spec(SUBLANES, geo.bq, row_map),
+    ]
+    args = [
+        _head_major(q, tp, dkp),
+        _head_major(k, sp, dkp),
+        _head_major(v, sp, dvp),
+        _head_major(d_out, tp, dvp),
+        lse_rows,
+        delta_rows,
+    ]
     if geo.segmented:
         segs = _segments(q_seg, kv_seg, geo, tp, sp)
-        in_specs += [pl.BlockSpec((None, SUBLANES, geo.bq), lambda *ix: (ix[0], 0, row_map(*ix)[3])),
-                     pl.BlockSpec((None, geo.bk, LANES), lambda bi, gi, j, ri, i, *refs: (bi, j, 0))]
+        in_specs += [
+            pl.BlockSpec((None, SUBLANES, geo.bq), lambda *ix: (ix[0], 0, row_map(*ix)[3])),
+            pl.BlockSpec((None, geo.bk, LANES), lambda bi, gi, j, ri, i, *refs: (bi, j, 0)),
+        ]
         args += [segs["q_cols"], segs["kv_rows"]]
     dk_p, dv_p = _call(
         functools.partial(_dkv_kernel, geo=geo, segmented=geo.segmented, heads_per_kv=r),
-        grid=(b, g, geo.nk, r, geo.nq), in_specs=in_specs,
+        grid=(b, g, geo.nk, r, geo.nq),
+        in_specs=in_specs,
         out_specs=[_spec(geo.bk, dkp, kv_map), _spec(geo.bk, dvp, kv_map)],
         out_shape=[jax.ShapeDtypeStruct((b, g, sp, dkp), k.dtype), jax.ShapeDtypeStruct((b, g, sp, dvp), v.dtype)],
         scratch=[pltpu.VMEM((geo.bk, dkp), jnp.float32), pltpu.VMEM((geo.bk, dvp), jnp.float32)],
-        semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), interpret=interpret,
+        semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+        interpret=interpret,
         name="moela_flash_dkv",
     )(*tables.arrays(), *args)
     return dk_p[:, :, :s, :dk].transpose(0, 2, 1, 3), dv_p[:, :, :s, :dv].transpose(0, 2, 1, 3)

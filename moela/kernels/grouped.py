@@ -62,8 +62,9 @@ def blocked_swiglu(x_pd, w_gate_edf, w_up_edf, w_down_efd, group_sizes_e, block:
     dest_p, block_expert, num_blocks = block_layout(group_sizes_e, rows, block)
     used = jnp.sum((group_sizes_e + block - 1) // block).astype(jnp.int32)  # the rest hold no rows
     x_blocks = jnp.zeros((num_blocks * block, d), x_pd.dtype).at[dest_p].set(x_pd, mode="drop")
-    y_blocks = _swiglu_blocks(x_blocks.reshape(num_blocks, block, d), block_expert, used, w_gate_edf, w_up_edf,
-                              w_down_efd)
+    y_blocks = _swiglu_blocks(
+        x_blocks.reshape(num_blocks, block, d), block_expert, used, w_gate_edf, w_up_edf, w_down_efd
+    )
     return y_blocks.reshape(num_blocks * block, -1).at[dest_p].get(mode="fill", fill_value=0)
 
 
@@ -127,12 +128,25 @@ def _swiglu_blocks_bwd(residuals, dy_nbd):
 _swiglu_blocks.defvjp(_swiglu_blocks_fwd, _swiglu_blocks_bwd)
 
 
-GROUPED = Backends("grouped matmul", {"ragged_dot": ragged_swiglu, "blocked": blocked_swiglu},
-                   auto={"cpu": "blocked", ANY: "ragged_dot"})
+GROUPED = Backends(
+    "grouped matmul",
+    {"ragged_dot": ragged_swiglu, "blocked": blocked_swiglu},
+    auto={"cpu": "blocked", ANY: "ragged_dot"},
+)
 
 
-def routed_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *, backend: str = "auto",
-                  block: int = 128, first_expert=0):
+def routed_swiglu(
+    x_md,
+    weights_mk,
+    ids_mk,
+    w_gate_edf,
+    w_up_edf,
+    w_down_efd,
+    *,
+    backend: str = "auto",
+    block: int = 128,
+    first_expert=0,
+):
     """y[m] = sum_k weights[m, k] * SwiGLU_{ids[m, k]}(x[m]) over the experts held here.
 
     x [M, D], weights/ids [M, k] (ids global, in [0, E_total); any leading token dims work the
@@ -144,8 +158,11 @@ def routed_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *,
     x's dtype (rows routed only elsewhere are zero); with F split, a partial sum over F.
     """
     lead = x_md.shape[:-1]
-    x_md, weights_mk, ids_mk = x_md.reshape(-1, x_md.shape[-1]), weights_mk.reshape(-1, ids_mk.shape[-1]), \
-        ids_mk.reshape(-1, ids_mk.shape[-1])
+    x_md, weights_mk, ids_mk = (
+        x_md.reshape(-1, x_md.shape[-1]),
+        weights_mk.reshape(-1, ids_mk.shape[-1]),
+        ids_mk.reshape(-1, ids_mk.shape[-1]),
+    )
     m, k = ids_mk.shape
     e = w_gate_edf.shape[0]
     local_p = ids_mk.reshape(-1) - first_expert
@@ -206,6 +223,7 @@ def capacity_swiglu(x_td, weights_tk, ids_tk, w_gate_edf, w_up_edf, w_down_efd):
             pair_slot = jnp.zeros((t * k,), jnp.int32).at[order_p].set(slot_p)  # back to (token, k) order
             y_tkd = y_cd.at[pair_slot].get(mode="fill", fill_value=0).reshape(t, k, -1)
             return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(cd))
+
         return branch
 
     busiest = jnp.max(counts_e)

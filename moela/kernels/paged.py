@@ -68,17 +68,33 @@ def _unblocked(fn):
     return lambda *args, scale, fmt, blocks: fn(*args, scale=scale, fmt=fmt)
 
 
-PAGED = Backends("paged attention", {
-    "reference": _unblocked(reference),
-    "xla": _unblocked(paged_xla.ragged_paged_attention),
-    "pallas": _pallas,
-    "interpret": _kernel("tpu", True),
-    "interpret_gpu": _kernel("gpu", True),
-}, auto={"tpu": "pallas", "gpu": "pallas", ANY: "xla"})
+PAGED = Backends(
+    "paged attention",
+    {
+        "reference": _unblocked(reference),
+        "xla": _unblocked(paged_xla.ragged_paged_attention),
+        "pallas": _pallas,
+        "interpret": _kernel("tpu", True),
+        "interpret_gpu": _kernel("gpu", True),
+    },
+    auto={"tpu": "pallas", "gpu": "pallas", ANY: "xla"},
+)
 
 
-def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer=0, *,
-                           scale: float, fmt: RowFormat, backend: str = "auto", blocks=None):
+def ragged_paged_attention(
+    q_thk,
+    pool_lnpgw,
+    kv_lens_s,
+    page_table_sm,
+    cu_q_lens_s1,
+    num_seqs,
+    layer=0,
+    *,
+    scale: float,
+    fmt: RowFormat,
+    backend: str = "auto",
+    blocks=None,
+):
     """Attention of packed ragged queries over a paged cache -> out [T, H, v_dim] in q's dtype.
 
     ``blocks`` tunes the kernels (their module's ``BlockSizes``); the reference and xla paths ignore it."""
@@ -86,8 +102,18 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
     impl = PAGED[backend]
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(())
     layer = jnp.asarray(layer, jnp.int32).reshape(())
-    return impl(q_thk, pool_lnpgw, kv_lens_s.astype(jnp.int32), page_table_sm.astype(jnp.int32),
-                cu_q_lens_s1.astype(jnp.int32), num_seqs, layer, scale=scale, fmt=fmt, blocks=blocks)
+    return impl(
+        q_thk,
+        pool_lnpgw,
+        kv_lens_s.astype(jnp.int32),
+        page_table_sm.astype(jnp.int32),
+        cu_q_lens_s1.astype(jnp.int32),
+        num_seqs,
+        layer,
+        scale=scale,
+        fmt=fmt,
+        blocks=blocks,
+    )
 
 
 __all__ = ["PAGED", "RowFormat", "ragged_paged_attention", "reference", "token_layout", "write_rows"]

@@ -6,7 +6,6 @@ share (``RowFormat``, ``validate``, ``token_layout``) and the definition itself 
 each token gathers its sequence's whole page table, in float32).
 """
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -44,14 +43,17 @@ def validate(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, fmt: Row
     t, h, k = q_thk.shape
     g, w = pool_lnpgw.shape[3:]
     if k != fmt.k_dim or w < fmt.width:
-        raise ValueError(f"query dim {k} / row width {w} do not fit the row format {fmt} (needs K = {fmt.k_dim}, "
-                         f"W >= {fmt.width})")
+        raise ValueError(
+            f"query dim {k} / row width {w} do not fit the row format {fmt} (needs K = {fmt.k_dim}, W >= {fmt.width})"
+        )
     if h % g:
         raise ValueError(f"query heads ({h}) must be a multiple of kv heads ({g})")
     s = page_table_sm.shape[0]
     if page_table_sm.ndim != 2 or kv_lens_s.shape != (s,) or cu_q_lens_s1.shape != (s + 1,):
-        raise ValueError(f"page_table [S, M], kv_lens [S], cu_q_lens [S + 1] disagree: {page_table_sm.shape}, "
-                         f"{kv_lens_s.shape}, {cu_q_lens_s1.shape}")
+        raise ValueError(
+            f"page_table [S, M], kv_lens [S], cu_q_lens [S + 1] disagree: {page_table_sm.shape}, "
+            f"{kv_lens_s.shape}, {cu_q_lens_s1.shape}"
+        )
 
 
 def token_layout(t: int, kv_lens_s, cu_q_lens_s1, num_seqs):
@@ -65,8 +67,9 @@ def token_layout(t: int, kv_lens_s, cu_q_lens_s1, num_seqs):
     return seq_t, pos_t, real_t
 
 
-def reference(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *, scale: float,
-              fmt: RowFormat):
+def reference(
+    q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *, scale: float, fmt: RowFormat
+):
     """The definition, in float32: each token gathers its sequence's pages and attends causally.
 
     Rows past a sequence's length (and pages past its last) are never used: they are masked out
@@ -79,8 +82,8 @@ def reference(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seq
     rows_tcgw = pool_lnpgw[layer, pages_tm].reshape(t, m * p, g, w)
     key_c = jnp.arange(m * p, dtype=jnp.int32)
     visible_tc = (key_c[None] <= pos_t[:, None]) & (key_c[None] < kv_lens_s[seq_t][:, None]) & real_t[:, None]
-    keys = jnp.where(visible_tc[:, :, None, None], rows_tcgw[..., :fmt.k_dim], 0).astype(jnp.float32)
-    values = rows_tcgw[..., fmt.v_offset:fmt.v_offset + fmt.v_dim]
+    keys = jnp.where(visible_tc[:, :, None, None], rows_tcgw[..., : fmt.k_dim], 0).astype(jnp.float32)
+    values = rows_tcgw[..., fmt.v_offset : fmt.v_offset + fmt.v_dim]
     values = jnp.where(visible_tc[:, :, None, None], values, 0).astype(jnp.float32)
     q_tgrk = q_thk.reshape(t, g, h // g, k).astype(jnp.float32)
     s_tgrc = jnp.einsum("tgrk,tcgk->tgrc", q_tgrk, keys, precision="highest") * scale

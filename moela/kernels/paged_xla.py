@@ -37,8 +37,9 @@ def pages_per_block(tokens: int, page_size: int, table_width: int) -> int:
     return max(1, min(bp, MAX_PAGES_PER_BLOCK, pow2(table_width)))
 
 
-def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *,
-                           scale: float, fmt: RowFormat):
+def ragged_paged_attention(
+    q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *, scale: float, fmt: RowFormat
+):
     t, h, k = q_thk.shape
     _, n, p, g, w = pool_lnpgw.shape
     m = page_table_sm.shape[1]
@@ -64,18 +65,21 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
         slots_tc = jnp.where(vis_tc, layer * (n * p) + slots_tc, flat_rows.shape[0])
         # rows a token may not see are never read: their slot is out of range and fills with zeros
         rows = flat_rows.at[slots_tc].get(mode="fill", fill_value=0).astype(jnp.float32)
-        s_tgrc = jnp.einsum("tgrk,tcgk->tgrc", q_tgrk, rows[..., :fmt.k_dim], precision="highest")
+        s_tgrc = jnp.einsum("tgrk,tcgk->tgrc", q_tgrk, rows[..., : fmt.k_dim], precision="highest")
         vis = vis_tc[:, None, None, :]
         m_new = jnp.maximum(m_tgr, jnp.max(jnp.where(vis, s_tgrc, NEG_INF), axis=-1))
         p_tgrc = jnp.where(vis, jnp.exp(s_tgrc - m_new[..., None]), 0.0)
         corr = jnp.exp(m_tgr - m_new)
-        values = rows[..., fmt.v_offset:fmt.v_offset + fmt.v_dim]
+        values = rows[..., fmt.v_offset : fmt.v_offset + fmt.v_dim]
         acc_tgrv = acc_tgrv * corr[..., None] + jnp.einsum("tgrc,tcgv->tgrv", p_tgrc, values, precision="highest")
         return m_new, l_tgr * corr + jnp.sum(p_tgrc, axis=-1), acc_tgrv
 
     r = h // g
-    init = (jnp.full((t, g, r), NEG_INF, jnp.float32), jnp.zeros((t, g, r), jnp.float32),
-            jnp.zeros((t, g, r, fmt.v_dim), jnp.float32))
+    init = (
+        jnp.full((t, g, r), NEG_INF, jnp.float32),
+        jnp.zeros((t, g, r), jnp.float32),
+        jnp.zeros((t, g, r, fmt.v_dim), jnp.float32),
+    )
     carry = init
     for i in range(blocks_total):  # unrolled: a while loop would carry (and XLA copy) the whole pool
         carry = jax.lax.cond(i < steps, lambda c, i=i: body(i, c), lambda c: c, carry)

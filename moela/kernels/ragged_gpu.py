@@ -139,12 +139,24 @@ def _load_rows(pool_ref, layer, page_k, offset_k, head, piece: _Piece):
 
 def _dot(a, b, b_contract: int, precision):
     """a @ b (b_contract 0) or a @ bᵀ (1) accumulated in float32 (``pl.dot`` is gone after jax 0.11)."""
-    return jax.lax.dot_general(a, b, (((1,), (b_contract,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(
+        a, b, (((1,), (b_contract,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
-def _kernel(kv_lens_ref, page_table_ref, cu_q_lens_ref, first_ref, last_ref, scalars_ref, q_ref, pool_ref, o_ref,
-            *lse_ref, geo: _Geometry):
+def _kernel(
+    kv_lens_ref,
+    page_table_ref,
+    cu_q_lens_ref,
+    first_ref,
+    last_ref,
+    scalars_ref,
+    q_ref,
+    pool_ref,
+    o_ref,
+    *lse_ref,
+    geo: _Geometry,
+):
     i, program_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     head = jax.lax.div(program_head, geo.chunks)  # the kv head
     num_seqs, layer = scalars_ref[0], scalars_ref[1]
@@ -201,8 +213,11 @@ def _kernel(kv_lens_ref, page_table_ref, cu_q_lens_ref, first_ref, last_ref, sca
 
         return jax.lax.fori_loop(0, mine, step, carry)
 
-    init = (jnp.full((geo.rows,), NEG_INF, jnp.float32), jnp.zeros((geo.rows,), jnp.float32),
-            tuple(jnp.zeros((geo.rows, piece.padded), jnp.float32) for piece in geo.v_pieces))
+    init = (
+        jnp.full((geo.rows,), NEG_INF, jnp.float32),
+        jnp.zeros((geo.rows,), jnp.float32),
+        tuple(jnp.zeros((geo.rows, piece.padded), jnp.float32) for piece in geo.v_pieces),
+    )
     last = jnp.minimum(last_ref[i], num_seqs - 1)
     m_r, l_r, accs = jax.lax.fori_loop(first_ref[i], last + 1, sequence, init)
     inv_r = 1.0 / jnp.maximum(l_r, 1e-30)  # l = 0 (nothing seen): acc = 0, out 0
@@ -224,8 +239,9 @@ def _geometry(t, h, g, seqs, dtype, page_size, max_pos, scale, fmt: RowFormat, b
     programs = -(-t // bt) * g * (rp // rh)
     splits = blocks.kv_splits or min(16, pow2(-(-512 // programs)))
     splits = min(splits, -(-max_pos // bk))
-    return _Geometry(bt, rh, rp // rh, bk, splits, page_size, float(scale), k_pieces, v_pieces,
-                     jnp.dtype(dtype) == jnp.float32)
+    return _Geometry(
+        bt, rh, rp // rh, bk, splits, page_size, float(scale), k_pieces, v_pieces, jnp.dtype(dtype) == jnp.float32
+    )
 
 
 def _block_spans(cu_q_lens_s1, num_seqs, nq: int, bt: int):
@@ -245,13 +261,25 @@ def _spread(x_tgrd, pieces: tuple[_Piece, ...], base: int):
     """[..., d] columns [start - base, + width) of each piece at its padded place."""
     parts = []
     for piece in pieces:
-        part = x_tgrd[..., piece.start - base:piece.start - base + piece.width]
+        part = x_tgrd[..., piece.start - base : piece.start - base + piece.width]
         parts.append(jnp.pad(part, [(0, 0)] * (x_tgrd.ndim - 1) + [(0, piece.padded - piece.width)]))
     return jnp.concatenate(parts, axis=-1)
 
 
-def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *,
-                           scale: float, fmt: RowFormat, interpret: bool = False, blocks: BlockSizes | None = None):
+def ragged_paged_attention(
+    q_thk,
+    pool_lnpgw,
+    kv_lens_s,
+    page_table_sm,
+    cu_q_lens_s1,
+    num_seqs,
+    layer,
+    *,
+    scale: float,
+    fmt: RowFormat,
+    interpret: bool = False,
+    blocks: BlockSizes | None = None,
+):
     """-> out [T, H, v_dim] in q's dtype. Arguments as ``kernels.paged.ragged_paged_attention``
     (num_seqs and layer int32 scalars); ``interpret`` runs the kernel in the Pallas interpreter."""
     blocks = blocks or BlockSizes()
@@ -282,18 +310,24 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
         out_specs = tile(v_width)
         out_shape = jax.ShapeDtypeStruct((programs, rows, v_width), q_thk.dtype)
     else:  # float32 parts and their log-sum-exps, merged below
-        out_specs = [pl.BlockSpec((None, None, geo.rows, v_width), lambda i, c, sp: (sp, c, i, 0)),
-                     pl.BlockSpec((None, None, geo.rows), lambda i, c, sp: (sp, c, i))]
-        out_shape = [jax.ShapeDtypeStruct((geo.splits, programs, rows, v_width), jnp.float32),
-                     jax.ShapeDtypeStruct((geo.splits, programs, rows), jnp.float32)]
+        out_specs = [
+            pl.BlockSpec((None, None, geo.rows, v_width), lambda i, c, sp: (sp, c, i, 0)),
+            pl.BlockSpec((None, None, geo.rows), lambda i, c, sp: (sp, c, i)),
+        ]
+        out_shape = [
+            jax.ShapeDtypeStruct((geo.splits, programs, rows, v_width), jnp.float32),
+            jax.ShapeDtypeStruct((geo.splits, programs, rows), jnp.float32),
+        ]
     warps = blocks.num_warps or (8 if geo.rows * v_width >= 32768 else 4)
     out_rows = pl.pallas_call(
         functools.partial(_kernel, geo=geo),
         grid=(nq, programs, geo.splits),
         in_specs=[whole(x) for x in metadata] + [tile(k_width), whole(pool_lnpgw)],
-        out_specs=out_specs, out_shape=out_shape,
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=pltriton.CompilerParams(num_warps=warps, num_stages=blocks.num_stages),
-        interpret=interpret, name="moela_ragged_paged_attention",
+        interpret=interpret,
+        name="moela_ragged_paged_attention",
     )(*metadata, q_rows, pool_lnpgw)
     if geo.splits > 1:
         part_xcrv, lse_xcr = out_rows
@@ -303,6 +337,6 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
 
     out_tgrv = out_rows.reshape(g, geo.chunks, tp, geo.rh, v_width).transpose(2, 0, 1, 3, 4)
     out_tgrv = out_tgrv.reshape(tp, g, rp, v_width)
-    parts = [out_tgrv[..., piece.at:piece.at + piece.width] for piece in geo.v_pieces]
+    parts = [out_tgrv[..., piece.at : piece.at + piece.width] for piece in geo.v_pieces]
     out_tgrv = jnp.concatenate(parts, axis=-1)[:t, :, :r]
     return out_tgrv.reshape(t, h, fmt.v_dim)

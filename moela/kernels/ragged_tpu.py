@@ -98,8 +98,25 @@ class _Dims:
         return self.pages_per_block * self.page_size
 
 
-def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last_ref,  # scalar prefetch (SMEM)
-            q_ref, pool_ref, o_ref, buf_ref, sem_ref, m_ref, l_ref, acc_ref, *, d: _Dims):
+def _kernel(
+    kv_lens_ref,
+    pages_ref,
+    cu_ref,
+    nseq_ref,
+    layer_ref,
+    first_ref,
+    last_ref,  # scalar prefetch (SMEM)
+    q_ref,
+    pool_ref,
+    o_ref,
+    buf_ref,
+    sem_ref,
+    m_ref,
+    l_ref,
+    acc_ref,
+    *,
+    d: _Dims,
+):
     i = pl.program_id(0)
     fmt, c = d.fmt, d.keys
     num_seqs = jnp.minimum(nseq_ref[0], d.seqs)
@@ -118,6 +135,7 @@ def _kernel(kv_lens_ref, pages_ref, cu_ref, nseq_ref, layer_ref, first_ref, last
         """Start (or wait for) the copies of kv block j of sequence s: its pages below ``end``."""
         n_pages = jnp.minimum(div(end + d.page_size - 1, d.page_size) - j * d.pages_per_block, d.pages_per_block)
         for p in range(d.pages_per_block):
+
             @pl.when(p < n_pages)
             def _copy():
                 entry = jnp.minimum(s * d.max_pages + j * d.pages_per_block + p, d.seqs * d.max_pages - 1)
@@ -205,8 +223,20 @@ def _overlaps(cu_q_lens_s1, num_seqs, nq: int, bq: int):
     return first, last
 
 
-def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_lens_s1, num_seqs, layer, *,
-                           scale: float, fmt: RowFormat, interpret: bool = False, blocks: BlockSizes | None = None):
+def ragged_paged_attention(
+    q_thk,
+    pool_lnpgw,
+    kv_lens_s,
+    page_table_sm,
+    cu_q_lens_s1,
+    num_seqs,
+    layer,
+    *,
+    scale: float,
+    fmt: RowFormat,
+    interpret: bool = False,
+    blocks: BlockSizes | None = None,
+):
     """-> out [T, H, v_dim] in q's dtype. ``num_seqs`` and ``layer`` are int32 scalars (traced is fine)."""
     blocks = blocks or BlockSizes()
     t, h, k = q_thk.shape
@@ -225,23 +255,37 @@ def ragged_paged_attention(q_thk, pool_lnpgw, kv_lens_s, page_table_sm, cu_q_len
     num_seqs = jnp.asarray(num_seqs, jnp.int32).reshape(1)
     layer = jnp.clip(jnp.asarray(layer, jnp.int32), 0, pool.shape[0] - 1).reshape(1)
     first, last = _overlaps(cu_q_lens_s1.astype(jnp.int32), num_seqs[0], nq, bq)
-    scalars = (kv_lens_s.astype(jnp.int32), page_table_sm.astype(jnp.int32).reshape(-1),
-               cu_q_lens_s1.astype(jnp.int32), num_seqs, layer, first, last)
+    scalars = (
+        kv_lens_s.astype(jnp.int32),
+        page_table_sm.astype(jnp.int32).reshape(-1),
+        cu_q_lens_s1.astype(jnp.int32),
+        num_seqs,
+        layer,
+        first,
+        last,
+    )
 
     def q_map(i, *refs):
         return 0, i, 0
 
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(scalars), grid=(nq,),
+        num_scalar_prefetch=len(scalars),
+        grid=(nq,),
         in_specs=[pl.BlockSpec((g, d.rows, k), q_map), pl.BlockSpec(memory_space=pl.ANY)],
         out_specs=pl.BlockSpec((g, d.rows, fmt.v_dim), q_map),
-        scratch_shapes=[pltpu.VMEM((2, d.keys, *page_shape[1:]), pool.dtype), pltpu.SemaphoreType.DMA((2,)),
-                        pltpu.VMEM((g, d.rows, LANES), jnp.float32), pltpu.VMEM((g, d.rows, LANES), jnp.float32),
-                        pltpu.VMEM((g, d.rows, fmt.v_dim), jnp.float32)])
+        scratch_shapes=[
+            pltpu.VMEM((2, d.keys, *page_shape[1:]), pool.dtype),
+            pltpu.SemaphoreType.DMA((2,)),
+            pltpu.VMEM((g, d.rows, LANES), jnp.float32),
+            pltpu.VMEM((g, d.rows, LANES), jnp.float32),
+            pltpu.VMEM((g, d.rows, fmt.v_dim), jnp.float32),
+        ],
+    )
     mode = pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()) if interpret else contextlib.nullcontext()
     with mode:
         out = pl.pallas_call(
-            functools.partial(_kernel, d=d), grid_spec=grid_spec,
+            functools.partial(_kernel, d=d),
+            grid_spec=grid_spec,
             out_shape=jax.ShapeDtypeStruct((g, tp * r, fmt.v_dim), q_thk.dtype),
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
             name="moela_ragged_paged_attention",

@@ -25,8 +25,7 @@ def attention_mask(t: int, s: int, *, causal: bool, q_segment_ids=None, kv_segme
     return mask
 
 
-def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True,
-              q_segment_ids=None, kv_segment_ids=None):
+def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_segment_ids=None, kv_segment_ids=None):
     """Softmax attention in float32. Returns (out [B, T, H, V] in q's dtype, lse [B, H, T])."""
     b, t, h, _ = q_bthk.shape
     s, g = k_bsgk.shape[1], k_bsgk.shape[2]

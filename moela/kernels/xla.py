@@ -122,8 +122,11 @@ def _gradients(qh, kh, vh, do, out, lse, d_lse, q_seg, kv_seg, scale, causal):
 
 def _public_grads(q, k, v, dq, dk, dv):
     """Head-major float32 gradients back to the callers' layouts and dtypes."""
-    return (dq.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype),
-            dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype))
+    return (
+        dq.transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype),
+        dk.transpose(0, 2, 1, 3).astype(k.dtype),
+        dv.transpose(0, 2, 1, 3).astype(v.dtype),
+    )
 
 
 def _split_heads(x_bthv, g):
@@ -144,8 +147,7 @@ def _bwd(scale, causal, residuals, cotangents):
 _attention.defvjp(_fwd, _bwd)
 
 
-def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_segment_ids=None,
-              kv_segment_ids=None):
+def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_segment_ids=None, kv_segment_ids=None):
     """Returns (out [B, T, H, V] in q's dtype, lse [B, H, T]); see ``kernels.reference``."""
     h, g = q_bthk.shape[2], k_bsgk.shape[2]
     if h % g:
@@ -155,8 +157,20 @@ def attention(q_bthk, k_bsgk, v_bsgv, *, scale: float, causal: bool = True, q_se
     return _attention(q_bthk, k_bsgk, v_bsgv, q_segment_ids, kv_segment_ids, float(scale), bool(causal))
 
 
-def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scale: float, causal: bool = True,
-                  q_segment_ids=None, kv_segment_ids=None, d_lse_bht=None):
+def attention_bwd(
+    q_bthk,
+    k_bsgk,
+    v_bsgv,
+    out_bthv,
+    lse_bht,
+    d_out_bthv,
+    *,
+    scale: float,
+    causal: bool = True,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    d_lse_bht=None,
+):
     """(dq, dk, dv) of one attention block in the inputs' dtypes; see ``kernels.attention_bwd``."""
     h, g = q_bthk.shape[2], k_bsgk.shape[2]
     if h % g:
@@ -167,6 +181,17 @@ def attention_bwd(q_bthk, k_bsgk, v_bsgv, out_bthv, lse_bht, d_out_bthv, *, scal
     lse = lse_bht.astype(jnp.float32).reshape(b, g, h // g, t)
     d_lse = jnp.zeros_like(lse) if d_lse_bht is None else d_lse_bht.astype(jnp.float32).reshape(lse.shape)
     qh, kh, vh = _head_major(q_bthk, k_bsgk, v_bsgv)
-    grads = _gradients(qh, kh, vh, _split_heads(d_out_bthv, g), _split_heads(out_bthv, g), lse, d_lse,
-                       q_segment_ids, kv_segment_ids, float(scale), bool(causal))
+    grads = _gradients(
+        qh,
+        kh,
+        vh,
+        _split_heads(d_out_bthv, g),
+        _split_heads(out_bthv, g),
+        lse,
+        d_lse,
+        q_segment_ids,
+        kv_segment_ids,
+        float(scale),
+        bool(causal),
+    )
     return _public_grads(q_bthk, k_bsgk, v_bsgv, *grads)

@@ -80,8 +80,9 @@ class MLA(nnx.Module):
         k_pe_btp = Rotary.apply(project(x_btd, self._w(self.wk_pe)), cos, sin)
         return c_btr, k_pe_btp
 
-    def __call__(self, x_btd, cos, sin, segment_ids_bt=None, *, rt: Runtime = Runtime(),
-                 cache: PagedCache | None = None, layer=0):
+    def __call__(
+        self, x_btd, cos, sin, segment_ids_bt=None, *, rt: Runtime = Runtime(), cache: PagedCache | None = None, layer=0
+    ):
         x_btd = x_btd.astype(self.compute_dtype)
         q_nope, q_pe = self.queries(x_btd, cos, sin)
         c_btr, k_pe_btp = self.latent(x_btd, cos, sin)
@@ -93,8 +94,9 @@ class MLA(nnx.Module):
         k_pe_bthp = jnp.broadcast_to(k_pe_btp[:, :, None, :], k_pe_btp.shape[:2] + (h, k_pe_btp.shape[-1]))
         q_bthk = jnp.concatenate([q_nope, q_pe], axis=-1)
         k_bthk = jnp.concatenate([k_nope_bthk, k_pe_bthp], axis=-1)
-        out_bthv = rt.partitioner.attention(q_bthk, k_bthk, v_bthv, segment_ids_bt, scale=self.scale,
-                                            backend=rt.config.attention, kv_heads="act_heads")
+        out_bthv = rt.partitioner.attention(
+            q_bthk, k_bthk, v_bthv, segment_ids_bt, scale=self.scale, backend=rt.config.attention, kv_heads="act_heads"
+        )
         return project(out_bthv, self._w(self.wo), contract=2), None
 
     def _absorbed(self, q_nope_thn, q_pe_thp, c_tr, k_pe_tp, rt: Runtime, cache: PagedCache, layer):
@@ -103,8 +105,9 @@ class MLA(nnx.Module):
         q_lat_thr = jnp.einsum("thn,rhn->thr", q_nope_thn, self._w(self.w_uk))
         q_thw = jnp.concatenate([q_lat_thr, q_pe_thp.astype(q_lat_thr.dtype)], axis=-1)
         fmt = RowFormat.mla(self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim)
-        out_thr = rt.partitioner.paged_attention(q_thw, cache, layer, scale=self.scale, fmt=fmt,
-                                                 backend=rt.config.paged_attention)
+        out_thr = rt.partitioner.paged_attention(
+            q_thw, cache, layer, scale=self.scale, fmt=fmt, backend=rt.config.paged_attention
+        )
         out_thv = jnp.einsum("thr,rhv->thv", out_thr.astype(q_lat_thr.dtype), self._w(self.w_uv))
         return project(out_thv, self._w(self.wo), contract=2)[None], cache
 
@@ -123,8 +126,9 @@ class GQA(nnx.Module):
         self.scale = softmax_scale(rope, k)
         self.compute_dtype = dtype(ctx.compute_dtype)
 
-    def __call__(self, x_btd, cos, sin, segment_ids_bt=None, *, rt: Runtime = Runtime(),
-                 cache: PagedCache | None = None, layer=0):
+    def __call__(
+        self, x_btd, cos, sin, segment_ids_bt=None, *, rt: Runtime = Runtime(), cache: PagedCache | None = None, layer=0
+    ):
         cd = self.compute_dtype
         x_btd = x_btd.astype(cd)
         q_bthk = Rotary.apply(project(x_btd, self.wq[...].astype(cd)), cos, sin)
@@ -132,12 +136,24 @@ class GQA(nnx.Module):
         v_btgk = project(x_btd, self.wv[...].astype(cd))
         if cache is not None:
             cache = cache.write(jnp.concatenate([k_btgk[0], v_btgk[0]], axis=-1), layer)
-            out_thk = rt.partitioner.paged_attention(q_bthk[0], cache, layer, scale=self.scale,
-                                                     fmt=RowFormat.gqa(self.cfg.head_dim),
-                                                     backend=rt.config.paged_attention)
+            out_thk = rt.partitioner.paged_attention(
+                q_bthk[0],
+                cache,
+                layer,
+                scale=self.scale,
+                fmt=RowFormat.gqa(self.cfg.head_dim),
+                backend=rt.config.paged_attention,
+            )
             return project(out_thk.astype(cd), self.wo[...].astype(cd), contract=2)[None], cache
-        out_bthk = rt.partitioner.attention(q_bthk, k_btgk, v_btgk, segment_ids_bt, scale=self.scale,
-                                            backend=rt.config.attention, kv_heads="act_kv_heads")
+        out_bthk = rt.partitioner.attention(
+            q_bthk,
+            k_btgk,
+            v_btgk,
+            segment_ids_bt,
+            scale=self.scale,
+            backend=rt.config.attention,
+            kv_heads="act_kv_heads",
+        )
         return project(out_bthk, self.wo[...].astype(cd), contract=2), None
 
 

@@ -31,12 +31,12 @@ CACHE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 class PagedCache:
     """One step's view of the cache::
 
-        pool         [L, N, P, G, W]  every layer's rows
-        slots        [T]              where each packed token's row goes (page · P + offset; -1: padding)
-        kv_lens      [S]              cache length per sequence, this step's tokens included
-        page_table   [S, M]           each sequence's pages, in order
-        cu_q_lens    [S + 1]          sequence s owns packed tokens cu_q_lens[s] : cu_q_lens[s + 1]
-        num_seqs     []               sequences in use (the rest of S is padding)
+    pool         [L, N, P, G, W]  every layer's rows
+    slots        [T]              where each packed token's row goes (page · P + offset; -1: padding)
+    kv_lens      [S]              cache length per sequence, this step's tokens included
+    page_table   [S, M]           each sequence's pages, in order
+    cu_q_lens    [S + 1]          sequence s owns packed tokens cu_q_lens[s] : cu_q_lens[s + 1]
+    num_seqs     []               sequences in use (the rest of S is padding)
     """
 
     pool: jax.Array

@@ -51,16 +51,19 @@ def save_params(directory: str | Path, cfg: Config, params: Any, step: int = 0) 
 def load_config(directory: str | Path) -> Config:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"'{directory}' is not a moela checkpoint directory: {CONFIG_FILE} is missing "
-                              "(write one with `python -m moela.model.hf_import` or train.py)")
+        raise CheckpointError(
+            f"'{directory}' is not a moela checkpoint directory: {CONFIG_FILE} is missing "
+            "(write one with `python -m moela.model.hf_import` or train.py)"
+        )
     try:
         return load_json(path)
     except ConfigError as e:
         raise CheckpointError(f"'{path}' holds an invalid config: {e}") from None
 
 
-def load_model(directory: str | Path, step: int | None = None,
-               partitioner: Partitioner = ONE_DEVICE) -> tuple[Config, Decoder]:
+def load_model(
+    directory: str | Path, step: int | None = None, partitioner: Partitioner = ONE_DEVICE
+) -> tuple[Config, Decoder]:
     """Restore (config, model) from the latest (or the given) step, without a random init.
 
     Under a mesh's partitioner (``moela.parallel.layout.Layout``) every variable is read straight

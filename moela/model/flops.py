@@ -51,9 +51,16 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal_halving: boo
         "lm_head": 6 * head_params,
     }
     total = sum(parts.values())
-    return {**parts, "total": total, "forward_total": total // 3, "deepseek_m": total - parts["lm_head"],
-            "six_n_active": 6 * (counts["active"] - counts["embedding"] + (head_params if cfg.tie_embeddings else 0)),
-            "seq_len": seq_len, "causal_halving": causal_halving, "convention": CONVENTION}
+    return {
+        **parts,
+        "total": total,
+        "forward_total": total // 3,
+        "deepseek_m": total - parts["lm_head"],
+        "six_n_active": 6 * (counts["active"] - counts["embedding"] + (head_params if cfg.tie_embeddings else 0)),
+        "seq_len": seq_len,
+        "causal_halving": causal_halving,
+        "convention": CONVENTION,
+    }
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
@@ -81,9 +88,19 @@ def param_summary(cfg: Config | ModelConfig, seq_len: int | None = None) -> dict
     n1 = (full["total"] - full["attention_scores"]) // 6 - head
     m = full["total"] - full["lm_head"]
     return {
-        "total": counts["total"], "active": counts["active"], "embedding": counts["embedding"], "lm_head": head,
-        "non_embedding": counts["non_embedding"], "active_non_embedding": counts["active_non_embedding"],
-        "n1": n1, "n2": n1 + head, "deepseek_m": m, "six_n1_over_m": 6 * n1 / m, "six_n2_over_m": 6 * (n1 + head) / m,
-        "flops_per_token": causal["total"], "n_6nd": causal["total"] / 6,
-        "seq_len": seq_len, "convention": SCALING_CONVENTION,
+        "total": counts["total"],
+        "active": counts["active"],
+        "embedding": counts["embedding"],
+        "lm_head": head,
+        "non_embedding": counts["non_embedding"],
+        "active_non_embedding": counts["active_non_embedding"],
+        "n1": n1,
+        "n2": n1 + head,
+        "deepseek_m": m,
+        "six_n1_over_m": 6 * n1 / m,
+        "six_n2_over_m": 6 * (n1 + head) / m,
+        "flops_per_token": causal["total"],
+        "n_6nd": causal["total"] / 6,
+        "seq_len": seq_len,
+        "convention": SCALING_CONVENTION,
     }

@@ -57,10 +57,14 @@ def rope_from_hf(hf: dict) -> RopeConfig:
         return RopeConfig(theta=theta)
     _need(kind == "yarn", f"rope type {kind!r} is not supported; supported: default, yarn")
     return RopeConfig(
-        theta=theta, scaling="yarn", factor=float(params["factor"]),
+        theta=theta,
+        scaling="yarn",
+        factor=float(params["factor"]),
         original_max_position=int(params["original_max_position_embeddings"]),
-        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
-        mscale=float(params.get("mscale") or 0.0), mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
         truncate=bool(params.get("truncate", True)),
     )
 
@@ -70,22 +74,38 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict:
     ``config_from_hf`` on what the benchmarks build: the same shapes, run by both)."""
     a, e = cfg.attention, cfg.moe
     return dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, moe_intermediate_size=e.d_ff,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=a.num_heads, num_key_value_heads=a.num_heads,
-        n_shared_experts=e.num_shared_experts, n_routed_experts=e.num_experts, kv_lora_rank=a.kv_lora_rank,
-        q_lora_rank=a.q_lora_rank or None, qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
-        qk_nope_head_dim=a.qk_nope_head_dim, n_group=e.n_group, topk_group=e.topk_group,
-        num_experts_per_tok=e.experts_per_token, first_k_dense_replace=cfg.first_k_dense,
-        routed_scaling_factor=e.routed_scaling_factor, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope.theta},
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        moe_intermediate_size=e.d_ff,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_heads,
+        n_shared_experts=e.num_shared_experts,
+        n_routed_experts=e.num_experts,
+        kv_lora_rank=a.kv_lora_rank,
+        q_lora_rank=a.q_lora_rank or None,
+        qk_rope_head_dim=a.qk_rope_head_dim,
+        v_head_dim=a.v_head_dim,
+        qk_nope_head_dim=a.qk_nope_head_dim,
+        n_group=e.n_group,
+        topk_group=e.topk_group,
+        num_experts_per_tok=e.experts_per_token,
+        first_k_dense_replace=cfg.first_k_dense,
+        routed_scaling_factor=e.routed_scaling_factor,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope.theta},
     )
 
 
 def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
     """A moela ModelConfig equal to a HF DeepSeek-V2/V3 ``config.json``; refuses what it cannot map."""
     model_type = hf.get("model_type")
-    _need(model_type in ("deepseek_v2", "deepseek_v3"),
-          f"config.json model_type {model_type!r} is not supported; supported: deepseek_v2, deepseek_v3")
+    _need(
+        model_type in ("deepseek_v2", "deepseek_v3"),
+        f"config.json model_type {model_type!r} is not supported; supported: deepseek_v2, deepseek_v3",
+    )
     v3 = model_type == "deepseek_v3"
     _need(hf.get("hidden_act", "silu") == "silu", f"hidden_act {hf.get('hidden_act')!r} unsupported; supported: silu")
     _need(not hf.get("attention_bias", False), "attention_bias=true is unsupported; supported: false")
@@ -94,12 +114,16 @@ def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
     scoring = hf.get("scoring_func", "sigmoid" if v3 else "softmax")
     _need(scoring in ("sigmoid", "softmax"), f"scoring_func {scoring!r} unsupported; supported: sigmoid, softmax")
     topk_method = hf.get("topk_method", "noaux_tc" if v3 else "greedy")
-    _need(topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
-          f"topk_method {topk_method!r} unsupported; supported: noaux_tc, greedy, group_limited_greedy")
+    _need(
+        topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
+        f"topk_method {topk_method!r} unsupported; supported: noaux_tc, greedy, group_limited_greedy",
+    )
     quant = hf.get("quantization_config")
     if quant:
-        _need(quant.get("quant_method") == "fp8" and list(quant.get("weight_block_size", [])) == [128, 128],
-              f"quantization_config {quant} unsupported; supported: fp8 with weight_block_size [128, 128]")
+        _need(
+            quant.get("quant_method") == "fp8" and list(quant.get("weight_block_size", [])) == [128, 128],
+            f"quantization_config {quant} unsupported; supported: fp8 with weight_block_size [128, 128]",
+        )
     n_experts = int(hf.get("n_routed_experts") or 0)
     n_group = int(hf.get("n_group") or 1) if topk_method != "greedy" else 1
     topk_group = int(hf.get("topk_group") or 1) if topk_method != "greedy" else 1
@@ -107,21 +131,35 @@ def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
         stored = str(hf.get("torch_dtype", hf.get("dtype")))
         dtype = "bfloat16" if stored in ("bfloat16", "float8_e4m3fn") else "float32"
     model = ModelConfig(
-        vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), num_layers=int(hf["num_hidden_layers"]),
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["hidden_size"]),
+        num_layers=int(hf["num_hidden_layers"]),
         first_k_dense=min(int(hf.get("first_k_dense_replace") or 0), int(hf["num_hidden_layers"])),
-        d_ff=int(hf["intermediate_size"]), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), init_std=float(hf.get("initializer_range", 0.02)),
-        param_dtype=dtype, compute_dtype=dtype, max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        d_ff=int(hf["intermediate_size"]),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        param_dtype=dtype,
+        compute_dtype=dtype,
+        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
         attention=AttentionConfig(
-            kind="mla", num_heads=int(hf["num_attention_heads"]), q_lora_rank=int(hf.get("q_lora_rank") or 0),
-            kv_lora_rank=int(hf["kv_lora_rank"]), qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
-            qk_rope_head_dim=int(hf["qk_rope_head_dim"]), v_head_dim=int(hf["v_head_dim"]),
+            kind="mla",
+            num_heads=int(hf["num_attention_heads"]),
+            q_lora_rank=int(hf.get("q_lora_rank") or 0),
+            kv_lora_rank=int(hf["kv_lora_rank"]),
+            qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
+            qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
+            v_head_dim=int(hf["v_head_dim"]),
         ),
         rope=rope_from_hf(hf),
         moe=MoEConfig(
-            num_experts=n_experts, experts_per_token=int(hf.get("num_experts_per_tok") or 1),
-            num_shared_experts=int(hf.get("n_shared_experts") or 0), d_ff=int(hf.get("moe_intermediate_size") or 1),
-            n_group=n_group, topk_group=topk_group, score_func=scoring,
+            num_experts=n_experts,
+            experts_per_token=int(hf.get("num_experts_per_tok") or 1),
+            num_shared_experts=int(hf.get("n_shared_experts") or 0),
+            d_ff=int(hf.get("moe_intermediate_size") or 1),
+            n_group=n_group,
+            topk_group=topk_group,
+            score_func=scoring,
             group_score="top2_sum" if v3 else "max",
             # HF's DeepSeek-V2 never renormalises the top-k weights; V3 follows the flag.
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)) if v3 else False,
@@ -181,7 +219,7 @@ def block_rules(interleaved: bool) -> list[tuple[re.Pattern, Callable | None]]:
 
     ``None`` marks names whose target depends on the match (MLP and expert projections).
     """
-    t = lambda path: (lambda w, cfg: {path: w.T})  # noqa: E731
+    t = lambda path: lambda w, cfg: {path: w.T}  # noqa: E731
     rules = [
         (r"input_layernorm\.weight", lambda w, cfg: {"attn_norm.scale": w}),
         (r"post_attention_layernorm\.weight", lambda w, cfg: {"ffn_norm.scale": w}),
@@ -192,8 +230,10 @@ def block_rules(interleaved: bool) -> list[tuple[re.Pattern, Callable | None]]:
         (r"self_attn\.kv_a_proj_with_mqa\.weight", lambda w, cfg: _kv_a(w, cfg, interleaved)),
         (r"self_attn\.kv_a_layernorm\.weight", lambda w, cfg: {"attn.kv_norm.scale": w}),
         (r"self_attn\.kv_b_proj\.weight", _kv_b),
-        (r"self_attn\.o_proj\.weight",
-         lambda w, cfg: {"attn.wo": w.T.reshape(cfg.attention.num_heads, -1, w.shape[0])}),
+        (
+            r"self_attn\.o_proj\.weight",
+            lambda w, cfg: {"attn.wo": w.T.reshape(cfg.attention.num_heads, -1, w.shape[0])},
+        ),
         (r"mlp\.(gate|up|down)_proj\.weight", None),  # dense MLP, handled by name below
         (r"mlp\.shared_experts\.(gate|up|down)_proj\.weight", None),
         (r"mlp\.gate\.weight", t("ffn.router.w")),
@@ -241,16 +281,19 @@ class Importer:
         slot = self._slot(path)
         expected = slot[index].shape
         if tuple(value.shape) != expected:
-            raise UnsupportedCheckpoint(f"shape mismatch for '{path}{list(index)}': checkpoint {value.shape}, "
-                                        f"moela expects {expected}")
+            raise UnsupportedCheckpoint(
+                f"shape mismatch for '{path}{list(index)}': checkpoint {value.shape}, moela expects {expected}"
+            )
         slot[index] = value.astype(slot.dtype)
         self.filled[path] = self.filled.get(path, 0) + int(np.prod(value.shape))
 
     def add(self, name: str, w: np.ndarray) -> None:
         cfg = self.cfg
-        top = {"model.embed_tokens.weight": ("embed.table", lambda w: w),
-               "model.norm.weight": ("final_norm.scale", lambda w: w),
-               "lm_head.weight": ("lm_head.w", lambda w: w.T)}
+        top = {
+            "model.embed_tokens.weight": ("embed.table", lambda w: w),
+            "model.norm.weight": ("final_norm.scale", lambda w: w),
+            "lm_head.weight": ("lm_head.w", lambda w: w.T),
+        }
         if name in top:
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 return
@@ -295,8 +338,11 @@ class Importer:
 
     def finish(self) -> dict:
         """The filled pure-dict state; every tensor must have been written (router biases may default to 0)."""
-        missing = [p for p in self.targets
-                   if self.filled.get(p, 0) < int(np.prod(self._spec(p).shape)) and not p.endswith("router.bias")]
+        missing = [
+            p
+            for p in self.targets
+            if self.filled.get(p, 0) < int(np.prod(self._spec(p).shape)) and not p.endswith("router.bias")
+        ]
         if missing:
             raise UnsupportedCheckpoint(f"the checkpoint lacks {len(missing)} moela tensors, e.g. {missing[:5]}")
         for path, (parent, key) in self.targets.items():
@@ -322,12 +368,14 @@ def iter_tensors(src: Path):
             yield name, w
 
 
-def import_checkpoint(src: str | Path, out: str | Path, dtype: str | None = None, log=print,
-                      overwrite: bool = False) -> Config:
+def import_checkpoint(
+    src: str | Path, out: str | Path, dtype: str | None = None, log=print, overwrite: bool = False
+) -> Config:
     src, out = Path(src), Path(out)
     if (out / "config.json").exists() and not overwrite:
-        raise UnsupportedCheckpoint(f"'{out}' already holds a moela checkpoint; choose another OUT_DIR "
-                                    "or pass --overwrite to replace it")
+        raise UnsupportedCheckpoint(
+            f"'{out}' already holds a moela checkpoint; choose another OUT_DIR or pass --overwrite to replace it"
+        )
     try:
         hf = json.loads((src / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -357,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moela.model.hf_import", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="Hugging Face checkpoint dir (config.json + *.safetensors)")
     parser.add_argument("out", help="moela checkpoint dir to write")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="parameter dtype (default: the checkpoint's: bfloat16 for bf16/fp8, else float32)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="parameter dtype (default: the checkpoint's: bfloat16 for bf16/fp8, else float32)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing moela checkpoint in OUT_DIR")
     args = parser.parse_args(argv)
     try:

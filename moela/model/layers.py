@@ -39,9 +39,9 @@ def project(x, w, *, contract: int = 1, preferred_element_type=None):
     bitcast, so every projection in the model goes through here.
     """
     c_shape, o_shape = w.shape[:contract], w.shape[contract:]
-    if x.shape[x.ndim - contract:] != c_shape:
+    if x.shape[x.ndim - contract :] != c_shape:
         raise ValueError(f"cannot contract x {x.shape} with w {w.shape} over {contract} dim(s)")
-    lead = x.shape[:x.ndim - contract]
+    lead = x.shape[: x.ndim - contract]
     k = math.prod(c_shape)
     y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
     return y.reshape(lead + o_shape)

@@ -22,8 +22,10 @@ from moela.model.checkpoint import CheckpointError, load_model
 
 def compute_logits(model, tokens_bt: np.ndarray, batch_size: int = 8) -> np.ndarray:
     forward = nnx.jit(lambda m, t: m(t)[0])
-    out = [np.asarray(forward(model, jnp.asarray(tokens_bt[i:i + batch_size], jnp.int32)))
-           for i in range(0, len(tokens_bt), batch_size)]
+    out = [
+        np.asarray(forward(model, jnp.asarray(tokens_bt[i : i + batch_size], jnp.int32)))
+        for i in range(0, len(tokens_bt), batch_size)
+    ]
     return np.concatenate(out, axis=0).astype(np.float32)
 
 

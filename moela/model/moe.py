@@ -36,8 +36,9 @@ class RouterBias(nnx.Variable):
 class Router(nnx.Module):
     def __init__(self, cfg: MoEConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.w = param(rngs, (ctx.d_model, cfg.num_experts), ("embed", "expert"), ctx.init_std, ctx.param_dtype)
-        self.bias = RouterBias(jnp.zeros((cfg.num_experts,), jnp.float32), out_sharding=("expert",),
-                               eager_sharding=False)
+        self.bias = RouterBias(
+            jnp.zeros((cfg.num_experts,), jnp.float32), out_sharding=("expert",), eager_sharding=False
+        )
         self.cfg = cfg
 
     def __call__(self, x_td):
@@ -104,8 +105,9 @@ class RoutedExperts(nnx.Module):
     def __call__(self, x_td, weights_tk, ids_tk, *, rt: Runtime = Runtime()):
         """Dropless: every (token, expert) pair is computed. x [..., D] -> y [..., D]. The
         partitioner runs them expert-parallel when its mesh splits the experts."""
-        return rt.partitioner.routed_experts(x_td.astype(self.compute_dtype), weights_tk, ids_tk, *self.weights(),
-                                             runtime=rt.config)
+        return rt.partitioner.routed_experts(
+            x_td.astype(self.compute_dtype), weights_tk, ids_tk, *self.weights(), runtime=rt.config
+        )
 
     def serve(self, x_td, weights_tk, ids_tk, real_t, *, rt: Runtime = Runtime()):
         """A serving step's tokens x [T, D] (padding: ``real_t`` False, routed nowhere) -> y [T, D]."""
@@ -118,8 +120,7 @@ class RoutedExperts(nnx.Module):
 
         if t * cfg.experts_per_token > CAPACITY_PAIRS_PER_EXPERT * cfg.num_experts:  # capacity cannot pay
             return by_groups(args)
-        return jax.lax.cond(capacity_pays(jnp.sum(real_t), cfg), lambda a: grouped.capacity_swiglu(*a), by_groups,
-                            args)
+        return jax.lax.cond(capacity_pays(jnp.sum(real_t), cfg), lambda a: grouped.capacity_swiglu(*a), by_groups, args)
 
 
 class MoE(nnx.Module):
@@ -135,8 +136,9 @@ class MoE(nnx.Module):
     def __call__(self, x_btd, segment_ids_bt=None, *, rt: Runtime = Runtime(), inference: bool = False):
         weights_btk, ids_btk, scores_bte = self.router(x_btd)
         valid_bt = jnp.ones(x_btd.shape[:2], bool) if segment_ids_bt is None else segment_ids_bt != 0
-        load_e = jnp.sum(jax.nn.one_hot(ids_btk, self.cfg.num_experts, dtype=jnp.float32)
-                         * valid_bt[..., None, None], axis=(0, 1, 2))
+        load_e = jnp.sum(
+            jax.nn.one_hot(ids_btk, self.cfg.num_experts, dtype=jnp.float32) * valid_bt[..., None, None], axis=(0, 1, 2)
+        )
         if inference:  # one serving step: B = 1, packed tokens
             y_td = self.experts.serve(x_btd[0], weights_btk[0], ids_btk[0], valid_bt[0], rt=rt)
             y_btd = y_td[None].astype(x_btd.dtype)

@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moela.model.params", description="parameter counts of a config")
     _, cfg = config_from_cli(parser, argv)
     counts = count_params(cfg.model)
-    print(f"{cfg.name}: {cfg.model.num_layers} layers ({cfg.model.num_dense_layers} dense, "
-          f"{cfg.model.num_moe_layers} MoE), d_model {cfg.model.d_model}, {cfg.model.attention.kind} attention")
+    print(
+        f"{cfg.name}: {cfg.model.num_layers} layers ({cfg.model.num_dense_layers} dense, "
+        f"{cfg.model.num_moe_layers} MoE), d_model {cfg.model.d_model}, {cfg.model.attention.kind} attention"
+    )
     for key in (*PARTS, "total", "active", "non_embedding", "active_non_embedding"):
         print(f"  {key:<22}{counts[key]:>18,}  {human(counts[key]):>9}")
     print(json.dumps({"config": cfg.name, **counts}))

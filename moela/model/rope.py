@@ -53,7 +53,7 @@ def cos_sin_scale(rope: RopeConfig) -> float:
 
 def softmax_scale(rope: RopeConfig, qk_head_dim: int) -> float:
     """1/sqrt(K), times mscale(factor, mscale_all_dim)**2 under YaRN (DeepSeek's correction)."""
-    scale = qk_head_dim ** -0.5
+    scale = qk_head_dim**-0.5
     if rope.scaling == "yarn" and rope.mscale_all_dim:
         scale *= yarn_mscale(rope.factor, rope.mscale_all_dim) ** 2
     return scale

@@ -47,18 +47,44 @@ class Partitioner:
     def attention(self, q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, scale: float, backend: str, kv_heads: str):
         """Causal self-attention out [B, T, H, V] (``kernels.attention``); ``kv_heads`` is the
         logical name of k/v's head axis (MLA's expanded heads are ``act_heads``)."""
-        return kernels.attention(q_bthk, k_bsgk, v_bsgv, scale=scale, causal=True, q_segment_ids=segment_ids_bt,
-                                 kv_segment_ids=segment_ids_bt, backend=backend)[0]
+        return kernels.attention(
+            q_bthk,
+            k_bsgk,
+            v_bsgv,
+            scale=scale,
+            causal=True,
+            q_segment_ids=segment_ids_bt,
+            kv_segment_ids=segment_ids_bt,
+            backend=backend,
+        )[0]
 
     def paged_attention(self, q_thk, cache, layer, *, scale: float, fmt: paged.RowFormat, backend: str):
         """Attention of packed queries over the paged cache (``kernels.paged.ragged_paged_attention``)."""
-        return paged.ragged_paged_attention(q_thk, cache.pool, cache.kv_lens, cache.page_table, cache.cu_q_lens,
-                                            cache.num_seqs, layer, scale=scale, fmt=fmt, backend=backend)
+        return paged.ragged_paged_attention(
+            q_thk,
+            cache.pool,
+            cache.kv_lens,
+            cache.page_table,
+            cache.cu_q_lens,
+            cache.num_seqs,
+            layer,
+            scale=scale,
+            fmt=fmt,
+            backend=backend,
+        )
 
     def routed_experts(self, x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, *, runtime: RuntimeConfig):
         """Dropless routed experts (``kernels.grouped.routed_swiglu``): y [..., D] of x [..., D]."""
-        return grouped.routed_swiglu(x, weights, ids, w_gate_edf, w_up_edf, w_down_efd,
-                                     backend=runtime.grouped_matmul, block=runtime.grouped_block_rows)
+        return grouped.routed_swiglu(
+            x,
+            weights,
+            ids,
+            w_gate_edf,
+            w_up_edf,
+            w_down_efd,
+            backend=runtime.grouped_matmul,
+            block=runtime.grouped_block_rows,
+        )
 
     def sharding(self, names: tuple[str | None, ...]) -> Any | None:
         """Where an array with these logical axes lives (a ``jax.sharding.Sharding``), or None: on

@@ -17,9 +17,18 @@ import ml_dtypes
 import numpy as np
 
 DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 
 
@@ -55,7 +64,7 @@ class SafetensorsFile:
         if self._mm is None:
             self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
         begin, end = meta["data_offsets"]
-        raw = self._mm[self._base + begin: self._base + end]
+        raw = self._mm[self._base + begin : self._base + end]
         return raw.view(DTYPES[meta["dtype"]]).reshape(meta["shape"])
 
 

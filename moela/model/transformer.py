@@ -53,8 +53,9 @@ class Block(nnx.Module):
         self.ffn = MoE(cfg.moe, ctx, rngs=rngs) if moe else SwiGLU(cfg.d_ff, ctx, rngs=rngs)
         self.moe = moe
 
-    def __call__(self, x_btd, cos, sin, segment_ids_bt, *, rt: Runtime = Runtime(),
-                 cache: PagedCache | None = None, layer=0):
+    def __call__(
+        self, x_btd, cos, sin, segment_ids_bt, *, rt: Runtime = Runtime(), cache: PagedCache | None = None, layer=0
+    ):
         """(x [B, T, D], MoE stats, cache)."""
         x_btd = rt.constrain(x_btd, RESIDUAL)
         a_btd, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids_bt, rt=rt, cache=cache, layer=layer)
@@ -78,8 +79,17 @@ def stacked_blocks(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> B
     return make(rngs)
 
 
-def run_blocks(blocks: Block | nnx.List, x_btd, cos, sin, segment_ids_bt, *, rt: Runtime,
-               cache: PagedCache | None = None, first_layer: int = 0):
+def run_blocks(
+    blocks: Block | nnx.List,
+    x_btd,
+    cos,
+    sin,
+    segment_ids_bt,
+    *,
+    rt: Runtime,
+    cache: PagedCache | None = None,
+    first_layer: int = 0,
+):
     """Run blocks in order: stacked ones with one scan, a list (the serving layout) unrolled.
     Returns (x, per-layer stats stacked [L, ...], cache); layer i of the cache is
     ``first_layer + i``."""
@@ -91,6 +101,7 @@ def run_blocks(blocks: Block | nnx.List, x_btd, cos, sin, segment_ids_bt, *, rt:
         return x_btd, jax.tree.map(lambda *a: jnp.stack(a), *stats), cache
     graphdef, state = nnx.split(blocks)
     if cache is None:
+
         def body(x, layer_state):
             x, stats, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids_bt, rt=rt)
             return x, stats
@@ -103,8 +114,9 @@ def run_blocks(blocks: Block | nnx.List, x_btd, cos, sin, segment_ids_bt, *, rt:
     def cached_body(carry, layer_input):
         x, c = carry
         layer_state, i = layer_input
-        x, stats, c = nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids_bt, rt=rt, cache=c,
-                                                        layer=first_layer + i)
+        x, stats, c = nnx.merge(graphdef, layer_state)(
+            x, cos, sin, segment_ids_bt, rt=rt, cache=c, layer=first_layer + i
+        )
         return (x, c), stats
 
     count = jax.tree.leaves(state)[0].shape[0]
@@ -131,8 +143,7 @@ class Decoder(nnx.Module):
         self.dense_blocks = self._blocks(False, cfg.num_dense_layers, rngs, serving_layout)
         self.moe_blocks = self._blocks(True, cfg.num_moe_layers, rngs, serving_layout)
         self.final_norm = RMSNorm(cfg.d_model, cfg.ctx, rngs=rngs)
-        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.vocab_size, cfg.ctx, rows=serving_layout,
-                                                              rngs=rngs)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.vocab_size, cfg.ctx, rows=serving_layout, rngs=rngs)
 
     def _blocks(self, moe: bool, count: int, rngs: nnx.Rngs, serving_layout: bool):
         if not count:
@@ -141,8 +152,9 @@ class Decoder(nnx.Module):
             return nnx.List([Block(self.cfg, moe, rngs=rngs) for _ in range(count)])
         return stacked_blocks(self.cfg, moe, count, rngs)
 
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *,
-                 rt: Runtime = Runtime()) -> tuple[jax.Array, dict[str, Any]]:
+    def __call__(
+        self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, rt: Runtime = Runtime()
+    ) -> tuple[jax.Array, dict[str, Any]]:
         x_btd, aux = self.features(tokens_bt, positions_bt, segment_ids_bt, rt=rt)
         return self.logits(x_btd), aux
 
@@ -157,8 +169,9 @@ class Decoder(nnx.Module):
             return self.embed.table[...], "nd"
         return self.lm_head.w[...], ("nd" if self.lm_head.rows else "dn")
 
-    def features(self, tokens_bt, positions_bt=None, segment_ids_bt=None, *,
-                 rt: Runtime = Runtime()) -> tuple[jax.Array, dict[str, Any]]:
+    def features(
+        self, tokens_bt, positions_bt=None, segment_ids_bt=None, *, rt: Runtime = Runtime()
+    ) -> tuple[jax.Array, dict[str, Any]]:
         """The final-normed hidden states [B, T, D] the LM head reads, and ``aux``.
 
         Training feeds them to ``training.losses.head_loss`` with ``output_weight()``, which never
@@ -176,8 +189,9 @@ class Decoder(nnx.Module):
             x_btd = rt.constrain(x_btd[:, np.argsort(order)], RESIDUAL)
         return x_btd, aux
 
-    def serve_step(self, tokens_t, positions_t, cache: PagedCache, last_index_s, *,
-                   rt: Runtime = Runtime()) -> tuple[jax.Array, PagedCache]:
+    def serve_step(
+        self, tokens_t, positions_t, cache: PagedCache, last_index_s, *, rt: Runtime = Runtime()
+    ) -> tuple[jax.Array, PagedCache]:
         """One serving step over a packed ragged batch (decode tokens, prefill chunks, whole
         prompts, one sequence after another): tokens and positions [T], the cache view of the
         step, and the packed index of each sequence's last token [S]. Returns (logits [S, N]
@@ -194,8 +208,16 @@ class Decoder(nnx.Module):
         if self.dense_blocks is not None:
             x_btd, _, cache = run_blocks(self.dense_blocks, x_btd, cos, sin, segment_ids_bt, rt=rt, cache=cache)
         if self.moe_blocks is not None:
-            x_btd, stats, cache = run_blocks(self.moe_blocks, x_btd, cos, sin, segment_ids_bt, rt=rt, cache=cache,
-                                             first_layer=self.cfg.num_dense_layers)
+            x_btd, stats, cache = run_blocks(
+                self.moe_blocks,
+                x_btd,
+                cos,
+                sin,
+                segment_ids_bt,
+                rt=rt,
+                cache=cache,
+                first_layer=self.cfg.num_dense_layers,
+            )
             aux = {"expert_load": stats["load"], "aux_loss": jnp.sum(stats["aux_loss"])}
         return x_btd, aux, cache
 

@@ -30,8 +30,10 @@ def _int(environ, name: str) -> int:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise DistributedConfigError(f"{COORDINATOR} is set, so {name} must be an integer too (got {value!r}); "
-                                     f"set {NUM_PROCESSES} and {PROCESS_ID} for every process") from None
+        raise DistributedConfigError(
+            f"{COORDINATOR} is set, so {name} must be an integer too (got {value!r}); "
+            f"set {NUM_PROCESSES} and {PROCESS_ID} for every process"
+        ) from None
 
 
 def distributed_args(environ=None) -> dict | None:
@@ -44,8 +46,13 @@ def distributed_args(environ=None) -> dict | None:
         return {"coordinator_address": environ[COORDINATOR], "num_processes": n, "process_id": i}
     many = lambda name: int(environ.get(name, "1") or "1") > 1  # noqa: E731
     tpu_hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-    if (environ.get("MOELA_DISTRIBUTED") == "1" or environ.get("JAX_COORDINATOR_ADDRESS") or many("SLURM_NTASKS")
-            or many("OMPI_COMM_WORLD_SIZE") or len(tpu_hosts) > 1):
+    if (
+        environ.get("MOELA_DISTRIBUTED") == "1"
+        or environ.get("JAX_COORDINATOR_ADDRESS")
+        or many("SLURM_NTASKS")
+        or many("OMPI_COMM_WORLD_SIZE")
+        or len(tpu_hosts) > 1
+    ):
         return {}
     return None
 

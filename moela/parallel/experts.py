@@ -59,6 +59,7 @@ from moela.kernels.registry import ANY, Backends
 from moela.parallel.ring import shift
 from moela.parallel.rules import ShardingRuleError, check_divisible
 
+
 @dataclasses.dataclass(frozen=True)
 class ExpertAxes:
     """The mesh axes (None: not split) of the experts E, their hidden dim F, and the tokens'
@@ -82,8 +83,9 @@ def _ring_experts(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block)
 
 def _own_experts(axis, e_local, backend, block):
     first = jax.lax.axis_index(axis) * e_local
-    return lambda x, w, ids, wg, wu, wd: routed_swiglu(x, w, ids, wg, wu, wd, backend=backend, block=block,
-                                                       first_expert=first)
+    return lambda x, w, ids, wg, wu, wd: routed_swiglu(
+        x, w, ids, wg, wu, wd, backend=backend, block=block, first_expert=first
+    )
 
 
 def _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block):
@@ -101,8 +103,10 @@ def _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block)
 
 
 def _ring_fwd(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block):
-    return (_ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block),
-            (x_md, w_mk, ids_mk, wg, wu, wd))
+    return (
+        _ring_forward(x_md, w_mk, ids_mk, wg, wu, wd, axis, e_local, backend, block),
+        (x_md, w_mk, ids_mk, wg, wu, wd),
+    )
 
 
 def _ring_bwd(axis, e_local, backend, block, residuals, dy_md):
@@ -148,8 +152,20 @@ def _by_gather(x, w, ids, wg, wu, wd, *, axis, e_local, backend, block):
 DISPATCH = Backends("expert dispatch", {"ring": _by_ring, "gather": _by_gather}, auto={ANY: "ring"})
 
 
-def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd, *, mesh: Mesh,
-                           axes: ExpertAxes, backend: str = "auto", block: int = 128, dispatch: str = "auto"):
+def expert_parallel_swiglu(
+    x_md,
+    weights_mk,
+    ids_mk,
+    w_gate_edf,
+    w_up_edf,
+    w_down_efd,
+    *,
+    mesh: Mesh,
+    axes: ExpertAxes,
+    backend: str = "auto",
+    block: int = 128,
+    dispatch: str = "auto",
+):
     """Dropless routed experts, split over mesh axis ``axes.expert``. Same contract as
     ``kernels.grouped.routed_swiglu`` on the global arrays: x [B, T, D] or [M, D] -> y of x's
     shape, split like x."""
@@ -158,8 +174,10 @@ def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_dow
     if ex is None:
         raise ShardingRuleError("expert_parallel_swiglu needs experts split over a mesh axis (axes.expert)")
     if mlp is not None and mlp in tokens:
-        raise ShardingRuleError(f"'mlp' and the tokens are both split over mesh axis '{mlp}': the F-partial "
-                                "sums of different tokens cannot be added")
+        raise ShardingRuleError(
+            f"'mlp' and the tokens are both split over mesh axis '{mlp}': the F-partial "
+            "sums of different tokens cannot be added"
+        )
     mesh_shape = dict(mesh.shape)
     w_in, w_out = P(ex, None, mlp), P(ex, mlp, None)
     if x_md.ndim == 3:  # [B, T, D]: batch and length keep their own axes
@@ -168,8 +186,10 @@ def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_dow
     else:
         tok = P(tokens or None, None)
         if x_md.shape[0] % math.prod(mesh_shape[a] for a in tokens):
-            raise ShardingRuleError(f"{x_md.shape[0]} token rows cannot be split over mesh axes {tokens} "
-                                    f"({[mesh_shape[a] for a in tokens]} devices)")
+            raise ShardingRuleError(
+                f"{x_md.shape[0]} token rows cannot be split over mesh axes {tokens} "
+                f"({[mesh_shape[a] for a in tokens]} devices)"
+            )
     check_divisible(w_gate_edf.shape, w_in, mesh_shape, "routed expert weights W_gate/W_up")
     check_divisible(w_down_efd.shape, w_out, mesh_shape, "routed expert weights W_down")
     e_local = w_gate_edf.shape[0] // mesh_shape[ex]
@@ -192,5 +212,6 @@ def expert_parallel_swiglu(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_dow
         y = y if mlp is None else jax.lax.psum(y, mlp)  # the F-partial down-projections
         return y.reshape(lead + y.shape[-1:])
 
-    return jax.shard_map(island, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
-                         check_vma=True)(x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd)
+    return jax.shard_map(island, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok, check_vma=True)(
+        x_md, weights_mk, ids_mk, w_gate_edf, w_up_edf, w_down_efd
+    )

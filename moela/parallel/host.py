@@ -29,8 +29,14 @@ from pathlib import Path
 
 ENV = "MOELA_ALLOCATOR"
 _DONE = "MOELA_ALLOCATOR_APPLIED"
-_TCMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu",
-                  "/usr/lib64", "/usr/lib", "/usr/local/lib")
+_TCMALLOC_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
 _TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 
 
@@ -61,8 +67,10 @@ def allocator_env(environ: dict[str, str]) -> dict[str, str] | None:
         env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))  # no "large alloc" chatter
         return env
     if choice == "tcmalloc":
-        raise SystemExit(f"error: {ENV}=tcmalloc but no tcmalloc library was found in {', '.join(_TCMALLOC_DIRS)}; "
-                         "install libtcmalloc-minimal4 or use MOELA_ALLOCATOR=hugepages")
+        raise SystemExit(
+            f"error: {ENV}=tcmalloc but no tcmalloc library was found in {', '.join(_TCMALLOC_DIRS)}; "
+            "install libtcmalloc-minimal4 or use MOELA_ALLOCATOR=hugepages"
+        )
     tunables = environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables:
         return None

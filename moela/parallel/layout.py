@@ -61,10 +61,16 @@ class Layout(Partitioner):
         return ring.zigzag_permutation(length, n) if n > 1 else None
 
     def attention(self, q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, scale: float, backend: str, kv_heads: str):
-        axes = ring.AttentionAxes(batch=self.axis("batch"), length=self.axis("length"), heads=self.axis("act_heads"),
-                                  kv_heads=self.axis(kv_heads), kv_heads_name=kv_heads)
-        return ring.sharded_attention(q_bthk, k_bsgk, v_bsgv, segment_ids_bt, mesh=self.mesh, axes=axes, scale=scale,
-                                      backend=backend)
+        axes = ring.AttentionAxes(
+            batch=self.axis("batch"),
+            length=self.axis("length"),
+            heads=self.axis("act_heads"),
+            kv_heads=self.axis(kv_heads),
+            kv_heads_name=kv_heads,
+        )
+        return ring.sharded_attention(
+            q_bthk, k_bsgk, v_bsgv, segment_ids_bt, mesh=self.mesh, axes=axes, scale=scale, backend=backend
+        )
 
     def paged_attention(self, q_thk, cache, layer, *, scale: float, fmt: paged.RowFormat, backend: str):
         """Under GSPMD for the reference; one kernel call per tensor-parallel shard of the query heads
@@ -79,20 +85,38 @@ class Layout(Partitioner):
         def local(q, pool, *meta):
             return paged.ragged_paged_attention(q, pool, *meta, scale=scale, fmt=fmt, backend=backend)
 
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(q_spec, pool_spec) + (PartitionSpec(),) * len(meta),
-                             out_specs=q_spec, check_vma=False)(q_thk, cache.pool, *meta)
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(q_spec, pool_spec) + (PartitionSpec(),) * len(meta),
+            out_specs=q_spec,
+            check_vma=False,
+        )(q_thk, cache.pool, *meta)
 
     def routed_experts(self, x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, *, runtime):
         if self.axis("expert") is None:
             return super().routed_experts(x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, runtime=runtime)
         if self.axis("embed") is not None:
-            raise ShardingRuleError("routed experts split over both 'expert' and 'embed' (D) are not supported: "
-                                    "expert parallelism keeps D whole (the fsdp strategies leave 'expert' unsplit)")
-        axes = experts.ExpertAxes(expert=self.axis("expert"), mlp=self.axis("mlp"), batch=self.axis("batch"),
-                                  length=self.axis("length"))
-        return experts.expert_parallel_swiglu(x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, mesh=self.mesh,
-                                              axes=axes, backend=runtime.grouped_matmul,
-                                              block=runtime.grouped_block_rows, dispatch=runtime.expert_dispatch)
+            raise ShardingRuleError(
+                "routed experts split over both 'expert' and 'embed' (D) are not supported: "
+                "expert parallelism keeps D whole (the fsdp strategies leave 'expert' unsplit)"
+            )
+        axes = experts.ExpertAxes(
+            expert=self.axis("expert"), mlp=self.axis("mlp"), batch=self.axis("batch"), length=self.axis("length")
+        )
+        return experts.expert_parallel_swiglu(
+            x,
+            weights,
+            ids,
+            w_gate_edf,
+            w_up_edf,
+            w_down_efd,
+            mesh=self.mesh,
+            axes=axes,
+            backend=runtime.grouped_matmul,
+            block=runtime.grouped_block_rows,
+            dispatch=runtime.expert_dispatch,
+        )
 
     def shardings(self, abstract_state):
         return state_shardings(abstract_state, self)
@@ -131,9 +155,15 @@ def sharding_report(state: nnx.State, layout: Layout) -> list[dict]:
         names = variable_names(var)
         spec = layout.spec(names)
         check_divisible(var.shape, spec, mesh_shape, "parameter " + "/".join(map(str, path)))
-        rows.append({"path": "/".join(map(str, path)), "shape": tuple(var.shape), "names": names,
-                     "spec": tuple(spec) + (None,) * (len(var.shape) - len(spec)),
-                     "bytes_per_device": bytes_per_device(var.shape, var.dtype, spec, mesh_shape)})
+        rows.append(
+            {
+                "path": "/".join(map(str, path)),
+                "shape": tuple(var.shape),
+                "names": names,
+                "spec": tuple(spec) + (None,) * (len(var.shape) - len(spec)),
+                "bytes_per_device": bytes_per_device(var.shape, var.dtype, spec, mesh_shape),
+            }
+        )
     return rows
 
 

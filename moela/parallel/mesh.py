@@ -27,8 +27,10 @@ def describe_devices(devices: Sequence[jax.Device]) -> str:
     ids = sorted(d.id for d in devices)
     shown = f"{ids[0]}-{ids[-1]}" if ids == list(range(ids[0], ids[0] + len(ids))) else ", ".join(map(str, ids[:16]))
     hosts = len({d.process_index for d in devices})
-    return f"{len(devices)} {devices[0].platform} devices (ids {shown}{' ...' if len(ids) > 16 else ''}, " \
-           f"{hosts} process{'es' if hosts > 1 else ''})"
+    return (
+        f"{len(devices)} {devices[0].platform} devices (ids {shown}{' ...' if len(ids) > 16 else ''}, "
+        f"{hosts} process{'es' if hosts > 1 else ''})"
+    )
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int, devices: Sequence[jax.Device] | None = None) -> tuple[int, ...]:
@@ -44,8 +46,10 @@ def mesh_shape(cfg: MeshConfig, num_devices: int, devices: Sequence[jax.Device] 
         sizes[sizes.index(-1)] = num_devices // known
     if math.prod(sizes) != num_devices:
         present = describe_devices(devices) if devices else f"{num_devices} devices"
-        raise MeshError(f"mesh ({requested}) needs {math.prod(sizes)} devices but {num_devices} are present: "
-                        f"{present}; make the sizes multiply to {num_devices} or set one of them to -1")
+        raise MeshError(
+            f"mesh ({requested}) needs {math.prod(sizes)} devices but {num_devices} are present: "
+            f"{present}; make the sizes multiply to {num_devices} or set one of them to -1"
+        )
     return tuple(sizes)
 
 
@@ -64,8 +68,9 @@ def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
         from jax.experimental import mesh_utils
 
         if shape[0] % slices:
-            raise MeshError(f"mesh data={shape[0]} must be a multiple of the {slices} slices: only the data axis "
-                            "crosses slices")
+            raise MeshError(
+                f"mesh data={shape[0]} must be a multiple of the {slices} slices: only the data axis crosses slices"
+            )
         grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices, 1, 1), devices)
         return Mesh(grid, AXES, axis_types=auto)
     return jax.make_mesh(shape, AXES, axis_types=auto, devices=devices)

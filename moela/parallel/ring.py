@@ -94,13 +94,15 @@ def _forward(q, k, v, q_seg, kv_seg, scale, axis_name, backend):
     i = jax.lax.axis_index(axis_name)
 
     def earlier(out, lse, k, v, kv_seg):  # src < i: all local queries x first kv chunk
-        o, o_lse = attend(q, k[:, :c], v[:, :c], causal=False, q_segment_ids=q_seg,
-                          kv_segment_ids=_cut(kv_seg, slice(c)))
+        o, o_lse = attend(
+            q, k[:, :c], v[:, :c], causal=False, q_segment_ids=q_seg, kv_segment_ids=_cut(kv_seg, slice(c))
+        )
         return _merge(out, lse, o, o_lse)
 
     def later(out, lse, k, v, kv_seg):  # src > i: second query chunk x all kv
-        o, o_lse = attend(q[:, c:], k, v, causal=False, q_segment_ids=_cut(q_seg, slice(c, None)),
-                          kv_segment_ids=kv_seg)
+        o, o_lse = attend(
+            q[:, c:], k, v, causal=False, q_segment_ids=_cut(q_seg, slice(c, None)), kv_segment_ids=kv_seg
+        )
         o, o_lse = _merge(out[:, c:], lse[..., c:], o, o_lse)
         return jnp.concatenate([out[:, :c], o], axis=1), jnp.concatenate([lse[..., :c], o_lse], axis=-1)
 
@@ -126,21 +128,46 @@ def _ring_bwd(scale, axis_name, backend, residuals, cotangents):
     d_out, d_lse = cotangents
     grad = partial(kernels.attention_bwd, scale=scale, backend=backend)
     f32 = lambda *xs: tuple(x.astype(jnp.float32) for x in xs)
-    dq, dk, dv = f32(*grad(q, k, v, out, lse, d_out, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                           d_lse_bht=d_lse))
+    dq, dk, dv = f32(
+        *grad(q, k, v, out, lse, d_out, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg, d_lse_bht=d_lse)
+    )
     n, c = jax.lax.axis_size(axis_name), q.shape[1] // 2
     if n > 1:
         i = jax.lax.axis_index(axis_name)
         tail = slice(c, None)
 
         def earlier(dq, dk, dv, k, v, kv_seg):  # src < i: all local queries x first kv chunk
-            gq, gk, gv = f32(*grad(q, k[:, :c], v[:, :c], out, lse, d_out, causal=False, q_segment_ids=q_seg,
-                                   kv_segment_ids=_cut(kv_seg, slice(c)), d_lse_bht=d_lse))
+            gq, gk, gv = f32(
+                *grad(
+                    q,
+                    k[:, :c],
+                    v[:, :c],
+                    out,
+                    lse,
+                    d_out,
+                    causal=False,
+                    q_segment_ids=q_seg,
+                    kv_segment_ids=_cut(kv_seg, slice(c)),
+                    d_lse_bht=d_lse,
+                )
+            )
             return dq + gq, dk.at[:, :c].add(gk), dv.at[:, :c].add(gv)
 
         def later(dq, dk, dv, k, v, kv_seg):  # src > i: second query chunk x all kv
-            gq, gk, gv = f32(*grad(q[:, tail], k, v, out[:, tail], lse[..., tail], d_out[:, tail], causal=False,
-                                   q_segment_ids=_cut(q_seg, tail), kv_segment_ids=kv_seg, d_lse_bht=d_lse[..., tail]))
+            gq, gk, gv = f32(
+                *grad(
+                    q[:, tail],
+                    k,
+                    v,
+                    out[:, tail],
+                    lse[..., tail],
+                    d_out[:, tail],
+                    causal=False,
+                    q_segment_ids=_cut(q_seg, tail),
+                    kv_segment_ids=kv_seg,
+                    d_lse_bht=d_lse[..., tail],
+                )
+            )
             return dq.at[:, tail].add(gq), dk + gk, dv + gv
 
         kv = (k, v, kv_seg)
@@ -154,8 +181,9 @@ def _ring_bwd(scale, axis_name, backend, residuals, cotangents):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def ring_attention(q_bthk, k_bsgk, v_bsgv, q_seg_bt=None, kv_seg_bt=None, *, scale: float, axis_name: str,
-                   backend: str = "auto"):
+def ring_attention(
+    q_bthk, k_bsgk, v_bsgv, q_seg_bt=None, kv_seg_bt=None, *, scale: float, axis_name: str, backend: str = "auto"
+):
     """Causal (+ segment) attention of zig-zag sharded sequences; call inside ``shard_map``.
 
     Local shapes: q [B, T, H, K], k [B, T, G, K], v [B, T, G, V], segment ids [B, T] (both or
@@ -167,8 +195,10 @@ def ring_attention(q_bthk, k_bsgk, v_bsgv, q_seg_bt=None, kv_seg_bt=None, *, sca
     if (q_seg_bt is None) != (kv_seg_bt is None):
         raise ValueError("pass both q_seg_bt and kv_seg_bt, or neither")
     if q_bthk.shape[1] != k_bsgk.shape[1] or q_bthk.shape[1] % 2:
-        raise ValueError(f"ring attention needs equal, even local q and kv lengths (two zig-zag chunks), got "
-                         f"{q_bthk.shape[1]} and {k_bsgk.shape[1]}")
+        raise ValueError(
+            f"ring attention needs equal, even local q and kv lengths (two zig-zag chunks), got "
+            f"{q_bthk.shape[1]} and {k_bsgk.shape[1]}"
+        )
     return _ring(q_bthk, k_bsgk, v_bsgv, q_seg_bt, kv_seg_bt, float(scale), axis_name, backend)
 
 
@@ -184,8 +214,9 @@ class AttentionAxes:
     kv_heads_name: str = "act_kv_heads"
 
 
-def sharded_attention(q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, mesh: Mesh, axes: AttentionAxes, scale: float,
-                      backend: str = "auto"):
+def sharded_attention(
+    q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, mesh: Mesh, axes: AttentionAxes, scale: float, backend: str = "auto"
+):
     """Causal self-attention of arrays split over ``mesh`` as ``axes`` say -> out [B, T, H, V].
 
     When ``length`` is not split this is ``kernels.attention``: under GSPMD for ``xla`` and
@@ -197,35 +228,50 @@ def sharded_attention(q_bthk, k_bsgk, v_bsgv, segment_ids_bt, *, mesh: Mesh, axe
     seq = axes.length
     xla = kernels.ATTENTION.resolve(backend) in ("xla", "reference")
     if seq is None and xla:
-        return kernels.attention(q_bthk, k_bsgk, v_bsgv, scale=scale, causal=True, q_segment_ids=segment_ids_bt,
-                                 kv_segment_ids=segment_ids_bt, backend=backend)[0]
+        return kernels.attention(
+            q_bthk,
+            k_bsgk,
+            v_bsgv,
+            scale=scale,
+            causal=True,
+            q_segment_ids=segment_ids_bt,
+            kv_segment_ids=segment_ids_bt,
+            backend=backend,
+        )[0]
     b, t = q_bthk.shape[:2]
     batch, heads, kv_heads = axes.batch, axes.heads, axes.kv_heads
     if heads != kv_heads and not (kv_heads is None and k_bsgk.shape[2] == 1):
-        raise ValueError(f"query heads are split over {heads!r} but kv heads ({axes.kv_heads_name}) over "
-                         f"{kv_heads!r}: each device's query heads would not match its kv heads")
+        raise ValueError(
+            f"query heads are split over {heads!r} but kv heads ({axes.kv_heads_name}) over "
+            f"{kv_heads!r}: each device's query heads would not match its kv heads"
+        )
     q_spec, kv_spec, seg_spec = P(batch, seq, heads, None), P(batch, seq, kv_heads, None), P(batch, seq)
     if seq is None:  # a Pallas kernel: one call per device on its rows and heads (GSPMD cannot split it)
 
         def local_kernel(q, k, v, *seg):
             seg = seg[0] if seg else None
-            return kernels.attention(q, k, v, scale=scale, causal=True, q_segment_ids=seg, kv_segment_ids=seg,
-                                     backend=backend)[0]
+            return kernels.attention(
+                q, k, v, scale=scale, causal=True, q_segment_ids=seg, kv_segment_ids=seg, backend=backend
+            )[0]
 
         segs = () if segment_ids_bt is None else (segment_ids_bt,)
         in_specs = (q_spec, kv_spec, kv_spec) + (seg_spec,) * len(segs)
-        return jax.shard_map(local_kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec,
-                             check_vma=False)(q_bthk, k_bsgk, v_bsgv, *segs)
+        return jax.shard_map(local_kernel, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
+            q_bthk, k_bsgk, v_bsgv, *segs
+        )
     if segment_ids_bt is None:
         segment_ids_bt = jnp.ones((b, t), jnp.int32)
     n = mesh.shape[seq]
     if t % (2 * n):
-        raise ValueError(f"ring attention over '{seq}' ({n} devices) needs a length divisible by 2*{n} = {2 * n} "
-                         f"(zig-zag chunks), got {t}")
+        raise ValueError(
+            f"ring attention over '{seq}' ({n} devices) needs a length divisible by 2*{n} = {2 * n} "
+            f"(zig-zag chunks), got {t}"
+        )
 
     def local(q, k, v, seg):
         return ring_attention(q, k, v, seg, seg, scale=scale, axis_name=seq, backend=backend)[0]
 
     # pallas_call outputs carry no varying-manual-axes type, so the vma check is off for the kernels
-    return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec,
-                         check_vma=xla)(q_bthk, k_bsgk, v_bsgv, segment_ids_bt)
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, seg_spec), out_specs=q_spec, check_vma=xla
+    )(q_bthk, k_bsgk, v_bsgv, segment_ids_bt)

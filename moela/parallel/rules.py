@@ -41,8 +41,21 @@ from jax.sharding import PartitionSpec
 
 Rules = tuple[tuple[str, str | None], ...]
 
-PARAM_NAMES = ("layers", "embed", "vocab", "mlp", "heads", "kv_heads", "qk", "v", "rope", "q_lora", "kv_lora",
-               "expert", "norm")
+PARAM_NAMES = (
+    "layers",
+    "embed",
+    "vocab",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "qk",
+    "v",
+    "rope",
+    "q_lora",
+    "kv_lora",
+    "expert",
+    "norm",
+)
 ACTIVATION_NAMES = ("batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp")
 
 
@@ -50,8 +63,15 @@ def _table(**mapped: str) -> Rules:
     return tuple((name, mapped.get(name)) for name in PARAM_NAMES + ACTIVATION_NAMES)
 
 
-_TP = dict(heads="tensor", kv_heads="tensor", mlp="tensor", vocab="tensor", act_heads="tensor",
-           act_kv_heads="tensor", act_mlp="tensor")
+_TP = dict(
+    heads="tensor",
+    kv_heads="tensor",
+    mlp="tensor",
+    vocab="tensor",
+    act_heads="tensor",
+    act_kv_heads="tensor",
+    act_mlp="tensor",
+)
 
 STRATEGIES: dict[str, Rules] = {
     "dp": _table(batch="data"),
@@ -100,19 +120,24 @@ def check_rules(rules: Rules, mesh_shape: Mapping[str, int], name: str = "strate
     targets = {axis for _, axis in rules if axis is not None}
     unknown = targets - set(mesh_shape)
     if unknown:
-        raise ShardingRuleError(f"{name} maps onto mesh axes {sorted(unknown)} that the mesh "
-                                f"{dict(mesh_shape)} does not have")
+        raise ShardingRuleError(
+            f"{name} maps onto mesh axes {sorted(unknown)} that the mesh {dict(mesh_shape)} does not have"
+        )
     idle = [axis for axis, size in mesh_shape.items() if size > 1 and axis not in targets]
     if idle:
         users = [s for s, r in STRATEGIES.items() if set(idle) <= {a for _, a in r if a}]
-        raise ShardingRuleError(f"mesh axes {idle} have {[mesh_shape[a] for a in idle]} devices but {name} maps "
-                                f"nothing onto them (they would only hold copies); set them to 1 or choose a "
-                                f"strategy that uses them: {', '.join(users) or 'none'}")
+        raise ShardingRuleError(
+            f"mesh axes {idle} have {[mesh_shape[a] for a in idle]} devices but {name} maps "
+            f"nothing onto them (they would only hold copies); set them to 1 or choose a "
+            f"strategy that uses them: {', '.join(users) or 'none'}"
+        )
 
 
 def check_divisible(shape: tuple[int, ...], spec: PartitionSpec, mesh_shape: Mapping[str, int], what: str) -> None:
     for dim, axis in zip(shape, spec):
         if axis is not None and dim % mesh_shape[axis]:
-            raise ShardingRuleError(f"{what} {shape} cannot be split over mesh axis '{axis}' "
-                                    f"({mesh_shape[axis]} devices): {dim} is not divisible by {mesh_shape[axis]}; "
-                                    "change the mesh or the strategy (mesh.strategy)")
+            raise ShardingRuleError(
+                f"{what} {shape} cannot be split over mesh axis '{axis}' "
+                f"({mesh_shape[axis]} devices): {dim} is not divisible by {mesh_shape[axis]}; "
+                "change the mesh or the strategy (mesh.strategy)"
+            )

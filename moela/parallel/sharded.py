@@ -45,8 +45,9 @@ def optimizer_shardings(tx: optax.GradientTransformation, params: Any, param_sha
     """Shardings of ``tx.init(params)``: moments like their parameters, scalars replicated."""
     abstract = jax.eval_shape(tx.init, params)
     repl = NamedSharding(layout.mesh, PartitionSpec())
-    return optax.tree_map_params(tx, lambda _, sharding: sharding, abstract, param_shardings,
-                                 transform_non_params=lambda _: repl)
+    return optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract, param_shardings, transform_non_params=lambda _: repl
+    )
 
 
 def init_optimizer(tx: optax.GradientTransformation, params: Any, param_shardings: Any, layout: Layout):

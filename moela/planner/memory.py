@@ -72,8 +72,17 @@ from moela.training.step import training_objective
 
 GIB = 2**30
 # Nominal HBM per chip, GiB (as the vendors state them; usable memory is somewhat less).
-CHIPS_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "a100-40gb": 40, "a100-80gb": 80, "h100": 80,
-             "h200": 141, "b200": 180}
+CHIPS_GIB = {
+    "v4": 32,
+    "v5e": 16,
+    "v5p": 95,
+    "v6e": 32,
+    "a100-40gb": 40,
+    "a100-80gb": 80,
+    "h100": 80,
+    "h200": 141,
+    "b200": 180,
+}
 CONVENTION = "bytes per device; GiB = 2**30 bytes; chip capacities are nominal HBM"
 ASSUMPTIONS = (
     "activations: liveness peak, in program order, of one device's gradient jaxpr on its local problem "
@@ -99,9 +108,11 @@ def nbytes(aval) -> int:
 
 def parse_mesh(text: str) -> dict[str, int]:
     """'data=64,tensor=8,sequence=4' -> sizes for ``parallel.mesh.AXES``; an axis left out is 1."""
-    usage = (f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS one of {', '.join(AXES)} "
-             f"(each at most once) and SIZE a positive integer (-1 for one axis with --devices), "
-             "e.g. data=64,tensor=8,sequence=4")
+    usage = (
+        f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS one of {', '.join(AXES)} "
+        f"(each at most once) and SIZE a positive integer (-1 for one axis with --devices), "
+        "e.g. data=64,tensor=8,sequence=4"
+    )
     sizes: dict[str, int] = {}
     for item in text.split(","):
         name, eq, value = item.strip().partition("=")
@@ -141,8 +152,9 @@ def optimizer_state_bytes(cfg: Config, params: nnx.State, layout: Layout) -> int
     def shards(_, var):  # a Variable holding its parameter's shard count, to mirror the moments' structure
         return var.replace(math.prod(mesh_shape[a] for a in layout.spec(variable_names(var)) if a is not None))
 
-    per_leaf = optax.tree_map_params(tx, lambda leaf, n: nbytes(leaf) // n, opt, nnx.map_state(shards, params),
-                                     transform_non_params=nbytes)
+    per_leaf = optax.tree_map_params(
+        tx, lambda leaf, n: nbytes(leaf) // n, opt, nnx.map_state(shards, params), transform_non_params=nbytes
+    )
     return sum(jax.tree.leaves(per_leaf))
 
 
@@ -152,25 +164,35 @@ def local_model_config(cfg: ModelConfig, layout: Layout) -> ModelConfig:
     def split(value: int, name: str, what: str) -> int:
         n = layout.size(name)
         if value % n:
-            raise PlanError(f"{what} = {value} cannot be split over mesh axis '{layout.axis(name)}' ({n} devices): "
-                            "change the mesh or the strategy")
+            raise PlanError(
+                f"{what} = {value} cannot be split over mesh axis '{layout.axis(name)}' ({n} devices): "
+                "change the mesh or the strategy"
+            )
         return value // n
 
     a, e = cfg.attention, cfg.moe
     attention = dataclasses.replace(a, num_heads=split(a.num_heads, "heads", "model.attention.num_heads"))
     if a.kind == "gqa":
-        attention = dataclasses.replace(attention, num_kv_heads=split(a.num_kv_heads, "kv_heads",
-                                                                      "model.attention.num_kv_heads"))
+        attention = dataclasses.replace(
+            attention, num_kv_heads=split(a.num_kv_heads, "kv_heads", "model.attention.num_kv_heads")
+        )
     moe = dataclasses.replace(e, d_ff=split(e.d_ff, "mlp", "model.moe.d_ff")) if e.num_experts else e
-    return dataclasses.replace(cfg, vocab_size=split(cfg.vocab_size, "vocab", "model.vocab_size"),
-                               d_ff=split(cfg.d_ff, "mlp", "model.d_ff"), attention=attention, moe=moe)
+    return dataclasses.replace(
+        cfg,
+        vocab_size=split(cfg.vocab_size, "vocab", "model.vocab_size"),
+        d_ff=split(cfg.d_ff, "mlp", "model.d_ff"),
+        attention=attention,
+        moe=moe,
+    )
 
 
 def local_rows(layout: Layout, batch: int, seq: int, microbatches: int) -> tuple[int, int]:
     rows_split, seq_split = layout.size("batch") * microbatches, layout.size("length")
     if batch % rows_split:
-        raise PlanError(f"batch {batch} is not divisible by data ({layout.size('batch')}) x microbatches "
-                        f"({microbatches}): every device needs whole rows of every microbatch")
+        raise PlanError(
+            f"batch {batch} is not divisible by data ({layout.size('batch')}) x microbatches "
+            f"({microbatches}): every device needs whole rows of every microbatch"
+        )
     if seq % seq_split:
         raise PlanError(f"seq {seq} is not divisible by the sequence axis ({seq_split})")
     return batch // rows_split, seq // seq_split
@@ -178,8 +200,13 @@ def local_rows(layout: Layout, batch: int, seq: int, microbatches: int) -> tuple
 
 def abstract_batch(rows: int, seq: int) -> dict:
     tokens = jax.ShapeDtypeStruct((rows, seq), jnp.int32)
-    return {"inputs": tokens, "targets": tokens, "positions": tokens, "segment_ids": tokens,
-            "loss_mask": jax.ShapeDtypeStruct((rows, seq), jnp.float32)}
+    return {
+        "inputs": tokens,
+        "targets": tokens,
+        "positions": tokens,
+        "segment_ids": tokens,
+        "loss_mask": jax.ShapeDtypeStruct((rows, seq), jnp.float32),
+    }
 
 
 def gradient_jaxpr(cfg: Config, rows: int, seq: int, chunk_tokens: int):
@@ -187,8 +214,9 @@ def gradient_jaxpr(cfg: Config, rows: int, seq: int, chunk_tokens: int):
     graphdef, params, rest = nnx.split(abstract_model(cfg.model), nnx.Param, ...)
 
     def loss(p, r, batch):
-        obj, _, _, aux = training_objective(graphdef, p, r, batch, z_coef=cfg.train.z_loss, chunk_tokens=chunk_tokens,
-                                            rt=Runtime(cfg.runtime))
+        obj, _, _, aux = training_objective(
+            graphdef, p, r, batch, z_coef=cfg.train.z_loss, chunk_tokens=chunk_tokens, rt=Runtime(cfg.runtime)
+        )
         return obj / batch["loss_mask"].size + aux["aux_loss"]
 
     return jax.make_jaxpr(jax.grad(loss))(params, rest, abstract_batch(rows, seq)).jaxpr
@@ -202,17 +230,20 @@ def saved_per_layer(jaxpr, counts: dict[str, int]) -> dict[str, int]:
     the policy saves) as the scan's per-iteration outputs. The forward scans come first, in the
     model's order (dense, then MoE); ``{}`` if the jaxpr does not look like that."""
     kinds = [k for k, n in counts.items() if n]
-    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"][:len(kinds)]
+    scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"][: len(kinds)]
     if [e.params["length"] for e in scans] != [counts[k] for k in kinds]:
         return {}
-    return {k: sum(nbytes(v.aval) for v in e.outvars[e.params["num_carry"]:]) // counts[k]
-            for k, e in zip(kinds, scans)}
+    return {
+        k: sum(nbytes(v.aval) for v in e.outvars[e.params["num_carry"] :]) // counts[k] for k, e in zip(kinds, scans)
+    }
 
 
-_INPLACE = frozenset("""add sub mul div rem neg abs sign exp exp2 log log1p expm1 tanh logistic sqrt rsqrt pow
+_INPLACE = frozenset(
+    """add sub mul div rem neg abs sign exp exp2 log log1p expm1 tanh logistic sqrt rsqrt pow
 integer_pow square max min select_n clamp convert_element_type eq ne lt le gt ge and or not xor is_finite floor
 ceil round erf erf_inv sin cos stop_gradient add_any copy copy_p nextafter shift_left shift_right_logical
-shift_right_arithmetic dynamic_update_slice scatter scatter-add scatter_add""".split())
+shift_right_arithmetic dynamic_update_slice scatter scatter-add scatter_add""".split()
+)
 _VIEWS = frozenset({"reshape", "squeeze", "expand_dims"})  # bitcasts: the output aliases the input
 _FUSED = frozenset({"broadcast_in_dim", "iota"})  # fused into their consumers, never materialised
 _LOOPS = frozenset({"scan", "while"})  # outputs are allocated before the body runs
@@ -294,15 +325,21 @@ def _routed_experts_memory(cfg: ModelConfig, runtime: RuntimeConfig, rows: int, 
     experts; inputs, weight gradients and dx not counted."""
     moe, cd = cfg.moe, jnp.dtype(cfg.compute_dtype)
     k, sds = moe.experts_per_token, jax.ShapeDtypeStruct
-    args = (sds((rows, cfg.d_model), cd), sds((rows, k), jnp.float32), sds((experts, cfg.d_model, moe.d_ff), cd),
-            sds((experts, cfg.d_model, moe.d_ff), cd), sds((experts, moe.d_ff, cfg.d_model), cd))
+    args = (
+        sds((rows, cfg.d_model), cd),
+        sds((rows, k), jnp.float32),
+        sds((experts, cfg.d_model, moe.d_ff), cd),
+        sds((experts, cfg.d_model, moe.d_ff), cd),
+        sds((experts, moe.d_ff, cfg.d_model), cd),
+    )
     ids = sds((rows, k), jnp.int32)
     fresh = []
 
     def forward_backward(ids, *args, residuals=False):
         def fn(x, w, wg, wu, wd):
-            return routed_swiglu(x, w, ids, wg, wu, wd, backend=runtime.grouped_matmul,
-                                 block=runtime.grouped_block_rows)
+            return routed_swiglu(
+                x, w, ids, wg, wu, wd, backend=runtime.grouped_matmul, block=runtime.grouped_block_rows
+            )
 
         if runtime.remat != "none":
             fn = jax.checkpoint(fn, policy=REMAT_POLICIES[runtime.remat], prevent_cse=False)
@@ -353,14 +390,29 @@ def kv_cache_bytes(model: ModelConfig, cache_dtype: str, batch: int, length: int
 
 def gathered_layer_bytes(local: ModelConfig, counts: dict[str, int]) -> int:
     """The largest layer's weights as computed (all-gathered over data) plus its full gradient."""
-    sizes = [sum(nbytes(v) for v in jax.tree.leaves(nnx.state(
-        nnx.eval_shape(lambda moe=kind == "moe": Block(local, moe, rngs=nnx.Rngs(0))), nnx.Param)))
-        for kind, n in counts.items() if n]
+    sizes = [
+        sum(
+            nbytes(v)
+            for v in jax.tree.leaves(
+                nnx.state(nnx.eval_shape(lambda moe=kind == "moe": Block(local, moe, rngs=nnx.Rngs(0))), nnx.Param)
+            )
+        )
+        for kind, n in counts.items()
+        if n
+    ]
     return 2 * max(sizes, default=0)
 
 
-def plan(cfg: Config, mesh: dict[str, int], strategy: str, batch: int, seq: int, serve_batch: int | None = None,
-         serve_len: int | None = None, accelerator: bool = True) -> dict:
+def plan(
+    cfg: Config,
+    mesh: dict[str, int],
+    strategy: str,
+    batch: int,
+    seq: int,
+    serve_batch: int | None = None,
+    serve_len: int | None = None,
+    accelerator: bool = True,
+) -> dict:
     """The plan as a dict: ``bytes`` per device, ``saved_per_layer`` (bytes), shapes and assumptions.
 
     ``accelerator`` plans the TPU/GPU program (``runtime.grouped_matmul`` "auto" means ragged_dot there);
@@ -381,8 +433,9 @@ def plan(cfg: Config, mesh: dict[str, int], strategy: str, batch: int, seq: int,
     # The chunked loss keeps the global batch's chunk count: ~loss_chunk_tokens rows per chunk
     # over all devices, so each device's share is loss_chunk_tokens / (data * sequence).
     split = layout.size("batch") * layout.size("length")
-    jaxpr = gradient_jaxpr(dataclasses.replace(cfg, model=local), rows, tokens,
-                           max(1, train.loss_chunk_tokens // split))
+    jaxpr = gradient_jaxpr(
+        dataclasses.replace(cfg, model=local), rows, tokens, max(1, train.loss_chunk_tokens // split)
+    )
     counts = {"dense": model.num_dense_layers, "moe": model.num_moe_layers}
     saved = saved_per_layer(jaxpr, counts)
     island_saved, island_transient = expert_island_bytes(local, runtime, layout, rows * tokens)
@@ -392,27 +445,45 @@ def plan(cfg: Config, mesh: dict[str, int], strategy: str, batch: int, seq: int,
     b["activations"] = activation_bytes(jaxpr) + b["expert_island"]
     b["activations_saved"] = sum(saved[k] * counts[k] for k in saved)
     b["fsdp_gather"] = gathered_layer_bytes(local, counts) if layout.axis("embed") else 0
-    b["train_total"] = sum(b[k] for k in ("params", "gradients", "grad_accumulator", "optimizer", "activations",
-                                          "fsdp_gather"))
+    b["train_total"] = sum(
+        b[k] for k in ("params", "gradients", "grad_accumulator", "optimizer", "activations", "fsdp_gather")
+    )
     serve_batch = cfg.serve.max_batch if serve_batch is None else serve_batch
     serve_len = seq if serve_len is None else serve_len
     b["kv_cache"] = kv_cache_bytes(model, cfg.serve.cache_dtype, serve_batch, serve_len, layout.size("batch"))
     b["serve_total"] = b["params"] + b["kv_cache"]
     return {
-        "config": cfg.name, "mesh": mesh, "devices": math.prod(mesh.values()), "strategy": strategy,
-        "batch": batch, "seq": seq, "microbatches": m, "local_rows": rows, "local_seq": tokens,
-        "loss_chunks": loss_chunks(batch // m, seq, train.loss_chunk_tokens), "remat": runtime.remat,
-        "param_dtype": model.param_dtype, "compute_dtype": model.compute_dtype, "grouped_matmul": runtime.grouped_matmul,
-        "cache_dtype": cfg.serve.cache_dtype, "serve_batch": serve_batch, "serve_len": serve_len,
-        "bytes": b, "saved_per_layer": saved, "convention": CONVENTION, "assumptions": ASSUMPTIONS,
+        "config": cfg.name,
+        "mesh": mesh,
+        "devices": math.prod(mesh.values()),
+        "strategy": strategy,
+        "batch": batch,
+        "seq": seq,
+        "microbatches": m,
+        "local_rows": rows,
+        "local_seq": tokens,
+        "loss_chunks": loss_chunks(batch // m, seq, train.loss_chunk_tokens),
+        "remat": runtime.remat,
+        "param_dtype": model.param_dtype,
+        "compute_dtype": model.compute_dtype,
+        "grouped_matmul": runtime.grouped_matmul,
+        "cache_dtype": cfg.serve.cache_dtype,
+        "serve_batch": serve_batch,
+        "serve_len": serve_len,
+        "bytes": b,
+        "saved_per_layer": saved,
+        "convention": CONVENTION,
+        "assumptions": ASSUMPTIONS,
     }
 
 
 def fits(result: dict, chips: dict[str, int]) -> dict[str, dict]:
     """Per chip: its HBM in bytes and whether the training and the serving totals fit in it."""
     b = result["bytes"]
-    return {name: {"hbm_bytes": gib * GIB, "train": b["train_total"] <= gib * GIB,
-                   "serve": b["serve_total"] <= gib * GIB} for name, gib in chips.items()}
+    return {
+        name: {"hbm_bytes": gib * GIB, "train": b["train_total"] <= gib * GIB, "serve": b["serve_total"] <= gib * GIB}
+        for name, gib in chips.items()
+    }
 
 
 def human(n: int) -> str:
@@ -422,28 +493,45 @@ def human(n: int) -> str:
 def format_plan(result: dict, table: dict[str, dict]) -> str:
     r, b, h = result, result["bytes"], lambda n: human(n).strip()
     saved = ", ".join(f"{k} {h(v)}/layer" for k, v in r["saved_per_layer"].items())
-    rows = [("parameters", b["params"], f"{r['param_dtype']}, sharded by {r['strategy']}"),
-            ("gradients", b["gradients"] + b["grad_accumulator"],
-             "+ microbatch accumulator" if b["grad_accumulator"] else "like the parameters"),
-            ("optimizer", b["optimizer"], "AdamW moments, sharded like their parameters"),
-            ("activations", b["activations"], f"peak; saved for backward {h(b['activations_saved'])}"
-             + (f" ({saved})" if saved else "")
-             + (f"; expert-parallel island {'+' if b['expert_island'] > 0 else '-'}{h(abs(b['expert_island']))}"
-                if b["expert_island"] else "")),
-            ("fsdp gather", b["fsdp_gather"], "largest layer all-gathered + its unreduced gradient"),
-            ("training total", b["train_total"], ""),
-            ("kv cache", b["kv_cache"], f"serving {r['serve_batch']} x {r['serve_len']} tokens, {r['cache_dtype']}"),
-            ("serving total", b["serve_total"], "parameters + kv cache")]
+    rows = [
+        ("parameters", b["params"], f"{r['param_dtype']}, sharded by {r['strategy']}"),
+        (
+            "gradients",
+            b["gradients"] + b["grad_accumulator"],
+            "+ microbatch accumulator" if b["grad_accumulator"] else "like the parameters",
+        ),
+        ("optimizer", b["optimizer"], "AdamW moments, sharded like their parameters"),
+        (
+            "activations",
+            b["activations"],
+            f"peak; saved for backward {h(b['activations_saved'])}"
+            + (f" ({saved})" if saved else "")
+            + (
+                f"; expert-parallel island {'+' if b['expert_island'] > 0 else '-'}{h(abs(b['expert_island']))}"
+                if b["expert_island"]
+                else ""
+            ),
+        ),
+        ("fsdp gather", b["fsdp_gather"], "largest layer all-gathered + its unreduced gradient"),
+        ("training total", b["train_total"], ""),
+        ("kv cache", b["kv_cache"], f"serving {r['serve_batch']} x {r['serve_len']} tokens, {r['cache_dtype']}"),
+        ("serving total", b["serve_total"], "parameters + kv cache"),
+    ]
     mesh = ", ".join(f"{k}={v}" for k, v in r["mesh"].items())
-    lines = [f"{r['config']}: strategy {r['strategy']} on mesh {mesh} ({r['devices']} devices)",
-             f"training: batch {r['batch']} x seq {r['seq']}, {r['microbatches']} microbatch(es), remat {r['remat']}, "
-             f"compute {r['compute_dtype']}; per device and microbatch {r['local_rows']} rows x {r['local_seq']} "
-             "tokens", "per device:"]
+    lines = [
+        f"{r['config']}: strategy {r['strategy']} on mesh {mesh} ({r['devices']} devices)",
+        f"training: batch {r['batch']} x seq {r['seq']}, {r['microbatches']} microbatch(es), remat {r['remat']}, "
+        f"compute {r['compute_dtype']}; per device and microbatch {r['local_rows']} rows x {r['local_seq']} "
+        "tokens",
+        "per device:",
+    ]
     lines += [f"  {name:<16}{human(n)}  {note}".rstrip() for name, n, note in rows if n or name != "fsdp gather"]
     lines.append(f"{'chip':<12}{'HBM':>8}  train  serve")
     mark = {True: "fits ", False: "NO   "}
-    lines += [f"{name:<12}{row['hbm_bytes'] // GIB:>4} GiB  {mark[row['train']]}  {mark[row['serve']]}".rstrip()
-              for name, row in table.items()]
+    lines += [
+        f"{name:<12}{row['hbm_bytes'] // GIB:>4} GiB  {mark[row['train']]}  {mark[row['serve']]}".rstrip()
+        for name, row in table.items()
+    ]
     return "\n".join(lines)
 
 
@@ -464,8 +552,15 @@ def main(argv: list[str] | None = None) -> int:
         m = cfg.mesh
         sizes = parse_mesh(args.mesh) if args.mesh else {"data": m.data, "tensor": m.tensor, "sequence": m.sequence}
         sizes = resolve_mesh(sizes, args.devices)
-        result = plan(cfg, sizes, args.strategy or m.strategy, args.batch or cfg.train.global_batch_size,
-                      args.seq or cfg.train.seq_len, args.serve_batch, args.serve_len)
+        result = plan(
+            cfg,
+            sizes,
+            args.strategy or m.strategy,
+            args.batch or cfg.train.global_batch_size,
+            args.seq or cfg.train.seq_len,
+            args.serve_batch,
+            args.serve_len,
+        )
     except (PlanError, ShardingRuleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -96,14 +96,18 @@ def format_fit(result: dict) -> str:
     if "approach2" in result:
         f2 = result["approach2"]
         skipped = f"; skipped {len(f2['skipped'])} budget(s)" if f2["skipped"] else ""
-        lines.append(f"Approach 2 (IsoFLOP parabolas, {len(f2['per_budget'])} budgets): "
-                     f"N_opt = {f2['k_n']:.3g}*C^{f2['a']:.3f}, D_opt = {f2['k_d']:.3g}*C^{f2['b']:.3f}{skipped}")
+        lines.append(
+            f"Approach 2 (IsoFLOP parabolas, {len(f2['per_budget'])} budgets): "
+            f"N_opt = {f2['k_n']:.3g}*C^{f2['a']:.3f}, D_opt = {f2['k_d']:.3g}*C^{f2['b']:.3f}{skipped}"
+        )
     else:
         lines.append(f"Approach 2: not fitted: {result['approach2_error']}")
     if "approach3" in result:
         f3 = result["approach3"]
-        lines.append(f"Approach 3 (parametric): L = {f3['E']:.3f} + {f3['A']:.4g}/N^{f3['alpha']:.3f} + "
-                     f"{f3['B']:.4g}/D^{f3['beta']:.3f}")
+        lines.append(
+            f"Approach 3 (parametric): L = {f3['E']:.3f} + {f3['A']:.4g}/N^{f3['alpha']:.3f} + "
+            f"{f3['B']:.4g}/D^{f3['beta']:.3f}"
+        )
     else:
         lines.append(f"Approach 3: not fitted: {result['approach3_error']}")
     lines.append(f"compute-optimal at C = {result['target']:.3g} FLOPs ({SCALING_CONVENTION}):")
@@ -111,8 +115,9 @@ def format_fit(result: dict) -> str:
         o = result.get(f"{name}_optimal")
         if o:
             loss = f", loss {o['loss']:.4f}" if o.get("loss") is not None else ""
-            lines.append(f"  {name}: N = {_g(o['N'])}, D = {_g(o['D'])}, "
-                         f"tokens/param = {_g(o['tokens_per_param'])}{loss}")
+            lines.append(
+                f"  {name}: N = {_g(o['N'])}, D = {_g(o['D'])}, tokens/param = {_g(o['tokens_per_param'])}{loss}"
+            )
     return "\n".join(lines)
 
 

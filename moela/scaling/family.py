@@ -49,8 +49,13 @@ def mla_attention(d_model: int, head_dim: int = 64, max_kv_rank: int = 512) -> A
     latent (3x the KV rank) only from d_model 4096 up (V2-Lite has none, V2/V3 do)."""
     kv_rank = min(max_kv_rank, round_up(d_model / 4, 16))
     return AttentionConfig(
-        kind="mla", num_heads=d_model // head_dim, q_lora_rank=3 * kv_rank if d_model >= 4096 else 0,
-        kv_lora_rank=kv_rank, qk_nope_head_dim=head_dim, qk_rope_head_dim=head_dim // 2, v_head_dim=head_dim,
+        kind="mla",
+        num_heads=d_model // head_dim,
+        q_lora_rank=3 * kv_rank if d_model >= 4096 else 0,
+        kv_lora_rank=kv_rank,
+        qk_nope_head_dim=head_dim,
+        qk_rope_head_dim=head_dim // 2,
+        v_head_dim=head_dim,
     )
 
 
@@ -123,12 +128,14 @@ class Sizer:
         r, widths = self.rule, self.rule.widths()
         lo_n, hi_n = self.n_range()
         if not lo_n / (1 + r.tolerance) <= target_n <= hi_n * (1 + r.tolerance):
-            raise FamilyError(f"target N {target_n:.3g} is outside this family's range [{lo_n:.3g}, {hi_n:.3g}] "
-                              "(6ND convention); change the budgets or --span, or widen the family's shape rule")
+            raise FamilyError(
+                f"target N {target_n:.3g} is outside this family's range [{lo_n:.3g}, {hi_n:.3g}] "
+                "(6ND convention); change the budgets or --span, or widen the family's shape rule"
+            )
         # the widths whose depth band can reach the target: a contiguous run (N grows with width and depth)
         first = _bisect(widths, lambda d: self.n_of(r.layer_range(d)[-1], d) >= target_n / (1 + r.tolerance))
         last = _bisect(widths, lambda d: self.n_of(r.layer_range(d)[0], d) > target_n * (1 + r.tolerance))
-        shapes = [(n, d) for d in widths[max(0, first - 1):last + 1] for n in r.layer_range(d)]
+        shapes = [(n, d) for d in widths[max(0, first - 1) : last + 1] for n in r.layer_range(d)]
         err = {s: abs(math.log(self.n_of(*s) / target_n)) for s in shapes}
         close = [s for s in shapes if err[s] <= math.log1p(r.tolerance)]
         if close:
@@ -206,5 +213,13 @@ def load_family(path: str | Path) -> Family:
     """Import a family file (or a bare family name: ``moela/scaling/families/<name>.py``) and call its
     ``get_family()``; every mistake is a FamilyError."""
     p = find_file(path, FAMILIES, "family", FamilyError)
-    return call_file(p, "get_family", Family, FamilyError, label=str(path), kind="family file",
-                     module_prefix="moela_family", returns="moela.scaling.family.Family")
+    return call_file(
+        p,
+        "get_family",
+        Family,
+        FamilyError,
+        label=str(path),
+        kind="family file",
+        module_prefix="moela_family",
+        returns="moela.scaling.family.Family",
+    )

@@ -36,8 +36,13 @@ REQUIRED = ("C", "N", "D", "loss")
 PARAMS = ("a", "b", "e", "alpha", "beta")  # the order of θ in every array below
 
 # Hoffmann et al.'s initialisation grid (Appendix D.2): 5·5·5·6·6 = 4500 starts.
-HOFFMANN_GRID = {"alpha": np.arange(0, 2.01, 0.5), "beta": np.arange(0, 2.01, 0.5), "e": np.arange(-1, 1.01, 0.5),
-                 "a": np.arange(0, 25.1, 5), "b": np.arange(0, 25.1, 5)}
+HOFFMANN_GRID = {
+    "alpha": np.arange(0, 2.01, 0.5),
+    "beta": np.arange(0, 2.01, 0.5),
+    "e": np.arange(-1, 1.01, 0.5),
+    "a": np.arange(0, 25.1, 5),
+    "b": np.arange(0, 25.1, 5),
+}
 DEFAULT_STARTS = 16  # L-BFGS-B runs from the grid points with the lowest objective
 
 
@@ -61,8 +66,10 @@ def load_rows(path: str | Path) -> list[dict]:
         rows = [(i + 1, json.loads(line)) for i, line in enumerate(lines) if line.strip()]
     elif path.suffix == ".csv":
         with open(path, newline="") as f:
-            rows = [(i + 2, {k: v if k == "name" else _maybe_float(v) for k, v in r.items()})
-                    for i, r in enumerate(csv.DictReader(f))]
+            rows = [
+                (i + 2, {k: v if k == "name" else _maybe_float(v) for k, v in r.items()})
+                for i, r in enumerate(csv.DictReader(f))
+            ]
     else:
         raise ValueError(f"{path}: expected a .jsonl or .csv file of result rows")
     if not rows:
@@ -81,8 +88,10 @@ def load_rows(path: str | Path) -> list[dict]:
             if not math.isfinite(row[col]) or row[col] <= 0:
                 raise ValueError(f"{path}, line {line}: column {col!r} must be finite and > 0, got {value!r}")
         if abs(6 * row["N"] * row["D"] / row["C"] - 1) > 1e-2:
-            raise ValueError(f"{path}, line {line}: C={row['C']:.4g} but 6*N*D={6 * row['N'] * row['D']:.4g}; "
-                             f"rows must use the C = 6*N*D convention")
+            raise ValueError(
+                f"{path}, line {line}: C={row['C']:.4g} but 6*N*D={6 * row['N'] * row['D']:.4g}; "
+                f"rows must use the C = 6*N*D convention"
+            )
         row.setdefault("name", f"{path.stem}:{line}")
     return [row for _, row in rows]
 
@@ -111,30 +120,57 @@ def approach2(rows: list[dict], min_points: int = 3) -> dict:
         x = np.log10([r["N"] for r in runs])
         loss = np.array([r["loss"] for r in runs], dtype=float)
         if len(np.unique(x)) < max(min_points, 3):
-            skipped.append({"budget": budget, "n_runs": len(runs),
-                            "reason": f"{len(np.unique(x))} distinct model sizes, need >= {max(min_points, 3)}"})
+            skipped.append(
+                {
+                    "budget": budget,
+                    "n_runs": len(runs),
+                    "reason": f"{len(np.unique(x))} distinct model sizes, need >= {max(min_points, 3)}",
+                }
+            )
             continue
         coeffs = np.polyfit(x, loss, 2)
         c2, c1, c0 = coeffs
         if c2 <= 0:
-            skipped.append({"budget": budget, "n_runs": len(runs),
-                            "reason": f"parabola curvature {c2:.3g} <= 0 (no minimum in log N)"})
+            skipped.append(
+                {
+                    "budget": budget,
+                    "n_runs": len(runs),
+                    "reason": f"parabola curvature {c2:.3g} <= 0 (no minimum in log N)",
+                }
+            )
             continue
         x_opt = -c1 / (2 * c2)
         n_opt = 10.0**x_opt
-        per_budget.append({"budget": budget, "n_opt": n_opt, "d_opt": budget / (6 * n_opt),
-                           "loss_min": float(c0 - c1**2 / (4 * c2)), "coeffs": [float(c) for c in coeffs],
-                           "n_runs": len(runs), "in_range": bool(x.min() <= x_opt <= x.max())})
+        per_budget.append(
+            {
+                "budget": budget,
+                "n_opt": n_opt,
+                "d_opt": budget / (6 * n_opt),
+                "loss_min": float(c0 - c1**2 / (4 * c2)),
+                "coeffs": [float(c) for c in coeffs],
+                "n_runs": len(runs),
+                "in_range": bool(x.min() <= x_opt <= x.max()),
+            }
+        )
     if len(per_budget) < 2:
         why = "; ".join(f"budget {s['budget']:.3g}: {s['reason']}" for s in skipped) or "no other budgets"
-        raise ValueError(f"approach2 needs >= 2 budgets with a fitted IsoFLOP minimum, got {len(per_budget)} "
-                         f"of {len(groups)} ({why})")
+        raise ValueError(
+            f"approach2 needs >= 2 budgets with a fitted IsoFLOP minimum, got {len(per_budget)} "
+            f"of {len(groups)} ({why})"
+        )
     log_c = np.log10([p["budget"] for p in per_budget])
     a, log_kn = np.polyfit(log_c, np.log10([p["n_opt"] for p in per_budget]), 1)
     b, log_kd = np.polyfit(log_c, np.log10([p["d_opt"] for p in per_budget]), 1)
-    return {"per_budget": per_budget, "skipped": skipped, "a": float(a), "k_n": float(10**log_kn),
-            "b": float(b), "k_d": float(10**log_kd), "n_runs": sum(p["n_runs"] for p in per_budget),
-            "convention": CONVENTION + "; N_opt = k_n*C^a, D_opt = k_d*C^b"}
+    return {
+        "per_budget": per_budget,
+        "skipped": skipped,
+        "a": float(a),
+        "k_n": float(10**log_kn),
+        "b": float(b),
+        "k_d": float(10**log_kd),
+        "n_runs": sum(p["n_runs"] for p in per_budget),
+        "convention": CONVENTION + "; N_opt = k_n*C^a, D_opt = k_d*C^b",
+    }
 
 
 def power_law_optimal(fit2: dict, C) -> dict:
@@ -147,8 +183,9 @@ def power_law_optimal(fit2: dict, C) -> dict:
 # --------------------------------------------------------------------------- Approach 3
 
 
-def huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray,
-                    delta: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+def huber_objective(
+    theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss: np.ndarray, delta: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
     """Σ_runs Huber_δ(LSE(a − α·log N, b − β·log D, e) − log L) and its gradient in θ.
 
     theta: [..., 5] in ``PARAMS`` order (a leading batch of starts is allowed); returns
@@ -164,8 +201,16 @@ def huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log
     small = np.abs(r) <= delta
     value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum(axis=-1)
     dr = np.where(small, r, delta * np.sign(r))  # Huber'(r)
-    grad = np.stack([(dr * w[0]).sum(-1), (dr * w[1]).sum(-1), (dr * w[2]).sum(-1),
-                     -(dr * w[0] * log_n).sum(-1), -(dr * w[1] * log_d).sum(-1)], axis=-1)
+    grad = np.stack(
+        [
+            (dr * w[0]).sum(-1),
+            (dr * w[1]).sum(-1),
+            (dr * w[2]).sum(-1),
+            -(dr * w[0] * log_n).sum(-1),
+            -(dr * w[1] * log_d).sum(-1),
+        ],
+        axis=-1,
+    )
     return value, grad
 
 
@@ -178,8 +223,13 @@ def init_grid_points(grid: dict | None = None) -> np.ndarray:
 def _minimise(theta0: np.ndarray, data: tuple, delta: float) -> tuple[np.ndarray, float]:
     # The objective is scaled by 1/δ for L-BFGS-B (≈ Σ|r|, O(1)); the minimiser is the same.
     fun = lambda t: tuple(v / delta for v in huber_objective(t, *data, delta))
-    res = minimize(fun, theta0, jac=True, method="L-BFGS-B",
-                   options={"maxiter": 2000, "maxfun": 4000, "ftol": 1e-14, "gtol": 1e-10})
+    res = minimize(
+        fun,
+        theta0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": 2000, "maxfun": 4000, "ftol": 1e-14, "gtol": 1e-10},
+    )
     return res.x, float(res.fun) * delta
 
 
@@ -206,13 +256,28 @@ def _exp(v: float) -> float:
 
 def _as_fit(theta: np.ndarray, objective: float, n_runs: int) -> dict:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return {"E": _exp(e), "A": _exp(a), "B": _exp(b), "alpha": alpha, "beta": beta,
-            "loss": objective, "n_runs": n_runs, "convention": CONVENTION + "; L = E + A/N^alpha + B/D^beta"}
+    return {
+        "E": _exp(e),
+        "A": _exp(a),
+        "B": _exp(b),
+        "alpha": alpha,
+        "beta": beta,
+        "loss": objective,
+        "n_runs": n_runs,
+        "convention": CONVENTION + "; L = E + A/N^alpha + B/D^beta",
+    }
 
 
-def approach3(rows: list[dict], delta: float = 1e-3, init_grid: dict | np.ndarray | str | None = None,
-              bootstrap: int = 0, seed: int = 0, *, target_c: float | None = None,
-              n_starts: int = DEFAULT_STARTS) -> dict:
+def approach3(
+    rows: list[dict],
+    delta: float = 1e-3,
+    init_grid: dict | np.ndarray | str | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+    *,
+    target_c: float | None = None,
+    n_starts: int = DEFAULT_STARTS,
+) -> dict:
     """Chinchilla Approach 3, fitted as Besiroglu et al. 2024 (see the module docstring).
 
     init_grid: None (Hoffmann's 4500-point grid, evaluated in one vectorised pass, with
@@ -237,8 +302,9 @@ def approach3(rows: list[dict], delta: float = 1e-3, init_grid: dict | np.ndarra
     theta, objective = _fit_from(starts, data, delta)
     fit = _as_fit(theta, objective, len(rows))
     if bootstrap > 0:
-        fit["ci"] = _bootstrap(theta, data, delta, bootstrap, seed,
-                               target_c if target_c is not None else max(r["C"] for r in rows))
+        fit["ci"] = _bootstrap(
+            theta, data, delta, bootstrap, seed, target_c if target_c is not None else max(r["C"] for r in rows)
+        )
     return fit
 
 
@@ -267,8 +333,10 @@ def compute_optimal(fit3: dict, C) -> dict:
     """argmin L(N, D) subject to 6·N·D = C (float or array), in closed form; needs α, β > 0."""
     A, B, alpha, beta = fit3["A"], fit3["B"], fit3["alpha"], fit3["beta"]
     if alpha <= 0 or beta <= 0:
-        return _scalars({k: np.full(np.shape(C), np.nan) for k in ("N", "D", "tokens_per_param", "loss")}
-                        | {"C": np.asarray(C, dtype=float)})
+        return _scalars(
+            {k: np.full(np.shape(C), np.nan) for k in ("N", "D", "tokens_per_param", "loss")}
+            | {"C": np.asarray(C, dtype=float)}
+        )
     C = np.asarray(C, dtype=float)
     g = (alpha * A / (beta * B)) ** (1 / (alpha + beta))
     n = g * (C / 6) ** (beta / (alpha + beta))
@@ -283,8 +351,18 @@ def _scalars(out: dict) -> dict:
 # --------------------------------------------------------------------------- synthetic data
 
 
-def synthetic_rows(E: float, A: float, B: float, alpha: float, beta: float, budgets, sizes_per_budget: int = 7,
-                   noise: float = 0.01, seed: int = 0, span: float = 1.0) -> list[dict]:
+def synthetic_rows(
+    E: float,
+    A: float,
+    B: float,
+    alpha: float,
+    beta: float,
+    budgets,
+    sizes_per_budget: int = 7,
+    noise: float = 0.01,
+    seed: int = 0,
+    span: float = 1.0,
+) -> list[dict]:
     """IsoFLOP rows drawn from L = E + A/N^α + B/D^β: per budget, ``sizes_per_budget`` N evenly
     spaced in log10 over the law's N_opt ± ``span`` decades, D = C/(6·N), and loss times
     exp(noise·z), z ~ N(0, 1) (σ = noise on log loss)."""
@@ -296,6 +374,14 @@ def synthetic_rows(E: float, A: float, B: float, alpha: float, beta: float, budg
         for n in n_opt * np.logspace(-span, span, sizes_per_budget):
             d = C / (6 * n)
             loss = float(predict_loss(law, n, d) * np.exp(noise * rng.standard_normal()))
-            rows.append({"name": f"C{C:.2g}_N{n:.3g}", "C": float(C), "N": float(n), "D": float(d),
-                         "loss": loss, "budget": float(C)})
+            rows.append(
+                {
+                    "name": f"C{C:.2g}_N{n:.3g}",
+                    "C": float(C),
+                    "N": float(n),
+                    "D": float(d),
+                    "loss": loss,
+                    "budget": float(C),
+                }
+            )
     return rows

@@ -83,8 +83,10 @@ def batch_sequences(budget: float, tokens: float, family: Family, rule: str, dp:
         return max(dp, int(round(want / dp)) * dp)
     choices = [b for b in range(dp, family.eval_rows + 1, dp) if family.eval_rows % b == 0 and lo <= b <= hi]
     if not choices:
-        raise PlanError(f"no batch size between {lo} and {hi} sequences is a multiple of --dp {dp} and divides the "
-                        f"family's eval_rows {family.eval_rows}")
+        raise PlanError(
+            f"no batch size between {lo} and {hi} sequences is a multiple of --dp {dp} and divides the "
+            f"family's eval_rows {family.eval_rows}"
+        )
     return min(choices, key=lambda b: (abs(math.log(b / want)), b))
 
 
@@ -106,15 +108,26 @@ def _centers(budgets: list[float], tokens_per_param: float, fit: dict | None) ->
 
 def _shift_into(targets: list[float], lo: float, hi: float, budget: float) -> list[float]:
     if targets[-1] / targets[0] > hi / lo:
-        raise PlanError(f"budget {budget:.3g}: the size window {targets[0]:.3g}..{targets[-1]:.3g} is wider than "
-                        f"the family's range {lo:.3g}..{hi:.3g}; lower --span")
+        raise PlanError(
+            f"budget {budget:.3g}: the size window {targets[0]:.3g}..{targets[-1]:.3g} is wider than "
+            f"the family's range {lo:.3g}..{hi:.3g}; lower --span"
+        )
     factor = max(1.0, lo / targets[0]) * min(1.0, hi / targets[-1])
     return [t * factor for t in targets]
 
 
-def plan_runs(family: Family, budgets: list[float], out: Path, sizes: int = 7, span: float = 1.0,
-              tokens_per_param: float = 20.0, batch_rule: str = "deepseek", lr_rule: str = "deepseek",
-              dp: int | None = None, fit: dict | None = None) -> list[dict]:
+def plan_runs(
+    family: Family,
+    budgets: list[float],
+    out: Path,
+    sizes: int = 7,
+    span: float = 1.0,
+    tokens_per_param: float = 20.0,
+    batch_rule: str = "deepseek",
+    lr_rule: str = "deepseek",
+    dp: int | None = None,
+    fit: dict | None = None,
+) -> list[dict]:
     """The grid as run dicts in budget-then-size order (manifest fields, plus the ``Config`` under ``_cfg``)."""
     dp = dp or family.data_parallel
     lo, hi = family.sizer.n_range()
@@ -126,20 +139,25 @@ def plan_runs(family: Family, budgets: list[float], out: Path, sizes: int = 7, s
             model = family.model_for(target)
             shape = (model.num_layers, model.d_model)
             if shape in shapes:
-                raise PlanError(f"budget {budget:.3g}: targets N={shapes[shape]:.3g} and {target:.3g} both give "
-                                f"{shape[0]} layers x d_model {shape[1]}; the family is too coarse here: lower "
-                                "--sizes or raise --span")
+                raise PlanError(
+                    f"budget {budget:.3g}: targets N={shapes[shape]:.3g} and {target:.3g} both give "
+                    f"{shape[0]} layers x d_model {shape[1]}; the family is too coarse here: lower "
+                    "--sizes or raise --span"
+                )
             shapes[shape] = target
             runs.append(_run(family, budget, target, model, out, batch_rule, lr_rule, dp))
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
-        raise PlanError(f"two runs share a name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
-                        "budgets must differ at 1 significant digit")
+        raise PlanError(
+            f"two runs share a name ({sorted(n for n in names if names.count(n) > 1)[0]}); "
+            "budgets must differ at 1 significant digit"
+        )
     return runs
 
 
-def _run(family: Family, budget: float, target: float, model, out: Path, batch_rule: str, lr_rule: str,
-         dp: int) -> dict:
+def _run(
+    family: Family, budget: float, target: float, model, out: Path, batch_rule: str, lr_rule: str, dp: int
+) -> dict:
     base, seq = family.base, family.seq_len
     summary = param_summary(model, seq)
     fpt = summary["flops_per_token"]
@@ -151,26 +169,48 @@ def _run(family: Family, budget: float, target: float, model, out: Path, batch_r
     warmup = max(1, min(family.max_warmup, round(family.warmup_fraction * steps), steps - 1))
     run_dir = out / "runs" / name
     train = dataclasses.replace(
-        base.train, steps=steps, global_batch_size=batch, learning_rate=learning_rate(budget, family, lr_rule),
-        warmup_steps=warmup, eval_every=math.ceil(steps / family.evals_per_run),
+        base.train,
+        steps=steps,
+        global_batch_size=batch,
+        learning_rate=learning_rate(budget, family, lr_rule),
+        warmup_steps=warmup,
+        eval_every=math.ceil(steps / family.evals_per_run),
         eval_batches=math.ceil((family.eval_rows or family.eval_tokens / seq) / batch),
-        checkpoint_every=math.ceil(steps / family.checkpoints_per_run), log_every=max(1, steps // 50),
+        checkpoint_every=math.ceil(steps / family.checkpoints_per_run),
+        log_every=max(1, steps // 50),
         out_dir=str(run_dir),
     )
     cfg = dataclasses.replace(base, name=name, model=model, train=train)
     check_types(cfg)
     validate(cfg)
     return {
-        "name": name, "budget": budget, "target_n": float(f"{target:.6g}"), "N": n, "D": tokens, "C": fpt * tokens,
-        "tokens_per_param": tokens / n, "n_total": summary["total"], "n_active": summary["active"],
-        "n_non_embedding": summary["non_embedding"], "flops_per_token": fpt, "layers": model.num_layers,
-        "d_model": model.d_model, "seq_len": seq, "batch": batch, "steps": steps, "lr": train.learning_rate,
-        "warmup": warmup, "config": str(out / "configs" / f"{name}.json"),
-        "preset": str(out / "configs" / f"{name}.py"), "run_dir": str(run_dir), "_cfg": cfg,
+        "name": name,
+        "budget": budget,
+        "target_n": float(f"{target:.6g}"),
+        "N": n,
+        "D": tokens,
+        "C": fpt * tokens,
+        "tokens_per_param": tokens / n,
+        "n_total": summary["total"],
+        "n_active": summary["active"],
+        "n_non_embedding": summary["non_embedding"],
+        "flops_per_token": fpt,
+        "layers": model.num_layers,
+        "d_model": model.d_model,
+        "seq_len": seq,
+        "batch": batch,
+        "steps": steps,
+        "lr": train.learning_rate,
+        "warmup": warmup,
+        "config": str(out / "configs" / f"{name}.json"),
+        "preset": str(out / "configs" / f"{name}.py"),
+        "run_dir": str(run_dir),
+        "_cfg": cfg,
     }
 
 
-PRESET = '''"""Generated by ``python -m moela.scaling plan``: run {name} of family {family}. Edit the JSON, not this file."""
+PRESET = '''"""Generated by ``python -m moela.scaling plan``: run {name} of family {family}.
+Edit the JSON, not this file."""
 
 from pathlib import Path
 
@@ -192,8 +232,10 @@ def write_plan(runs: list[dict], meta: dict, out: Path) -> bool:
         except (OSError, json.JSONDecodeError) as e:
             raise PlanError(f"'{path}' exists but is unreadable ({e}); choose another --out") from None
         if old != json.loads(json.dumps(manifest)):
-            raise PlanError(f"'{out}' already holds a different plan ({_first_difference(old, manifest)}); "
-                            "choose another --out, or delete the old plan")
+            raise PlanError(
+                f"'{out}' already holds a different plan ({_first_difference(old, manifest)}); "
+                "choose another --out, or delete the old plan"
+            )
         _write_configs(runs, meta, only_missing=True)
         return True
     if out.exists() and any(out.iterdir()):
@@ -249,8 +291,10 @@ def make_plan(args) -> dict:
     budgets = parse_budgets(args.budgets)
     lo, hi = SIZES_RANGE
     if not (lo <= args.sizes <= hi or (args.force and args.sizes >= 2)):
-        raise PlanError(f"--sizes {args.sizes} must be between {lo} and {hi} (IsoFLOP parabolas need a few points "
-                        "either side of the minimum); --force allows any >= 2")
+        raise PlanError(
+            f"--sizes {args.sizes} must be between {lo} and {hi} (IsoFLOP parabolas need a few points "
+            "either side of the minimum); --force allows any >= 2"
+        )
     if not (args.span > 0 and args.tokens_per_param > 0 and (args.dp is None or args.dp > 0)):
         raise PlanError("--span, --tokens-per-param and --dp must be > 0")
     family = load_family(args.family)
@@ -259,28 +303,50 @@ def make_plan(args) -> dict:
     family = dataclasses.replace(family, base=validate(base))
     fit = json.loads(Path(args.fit).read_text()) if args.fit else None
     out = Path(args.out).resolve()
-    runs = plan_runs(family, budgets, out, args.sizes, args.span, args.tokens_per_param, args.batch_rule,
-                     args.lr_rule, args.dp, fit)
-    meta = {"family": str(Path(args.family).resolve()), "family_name": family.name, "budgets": budgets,
-            "sizes": args.sizes, "span": args.span, "tokens_per_param": args.tokens_per_param,
-            "fit": str(Path(args.fit).resolve()) if args.fit else None, "batch_rule": args.batch_rule,
-            "lr_rule": args.lr_rule, "dp": args.dp or family.data_parallel, "overrides": list(args.overrides),
-            "seq_len": family.seq_len, "convention": SCALING_CONVENTION}
+    runs = plan_runs(
+        family, budgets, out, args.sizes, args.span, args.tokens_per_param, args.batch_rule, args.lr_rule, args.dp, fit
+    )
+    meta = {
+        "family": str(Path(args.family).resolve()),
+        "family_name": family.name,
+        "budgets": budgets,
+        "sizes": args.sizes,
+        "span": args.span,
+        "tokens_per_param": args.tokens_per_param,
+        "fit": str(Path(args.fit).resolve()) if args.fit else None,
+        "batch_rule": args.batch_rule,
+        "lr_rule": args.lr_rule,
+        "dp": args.dp or family.data_parallel,
+        "overrides": list(args.overrides),
+        "seq_len": family.seq_len,
+        "convention": SCALING_CONVENTION,
+    }
     unchanged = write_plan(runs, meta, out)
     print(format_table(runs))
-    print(f"{'unchanged: ' if unchanged else ''}{len(runs)} runs of family {family.name} in {out} "
-          f"(total {sum(r['C'] for r in runs):.3g} FLOPs; {SCALING_CONVENTION})")
-    return {"out": str(out), "manifest": str(out / "manifest.json"), "runs": len(runs), "budgets": budgets,
-            "family": family.name, "unchanged": unchanged, "total_flops": sum(r["C"] for r in runs),
-            "convention": SCALING_CONVENTION}
+    print(
+        f"{'unchanged: ' if unchanged else ''}{len(runs)} runs of family {family.name} in {out} "
+        f"(total {sum(r['C'] for r in runs):.3g} FLOPs; {SCALING_CONVENTION})"
+    )
+    return {
+        "out": str(out),
+        "manifest": str(out / "manifest.json"),
+        "runs": len(runs),
+        "budgets": budgets,
+        "family": family.name,
+        "unchanged": unchanged,
+        "total_flops": sum(r["C"] for r in runs),
+        "convention": SCALING_CONVENTION,
+    }
 
 
 def format_table(runs: list[dict]) -> str:
     head = f"{'name':<24}{'C':>10}{'N':>10}{'shape':>10}{'D':>10}{'D/N':>7}{'steps':>7}{'batch':>6}{'lr':>9}"
     lines = [head, "-" * len(head)]
     for r in runs:
-        lines.append(f"{r['name']:<24}{r['C']:>10.3g}{r['N']:>10.3g}{r['layers']:>4}x{r['d_model']:<5}"
-                     f"{r['D']:>10.3g}{r['tokens_per_param']:>7.1f}{r['steps']:>7}{r['batch']:>6}{r['lr']:>9.2e}")
+        lines.append(
+            f"{r['name']:<24}{r['C']:>10.3g}{r['N']:>10.3g}{r['layers']:>4}x{r['d_model']:<5}"
+            f"{r['D']:>10.3g}{r['tokens_per_param']:>7.1f}{r['steps']:>7}{r['batch']:>6}{r['lr']:>9.2e}"
+        )
     return "\n".join(lines)
 
 
@@ -295,7 +361,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-rule", choices=("deepseek", "fixed"), default="deepseek")
     parser.add_argument("--lr-rule", choices=("deepseek", "fixed"), default="deepseek")
     parser.add_argument("--dp", type=int, help="data-parallel size the batch must divide (default: the family's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base-config field for every run, e.g. --set data.text_glob=... (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base-config field for every run, e.g. --set data.text_glob=... (repeatable)",
+    )
     parser.add_argument("--force", action="store_true", help="allow --sizes outside 5..9")
-

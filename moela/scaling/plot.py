@@ -51,8 +51,14 @@ def plot_isoflop(rows: list[dict], fit2: dict, path: Path) -> Path:
     for budget, colour in colours.items():
         runs = [r for r in rows if group_key(r) == budget]
         n = np.array([r["N"] for r in runs])
-        ax.scatter(n, [r["loss"] for r in runs], color=colour, s=18, label=f"C={budget:.2g}",
-                   marker="o" if budget in fitted else "x")
+        ax.scatter(
+            n,
+            [r["loss"] for r in runs],
+            color=colour,
+            s=18,
+            label=f"C={budget:.2g}",
+            marker="o" if budget in fitted else "x",
+        )
         if budget in fitted:
             p = fitted[budget]
             x = np.linspace(np.log10(n.min()), np.log10(n.max()), 100)
@@ -74,8 +80,9 @@ def plot_frontier(rows: list[dict], fit3: dict | None, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     c = np.array([r["C"] for r in rows])
     n = np.array([r["N"] for r in rows])
-    points = ax.scatter(n, [r["loss"] for r in rows], c=c, norm=LogNorm(c.min(), c.max() * 1.0001), s=18,
-                        cmap="viridis")
+    points = ax.scatter(
+        n, [r["loss"] for r in rows], c=c, norm=LogNorm(c.min(), c.max() * 1.0001), s=18, cmap="viridis"
+    )
     fig.colorbar(points, ax=ax, label="C (training FLOPs)")
     title = "all runs"
     if fit3 is not None:
@@ -93,8 +100,9 @@ def plot_frontier(rows: list[dict], fit3: dict | None, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_optimal(rows: list[dict], fit2: dict | None, fit3: dict | None, path: Path,
-                 target_budget: float | None = None) -> Path:
+def plot_optimal(
+    rows: list[dict], fit2: dict | None, fit3: dict | None, path: Path, target_budget: float | None = None
+) -> Path:
     plt = _pyplot()
     c_all = [r["C"] for r in rows]
     c_max = max(c_all + ([target_budget] if target_budget else []))
@@ -103,11 +111,15 @@ def plot_optimal(rows: list[dict], fit2: dict | None, fit3: dict | None, path: P
     for ax, key, label in ((axes[0], "N", "N_opt (parameters)"), (axes[1], "D", "D_opt (tokens)")):
         if fit2 is not None:
             vertices = fit2["per_budget"]
-            ax.plot([p["budget"] for p in vertices], [p["n_opt" if key == "N" else "d_opt"] for p in vertices],
-                    "o", color="C0", label="Approach 2 IsoFLOP minima")
+            ax.plot(
+                [p["budget"] for p in vertices],
+                [p["n_opt" if key == "N" else "d_opt"] for p in vertices],
+                "o",
+                color="C0",
+                label="Approach 2 IsoFLOP minima",
+            )
             exponent = fit2["a" if key == "N" else "b"]
-            ax.plot(grid, power_law_optimal(fit2, grid)[key], "-", color="C0",
-                    label=f"Approach 2: ~C^{exponent:.3f}")
+            ax.plot(grid, power_law_optimal(fit2, grid)[key], "-", color="C0", label=f"Approach 2: ~C^{exponent:.3f}")
         if fit3 is not None:
             alpha, beta = fit3["alpha"], fit3["beta"]
             exponent = (beta if key == "N" else alpha) / (alpha + beta)
@@ -118,8 +130,14 @@ def plot_optimal(rows: list[dict], fit2: dict | None, fit3: dict | None, path: P
                 if fit is not None:
                     value = fn(fit, target_budget)[key]
                     ax.plot(target_budget, value, "s", color=colour, mfc="none")
-                    ax.annotate(f"{value:.3g}", (target_budget, value), fontsize=7, color=colour, xytext=(4, dy),
-                                textcoords="offset points")
+                    ax.annotate(
+                        f"{value:.3g}",
+                        (target_budget, value),
+                        fontsize=7,
+                        color=colour,
+                        xytext=(4, dy),
+                        textcoords="offset points",
+                    )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("C (training FLOPs)")
@@ -157,8 +175,9 @@ def plot_residuals(rows: list[dict], fit3: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_all(rows: list[dict], fit2: dict | None, fit3: dict | None, out_dir: str | Path,
-             target_budget: float | None = None) -> list[Path]:
+def plot_all(
+    rows: list[dict], fit2: dict | None, fit3: dict | None, out_dir: str | Path, target_budget: float | None = None
+) -> list[Path]:
     """Write the figures whose fits are given (see the module docstring); returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,27 @@ from pathlib import Path
 from moela.model.flops import SCALING_CONVENTION
 
 PREEMPTED = 143
-ROW_KEYS = ("name", "budget", "C", "N", "D", "loss", "n_total", "n_active", "n_non_embedding", "flops_per_token",
-            "tokens", "steps", "batch", "lr", "layers", "d_model", "wall_s", "run_dir", "convention")
+ROW_KEYS = (
+    "name",
+    "budget",
+    "C",
+    "N",
+    "D",
+    "loss",
+    "n_total",
+    "n_active",
+    "n_non_embedding",
+    "flops_per_token",
+    "tokens",
+    "steps",
+    "batch",
+    "lr",
+    "layers",
+    "d_model",
+    "wall_s",
+    "run_dir",
+    "convention",
+)
 
 
 class RunError(ValueError):
@@ -60,7 +79,9 @@ def load_manifest(path: str | Path) -> tuple[Path, list[dict]]:
     for i, r in enumerate(runs):
         missing = [k for k in ("name", "budget", "N", "D", "flops_per_token", "preset", "run_dir") if k not in r]
         if missing:
-            raise RunError(f"manifest '{p}': run {i} lacks {', '.join(missing)}; re-plan with python -m moela.scaling plan")
+            raise RunError(
+                f"manifest '{p}': run {i} lacks {', '.join(missing)}; re-plan with python -m moela.scaling plan"
+            )
     return p.parent, runs
 
 
@@ -144,18 +165,44 @@ def final_eval_loss(run_dir: Path, last_step: int) -> float | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    losses = [r["eval_loss"] for r in map(json.loads, path.read_text().splitlines())
-              if r.get("step") == last_step and "eval_loss" in r]
+    losses = [
+        r["eval_loss"]
+        for r in map(json.loads, path.read_text().splitlines())
+        if r.get("step") == last_step and "eval_loss" in r
+    ]
     return losses[-1] if losses else None
 
 
 def result_row(run: dict, summary: dict, wall: float) -> dict:
     """One results row in the C = 6·N·D convention; ``error`` set when the run did not finish."""
-    row = {"name": run["name"], "budget": run["budget"], "C": run["flops_per_token"] * run["D"], "N": run["N"],
-           "D": run["D"], "loss": None, "tokens": run["D"], "wall_s": round(wall, 2), "run_dir": run["run_dir"],
-           "convention": SCALING_CONVENTION}
-    row.update({k: run.get(k) for k in ("n_total", "n_active", "n_non_embedding", "flops_per_token", "steps", "batch",
-                                        "lr", "layers", "d_model")})
+    row = {
+        "name": run["name"],
+        "budget": run["budget"],
+        "C": run["flops_per_token"] * run["D"],
+        "N": run["N"],
+        "D": run["D"],
+        "loss": None,
+        "tokens": run["D"],
+        "wall_s": round(wall, 2),
+        "run_dir": run["run_dir"],
+        "convention": SCALING_CONVENTION,
+    }
+    row.update(
+        {
+            k: run.get(k)
+            for k in (
+                "n_total",
+                "n_active",
+                "n_non_embedding",
+                "flops_per_token",
+                "steps",
+                "batch",
+                "lr",
+                "layers",
+                "d_model",
+            )
+        }
+    )
     code = summary.get("exit_code", 0)
     loss = summary.get("eval_loss")
     if loss is None and code == 0:
@@ -163,8 +210,10 @@ def result_row(run: dict, summary: dict, wall: float) -> dict:
     if code != 0:
         row["error"] = summary.get("error") or f"train.py exited with status {code}; see {run['run_dir']}/train.log"
     elif summary.get("flops_per_token") not in (None, run["flops_per_token"]):
-        row["error"] = (f"the trainer counts {summary['flops_per_token']} FLOPs per token, the plan "
-                        f"{run['flops_per_token']}: re-plan with this code")
+        row["error"] = (
+            f"the trainer counts {summary['flops_per_token']} FLOPs per token, the plan "
+            f"{run['flops_per_token']}: re-plan with this code"
+        )
     elif loss is None or not math.isfinite(loss):
         row["error"] = f"no final eval loss (got {loss!r}); see {run['run_dir']}/train.log"
     else:
@@ -179,8 +228,13 @@ def _eta(seconds: float | None) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def run_sweep(manifest: str | Path, shard_spec: str | None = None, results: str | Path | None = None,
-              trainer: Callable[[dict], dict] = train_subprocess, log=print) -> dict:
+def run_sweep(
+    manifest: str | Path,
+    shard_spec: str | None = None,
+    results: str | Path | None = None,
+    trainer: Callable[[dict], dict] = train_subprocess,
+    log=print,
+) -> dict:
     """Train the shard's unfinished runs in manifest order; returns a summary for the CLI's JSON line."""
     plan_dir, runs = load_manifest(manifest)
     i, n = parse_shard(shard_spec)
@@ -194,8 +248,10 @@ def run_sweep(manifest: str | Path, shard_spec: str | None = None, results: str 
     for k, run in enumerate(todo, 1):
         rate = flops_done / spent if spent else None
         eta = (total_flops - flops_done) / rate if rate else None
-        log(f"[{k}/{len(todo)}] {run['name']}: N={run['N']:.3g} D={run['D']:.3g} {run['steps']} steps "
-            f"(ETA for the rest {_eta(eta)})")
+        log(
+            f"[{k}/{len(todo)}] {run['name']}: N={run['N']:.3g} D={run['D']:.3g} {run['steps']} steps "
+            f"(ETA for the rest {_eta(eta)})"
+        )
         start = time.perf_counter()
         try:
             summary = trainer(run)
@@ -216,6 +272,15 @@ def run_sweep(manifest: str | Path, shard_spec: str | None = None, results: str 
             trained += 1
             log(f"[{k}/{len(todo)}] {run['name']}: loss {row['loss']:.4f} in {wall:.0f}s")
     csv_path = write_csv(results) if results.is_file() else None
-    return {"results": str(results), "csv": str(csv_path) if csv_path else None, "shard": f"{i}/{n}",
-            "runs": len(mine), "skipped": len(mine) - len(todo), "trained": trained, "failed": failed,
-            "stopped": stopped, "wall_s": round(spent, 1), "convention": SCALING_CONVENTION}
+    return {
+        "results": str(results),
+        "csv": str(csv_path) if csv_path else None,
+        "shard": f"{i}/{n}",
+        "runs": len(mine),
+        "skipped": len(mine) - len(todo),
+        "trained": trained,
+        "failed": failed,
+        "stopped": stopped,
+        "wall_s": round(spent, 1),
+        "convention": SCALING_CONVENTION,
+    }

@@ -33,13 +33,21 @@ class Checkpointer:
         """Start saving (async); prune to the last K steps plus, optionally, the best eval loss."""
         if meta.get("eval_loss") is not None:
             self.eval_losses[step] = meta["eval_loss"]
-        self.mngr.save(step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(model_state.to_pure_dict()),
-            "opt_state": ocp.args.StandardSave(opt_state),
-            "meta": ocp.args.JsonSave({**meta, "eval_losses": {str(k): v for k, v in self.eval_losses.items()}}),
-        }), force=True)
+        self.mngr.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.StandardSave(model_state.to_pure_dict()),
+                    "opt_state": ocp.args.StandardSave(opt_state),
+                    "meta": ocp.args.JsonSave(
+                        {**meta, "eval_losses": {str(k): v for k, v in self.eval_losses.items()}}
+                    ),
+                }
+            ),
+            force=True,
+        )
         steps = sorted(self.mngr.all_steps())
-        keep = set(steps[-self.keep:])
+        keep = set(steps[-self.keep :])
         if self.keep_best and self.eval_losses:
             keep.add(min(self.eval_losses, key=self.eval_losses.get))
         for old in steps:
@@ -58,14 +66,22 @@ class Checkpointer:
         unreadable = []
         for step in steps:
             try:
-                restored = self.mngr.restore(step, args=ocp.args.Composite(**{
-                    PARAMS: ocp.args.StandardRestore(abstract_model_state.to_pure_dict()),
-                    "opt_state": ocp.args.StandardRestore(abstract_opt_state),
-                    "meta": ocp.args.JsonRestore(),
-                }))
+                restored = self.mngr.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{
+                            PARAMS: ocp.args.StandardRestore(abstract_model_state.to_pure_dict()),
+                            "opt_state": ocp.args.StandardRestore(abstract_opt_state),
+                            "meta": ocp.args.JsonRestore(),
+                        }
+                    ),
+                )
             except Exception as e:  # orbax/tensorstore raise many types for damaged data
-                log(f"warning: checkpoint step {step} cannot be restored ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}); trying the previous one", file=sys.stderr)
+                log(
+                    f"warning: checkpoint step {step} cannot be restored ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); trying the previous one",
+                    file=sys.stderr,
+                )
                 unreadable.append(step)
                 continue
             self._set_aside(unreadable, log)
@@ -73,8 +89,10 @@ class Checkpointer:
                 self.eval_losses[int(key)] = value
             return step, restored[PARAMS], restored["opt_state"], restored["meta"]
         if steps:
-            raise CheckpointError(f"none of the checkpoints {steps} under '{self.mngr.directory}' can be restored; "
-                               "move the directory away to start afresh")
+            raise CheckpointError(
+                f"none of the checkpoints {steps} under '{self.mngr.directory}' can be restored; "
+                "move the directory away to start afresh"
+            )
         return None
 
     def _set_aside(self, steps: list[int], log) -> None:

@@ -53,10 +53,15 @@ def _check_run_dir(run_dir: Path, cfg: Config, log) -> None:
     except ConfigError as e:
         raise ConfigError(f"'{path}' is unreadable ({e}); choose another train.out_dir") from None
     if previous.model != cfg.model:
-        raise ConfigError(f"train.out_dir '{run_dir}' holds a run of a different model; choose another "
-                          "train.out_dir (or delete the old run)")
-    changed = [f"runtime.{f.name}: {getattr(previous.runtime, f.name)!r} -> {getattr(cfg.runtime, f.name)!r}"
-               for f in dataclasses.fields(cfg.runtime) if getattr(previous.runtime, f.name) != getattr(cfg.runtime, f.name)]
+        raise ConfigError(
+            f"train.out_dir '{run_dir}' holds a run of a different model; choose another "
+            "train.out_dir (or delete the old run)"
+        )
+    changed = [
+        f"runtime.{f.name}: {getattr(previous.runtime, f.name)!r} -> {getattr(cfg.runtime, f.name)!r}"
+        for f in dataclasses.fields(cfg.runtime)
+        if getattr(previous.runtime, f.name) != getattr(cfg.runtime, f.name)
+    ]
     if changed:
         log(f"the run continues under another runtime: {'; '.join(changed)}")
 
@@ -77,6 +82,7 @@ def _prepare_data(cfg: Config, primary: bool):
     """Train rows, tokenizer, validation rows. With several processes, process 0 builds the
     dataset, tokenizer and token caches first and the others then read them (no two
     processes write the same files)."""
+
     def both():
         train_rows, tok = prepare(cfg, "train")
         return train_rows, tok, prepare(cfg, cfg.data.validation_split)[0]
@@ -100,12 +106,15 @@ def make_layout(cfg: Config) -> Layout:
         raise ConfigError(f"mesh: {e}") from None
     rows = layout.size("batch")
     if t.global_batch_size % (rows * t.microbatches):
-        raise ConfigError(f"train.global_batch_size {t.global_batch_size} must be divisible by the {rows} devices "
-                          f"the batch is split over x train.microbatches {t.microbatches}")
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} must be divisible by the {rows} devices "
+            f"the batch is split over x train.microbatches {t.microbatches}"
+        )
     ring = layout.size("length")
     if ring > 1 and t.seq_len % (2 * ring):
-        raise ConfigError(f"train.seq_len {t.seq_len} must be divisible by 2 x mesh.sequence ({2 * ring}) for "
-                          "zig-zag ring attention")
+        raise ConfigError(
+            f"train.seq_len {t.seq_len} must be divisible by 2 x mesh.sequence ({2 * ring}) for zig-zag ring attention"
+        )
     return layout
 
 
@@ -153,17 +162,26 @@ def run(cfg: Config, log=print) -> dict:
     flops = training_flops_per_token(cfg.model, t.seq_len)
     peak, peak_source = peak_flops(t.peak_flops, dtype(cfg.model.compute_dtype))
     entropy = unigram_entropy(val_rows.targets[val_rows.segment_ids > 0], tok.vocab_size)
-    log(f"{cfg.name}: {len(train_rows)} train rows x {t.seq_len} tokens, {t.global_batch_size} rows a step; "
+    log(
+        f"{cfg.name}: {len(train_rows)} train rows x {t.seq_len} tokens, {t.global_batch_size} rows a step; "
         f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source}); "
         f"mesh {dict(layout.mesh.shape)} ({cfg.mesh.strategy}) over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices in {jax.process_count()} process(es), this one loading batch rows "
-        f"[{span[0]}, {span[1]}); parameters {state_bytes(params, layout) / 2**20:.1f} MiB per device")
+        f"[{span[0]}, {span[1]}); parameters {state_bytes(params, layout) / 2**20:.1f} MiB per device"
+    )
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     history, last_eval, exit_code, eval_step_done = [], {}, 0, None
-    bar = tqdm(range(start_step, t.steps), initial=start_step, total=t.steps, disable=not primary,
-               desc=cfg.name, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        range(start_step, t.steps),
+        initial=start_step,
+        total=t.steps,
+        disable=not primary,
+        desc=cfg.name,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
     step = start_step - 1
     try:
@@ -172,9 +190,11 @@ def run(cfg: Config, log=print) -> dict:
             params, rest, opt_state, m = train_step(params, rest, opt_state, batch)
             loss = float(m["loss"])
             if not math.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss} at step {step}; stopping without saving this step "
-                                    f"(last checkpoint: {max(ckpt.mngr.all_steps(), default=None)}). "
-                                    "Lower train.learning_rate or check the data.")
+                raise NonFiniteLoss(
+                    f"loss is {loss} at step {step}; stopping without saving this step "
+                    f"(last checkpoint: {max(ckpt.mngr.all_steps(), default=None)}). "
+                    "Lower train.learning_rate or check the data."
+                )
             window_tokens += float(m["tokens"])
             window_steps += 1
             last = step == t.steps - 1
@@ -182,11 +202,16 @@ def run(cfg: Config, log=print) -> dict:
                 elapsed = time.perf_counter() - window_start
                 tps = window_tokens / max(elapsed, 1e-9)
                 load = np.asarray(m["expert_load"])
-                record = {"step": step, "loss": round(loss, 6), "lr": float(lr(step)),
-                          "grad_norm": round(float(m["grad_norm"]), 6), "tokens_per_s": round(tps, 1),
-                          "step_time_s": round(elapsed / window_steps, 4),
-                          "model_tflops_per_s": round(flops["total"] * tps / 1e12, 4),
-                          "mfu": round(flops["total"] * tps / (peak * jax.device_count()), 4)}
+                record = {
+                    "step": step,
+                    "loss": round(loss, 6),
+                    "lr": float(lr(step)),
+                    "grad_norm": round(float(m["grad_norm"]), 6),
+                    "tokens_per_s": round(tps, 1),
+                    "step_time_s": round(elapsed / window_steps, 4),
+                    "model_tflops_per_s": round(flops["total"] * tps / 1e12, 4),
+                    "mfu": round(flops["total"] * tps / (peak * jax.device_count()), 4),
+                }
                 if cfg.model.num_moe_layers:
                     record["expert_load_max_over_mean"] = round(float((load.max(-1) / load.mean(-1)).max()), 4)
                     record["aux_loss"] = round(float(m["aux_loss"]), 6)
@@ -213,6 +238,14 @@ def run(cfg: Config, log=print) -> dict:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
         metrics_log.close()
-    return {"run_dir": str(run_dir), "start_step": start_step, "last_step": step, "exit_code": exit_code,
-            "history": history, "unigram_entropy": entropy, **last_eval,
-            "flops_per_token": flops["total"], "flops_convention": CONVENTION}
+    return {
+        "run_dir": str(run_dir),
+        "start_step": start_step,
+        "last_step": step,
+        "exit_code": exit_code,
+        "history": history,
+        "unigram_entropy": entropy,
+        **last_eval,
+        "flops_per_token": flops["total"],
+        "flops_convention": CONVENTION,
+    }

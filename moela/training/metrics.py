@@ -15,8 +15,16 @@ import jax
 import jax.numpy as jnp
 
 PEAK_FLOPS = {  # dense bfloat16 FLOP/s per device (chip)
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "A100": 312e12, "H100": 989e12, "H200": 989e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
 }
 
 
@@ -70,8 +78,9 @@ class MetricsLog:
             self.path.write_text("".join(k + "\n" for k in kept))
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                         purge_step=None if resume_step is None else resume_step + 1)
+        self.tensorboard = SummaryWriter(
+            str(self.run_dir / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
+        )
 
     def write(self, record: dict) -> None:
         if not self.enabled:

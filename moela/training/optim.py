@@ -42,13 +42,15 @@ def decay_mask_for(t: TrainConfig):
     def with_embeddings(params):
         mask = decay_mask(params)
         return jax.tree_util.tree_map_with_path(
-            lambda path, m: m or [getattr(k, "key", None) for k in path][0] == "embed", mask)
+            lambda path, m: m or [getattr(k, "key", None) for k in path][0] == "embed", mask
+        )
 
     return with_embeddings
 
 
 def optimizer(t: TrainConfig) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
-    parts.append(optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
-                             mask=decay_mask_for(t)))
+    parts.append(
+        optax.adamw(learning_rate(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask_for(t))
+    )
     return optax.chain(*parts)

@@ -41,8 +41,15 @@ def training_objective(graphdef, params, rest, batch, *, z_coef: float, chunk_to
     x_btd, aux = model.features(batch["inputs"], batch["positions"], batch["segment_ids"], rt=rt)
     w, layout = model.output_weight()
     b, t = batch["inputs"].shape
-    objective, stats = head_loss(x_btd, w, batch["targets"], batch["loss_mask"], z_coef=z_coef,
-                                 chunks=loss_chunks(b, t, chunk_tokens), layout=layout)
+    objective, stats = head_loss(
+        x_btd,
+        w,
+        batch["targets"],
+        batch["loss_mask"],
+        z_coef=z_coef,
+        chunks=loss_chunks(b, t, chunk_tokens),
+        layout=layout,
+    )
     return objective, stats["ce"], stats["z"], aux
 
 
@@ -52,8 +59,9 @@ def split_microbatches(batch, m: int):
     return jax.tree.map(lambda x: jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1), batch)
 
 
-def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, rt: Runtime = Runtime(),
-                    state_shardings=None):
+def make_train_step(
+    graphdef, cfg: Config, tx: optax.GradientTransformation, rt: Runtime = Runtime(), state_shardings=None
+):
     """The jitted step (params, rest, opt_state, batch) -> (params, rest, opt_state, metrics).
 
     The model runs under ``rt`` (its kernel backends and remat, and on a mesh the partitioner's
@@ -67,17 +75,23 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, rt:
 
         def micro_step(mb):
             def objective(p):
-                obj, ce, z, aux = training_objective(graphdef, p, rest, mb, z_coef=t.z_loss,
-                                                     chunk_tokens=t.loss_chunk_tokens, rt=rt)
+                obj, ce, z, aux = training_objective(
+                    graphdef, p, rest, mb, z_coef=t.z_loss, chunk_tokens=t.loss_chunk_tokens, rt=rt
+                )
                 return obj / tokens + aux["aux_loss"] / m, (ce, z, aux)
 
             (_, (ce, z, aux)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-            return grads, {"ce": ce, "z": z, "aux_loss": aux["aux_loss"] / m,
-                           "load": aux.get("expert_load", jnp.zeros((0, 1)))}
+            return grads, {
+                "ce": ce,
+                "z": z,
+                "aux_loss": aux["aux_loss"] / m,
+                "load": aux.get("expert_load", jnp.zeros((0, 1))),
+            }
 
         if m == 1:
             grads, acc = micro_step(batch)
         else:
+
             def accumulate(carry, mb):
                 grads, stats = micro_step(mb)
                 return jax.tree.map(jnp.add, carry, (grads, stats)), None
@@ -92,8 +106,14 @@ def make_train_step(graphdef, cfg: Config, tx: optax.GradientTransformation, rt:
             model = nnx.merge(graphdef, params, rest)
             update_router_bias(model, acc["load"], moe.bias_update_rate)
             _, _, rest = nnx.split(model, nnx.Param, ...)
-        metrics = {"loss": acc["ce"] / tokens, "z_loss": acc["z"] / tokens, "aux_loss": acc["aux_loss"],
-                   "grad_norm": optax.global_norm(grads), "tokens": tokens, "expert_load": acc["load"]}
+        metrics = {
+            "loss": acc["ce"] / tokens,
+            "z_loss": acc["z"] / tokens,
+            "aux_loss": acc["aux_loss"],
+            "grad_norm": optax.global_norm(grads),
+            "tokens": tokens,
+            "expert_load": acc["load"],
+        }
         return params, rest, opt_state, metrics
 
     out_shardings = None if state_shardings is None else (*state_shardings, None)

@@ -18,18 +18,40 @@ from moela.scaling.family import Family, ShapeRule, mla_attention, round_up
 
 def build(base: ModelConfig, n_layers: int, d_model: int) -> ModelConfig:
     head_dim = 64 if d_model >= 128 else 32
-    return dataclasses.replace(base, num_layers=n_layers, d_model=d_model, d_ff=round_up(8 * d_model / 3, 32),
-                               attention=mla_attention(d_model, head_dim=head_dim))
+    return dataclasses.replace(
+        base,
+        num_layers=n_layers,
+        d_model=d_model,
+        d_ff=round_up(8 * d_model / 3, 32),
+        attention=mla_attention(d_model, head_dim=head_dim),
+    )
 
 
 def get_family() -> Family:
     base = Config(
         name="cpu_tiny",
         model=ModelConfig(vocab_size=1024, max_seq_len=128, first_k_dense=0, moe=MoEConfig(num_experts=0)),
-        train=TrainConfig(seq_len=128, global_batch_size=20, learning_rate=3e-3, schedule="cosine",
-                          min_lr_ratio=0.1, async_checkpoints=False, keep_checkpoints=1, out_dir="runs/cpu_tiny"),
+        train=TrainConfig(
+            seq_len=128,
+            global_batch_size=20,
+            learning_rate=3e-3,
+            schedule="cosine",
+            min_lr_ratio=0.1,
+            async_checkpoints=False,
+            keep_checkpoints=1,
+            out_dir="runs/cpu_tiny",
+        ),
     )
     rule = ShapeRule(build=build, width_multiple=32, aspect=64.0, min_width=32, max_width=512, max_layers=8)
-    return Family(name="cpu_tiny", base=base, rule=rule, description=__doc__.splitlines()[0],
-                  batch_bounds=(4, 64), lr_bounds=(1e-4, 1e-2), eval_rows=360, evals_per_run=2,
-                  checkpoints_per_run=2, max_warmup=100)
+    return Family(
+        name="cpu_tiny",
+        base=base,
+        rule=rule,
+        description=__doc__.splitlines()[0],
+        batch_bounds=(4, 64),
+        lr_bounds=(1e-4, 1e-2),
+        eval_rows=360,
+        evals_per_run=2,
+        checkpoints_per_run=2,
+        max_warmup=100,
+    )

@@ -15,7 +15,10 @@ from moela.scaling.family import Family, ShapeRule, mla_attention, round_up
 
 def build(base: ModelConfig, n_layers: int, d_model: int) -> ModelConfig:
     return dataclasses.replace(
-        base, num_layers=n_layers, d_model=d_model, d_ff=round_up(8 * d_model / 3, 64),
+        base,
+        num_layers=n_layers,
+        d_model=d_model,
+        d_ff=round_up(8 * d_model / 3, 64),
         attention=mla_attention(d_model),
         moe=dataclasses.replace(base.moe, d_ff=round_up(d_model / 2, 64)),
     )
@@ -25,14 +28,32 @@ def get_family() -> Family:
     base = Config(
         name="moe",
         model=ModelConfig(
-            vocab_size=32768, max_seq_len=2048, first_k_dense=1, param_dtype="float32", compute_dtype="bfloat16",
-            moe=MoEConfig(num_experts=16, experts_per_token=2, num_shared_experts=1, n_group=4, topk_group=2,
-                          score_func="sigmoid", routed_scaling_factor=2.5, bias_update_rate=1e-3,
-                          seq_aux_loss_coef=1e-4),
+            vocab_size=32768,
+            max_seq_len=2048,
+            first_k_dense=1,
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            moe=MoEConfig(
+                num_experts=16,
+                experts_per_token=2,
+                num_shared_experts=1,
+                n_group=4,
+                topk_group=2,
+                score_func="sigmoid",
+                routed_scaling_factor=2.5,
+                bias_update_rate=1e-3,
+                seq_aux_loss_coef=1e-4,
+            ),
         ),
         data=DataConfig(tokenizer_type="bpe"),
-        train=TrainConfig(seq_len=2048, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0,
-                          out_dir="runs/moe"),
+        train=TrainConfig(
+            seq_len=2048, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, out_dir="runs/moe"
+        ),
     )
-    return Family(name="moe", base=base, rule=ShapeRule(build=build, width_multiple=64, aspect=64.0, min_layers=2),
-                  description=__doc__.splitlines()[0], eval_tokens=1 << 21)
+    return Family(
+        name="moe",
+        base=base,
+        rule=ShapeRule(build=build, width_multiple=64, aspect=64.0, min_layers=2),
+        description=__doc__.splitlines()[0],
+        eval_tokens=1 << 21,
+    )
