@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moela.model.runtime import Runtime
 from moela.model.transformer import init_model
 from moela.training.optim import optimizer
 from moela.training.step import make_train_step
@@ -36,7 +35,7 @@ def moela_stepper(cfg, batch_np):
     graphdef, params, rest = nnx.split(init_model(cfg.model, seed=0), nnx.Param, ...)
     tx = optimizer(cfg.train)
     state = {"params": params, "rest": rest, "opt": tx.init(params)}
-    step = make_train_step(graphdef, cfg, tx, Runtime(cfg.runtime))
+    step = make_train_step(graphdef, cfg, tx)
     batch = jax.tree.map(jnp.asarray, batch_np)
 
     def run():

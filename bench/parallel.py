@@ -30,7 +30,6 @@ import jax
 from harness import synthetic_batch
 from moela.configs import load
 from moela.configs.schema import MeshConfig
-from moela.model.runtime import Runtime
 from moela.parallel import sharded
 from moela.parallel.layout import Layout, state_bytes
 from moela.parallel.mesh import build_mesh
@@ -52,7 +51,7 @@ def stepper(cfg, strategy: str, batch_np):
     layout = Layout.of(build_mesh(MeshConfig(*MESHES[strategy])), strategy)
     tx = optimizer(cfg.train)
     graphdef, params, rest, opt, state_shardings = sharded.init_train_state(cfg.model, tx, layout)
-    step = make_train_step(graphdef, cfg, tx, Runtime(cfg.runtime, layout), state_shardings)
+    step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
     batch = jax.device_put(batch_np, sharded.batch_sharding(layout))
     state = {"params": params, "rest": rest, "opt": opt}
     param_mib = state_bytes(params, layout) / 2**20

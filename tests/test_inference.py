@@ -83,12 +83,13 @@ def test_absorbed_mla_equals_expanded_attention_in_float32():
     np.testing.assert_allclose(np.asarray(absorbed_td), np.asarray(expanded_td), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kind,layout",
     [
         ("mla", "serving"),
-        pytest.param("mla", "stacked", marks=pytest.mark.slow),
-        pytest.param("gqa", "serving", marks=pytest.mark.slow),
+        ("mla", "stacked"),
+        ("gqa", "serving"),
     ],
 )
 def test_serve_step_logits_equal_training_forward(kind, layout):
@@ -113,32 +114,30 @@ def test_serve_step_logits_equal_training_forward(kind, layout):
     np.testing.assert_allclose(np.stack(got), want[[6, 7, 18]], atol=1e-4, rtol=1e-4)
 
 
-def test_engine_prefill_and_decode_equal_the_training_forward_argmax():
-    """Three prompts prefilled (one in two chunks) and decoded together: every generated token is
-    the argmax of the training forward over the prompt and the tokens before it."""
-    cfg = tiny(init_std=0.1, page_size=4, num_pages=32, max_batch=4, max_batched_tokens=16)
-    model = init_model(cfg.model, seed=3)
-    reqs = [
-        Request(str(i), p, max_tokens=8, index=i)
-        for i, p in enumerate(prompts(cfg.model.vocab_size, [5, 23, 2], seed=4))
-    ]
-    forward = nnx.jit(lambda m, t: m(t)[0])
-    for r in Engine(model, cfg).generate(reqs):
-        prompt = reqs[r.index].tokens
-        seq = jnp.asarray([prompt + r.tokens], jnp.int32)
-        argmax = np.asarray(jnp.argmax(forward(model, seq)[0], axis=-1))
-        assert r.tokens == argmax[len(prompt) - 1 : -1].tolist(), f"request {r.id}"
-
-
 def prompts(vocab, lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, n).tolist() for n in lengths]
 
 
+@nnx.jit
+def forward_argmax(model, tokens_bt):
+    return jnp.argmax(model(tokens_bt)[0], axis=-1)
+
+
+def training_argmax(model, tokens: list[int], length: int = 48) -> list[int]:
+    """The training forward's next-token argmax after every position of ``tokens``: one forward,
+    padded to a fixed length (causal, so the padding changes nothing before it: one compile)."""
+    padded = np.zeros((1, length), np.int32)
+    padded[0, : len(tokens)] = tokens
+    return np.asarray(forward_argmax(model, jnp.asarray(padded)))[0, : len(tokens)].tolist()
+
+
 @pytest.mark.parametrize("kind", ["mla", pytest.param("gqa", marks=pytest.mark.slow)])
-def test_engine_equals_no_cache_greedy_loop_with_chunks_and_preemption(kind):
-    # 14 pages of 4 tokens cannot hold all six sequences: the newest get preempted and recomputed;
-    # a 16-token budget splits the 30-token prompt into chunks
+def test_engine_tokens_are_the_training_forward_argmax_with_chunks_and_preemption(kind):
+    """One forward: prefill (in chunks), decode, preemption and recomputation through the engine's
+    paged step give, token for token, the argmax of the training forward over the prompt and the
+    tokens generated before. 14 pages of 4 tokens cannot hold all six sequences, so the newest get
+    preempted and recomputed; a 16-token budget splits the 30-token prompt into chunks."""
     cfg = tiny(kind, init_std=0.1, page_size=4, num_pages=14, max_batch=4, max_batched_tokens=16)
     model = init_model(cfg.model, seed=1)
     reqs = [
@@ -150,8 +149,9 @@ def test_engine_equals_no_cache_greedy_loop_with_chunks_and_preemption(kind):
     assert engine.scheduler.preemptions > 0 and engine.allocator.peak_used == 14
     assert [r.id for r in results] == [r.id for r in reqs]
     for r in results:
+        prompt = reqs[r.index].tokens
         assert r.finish_reason == "length" and len(r.tokens) == 12
-        assert r.tokens == greedy_reference(model, reqs[r.index].tokens, 12), f"request {r.id} diverged"
+        assert r.tokens == training_argmax(model, prompt + r.tokens)[len(prompt) - 1 : -1], f"request {r.id}"
     assert engine.allocator.used == 0, "finished sequences must free their pages"
 
 
@@ -195,13 +195,16 @@ def test_sampling_is_seeded_per_request_whatever_the_batch():
     model = init_model(cfg.model, seed=1)
     p = prompts(cfg.model.vocab_size, [5, 9, 14, 3], seed=3)
     base = dict(max_tokens=10, temperature=1.5, top_k=50, top_p=0.95)
-    alone = Engine(model, cfg).generate([Request("x", p[0], seed=7, **base)])[0].tokens
+    first = Engine(model, cfg)  # a fresh engine per generation, all sharing its compiled step
+    alone = first.generate([Request("x", p[0], seed=7, **base)])[0].tokens
     crowd = [Request("x", p[0], seed=7, **base)] + [Request(str(i), q, seed=i, **base) for i, q in enumerate(p[1:])]
-    together = Engine(model, cfg).generate(crowd)
+    together = Engine(model, cfg, step=first.compiled).generate(crowd)
     assert together[0].tokens == alone
-    other_seed = Engine(model, cfg).generate([Request("x", p[0], seed=8, **base)])[0].tokens
+    other_seed = Engine(model, cfg, step=first.compiled).generate([Request("x", p[0], seed=8, **base)])[0].tokens
     assert other_seed != alone
-    top1 = Engine(model, cfg).generate([Request("x", p[0], seed=7, max_tokens=10, temperature=1.5, top_k=1)])
+    top1 = Engine(model, cfg, step=first.compiled).generate(
+        [Request("x", p[0], seed=7, max_tokens=10, temperature=1.5, top_k=1)]
+    )
     assert top1[0].tokens == greedy_reference(model, p[0], 10)
 
 
@@ -243,10 +246,11 @@ def test_stop_strings_and_eos_end_generation():
     text = Letters().decode(greedy)
     stop = text[3:5]
     cut = text.find(stop)
-    r = Engine(model, cfg, Letters()).generate([Request("s", prompt, 8, stop=(stop,))])[0]
+    engine = Engine(model, cfg, Letters())
+    r = engine.generate([Request("s", prompt, 8, stop=(stop,))])[0]
     assert r.finish_reason == "stop" and r.text == text[:cut] and r.tokens == greedy[: cut + 2]
     eos_cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, eos_id=greedy[4]))
-    r = Engine(model, eos_cfg).generate([Request("e", prompt, 8)])[0]
+    r = Engine(model, eos_cfg, step=engine.compiled).generate([Request("e", prompt, 8)])[0]
     first = greedy.index(greedy[4])
     assert r.finish_reason == "stop" and r.tokens == greedy[:first]
 
@@ -345,7 +349,7 @@ def test_tensor_parallel_engine_equals_one_device(impl, tmp_path):
     _, sharded = load_model(tmp_path, partitioner=layout)
     assert "tensor" in str(sharded.dense_blocks.attn.wo[...].sharding.spec)
     reqs = [Request(str(i), p, max_tokens=6, index=i) for i, p in enumerate(prompts(cfg.model.vocab_size, [3, 21, 9]))]
-    engine = Engine(sharded, cfg, rt=Runtime(cfg.runtime, layout))
+    engine = Engine(sharded, cfg, partitioner=layout)
     got = engine.generate(reqs)
     for r in got:
         assert r.tokens == greedy_reference(model, reqs[r.index].tokens, 6), f"request {r.id} diverged"

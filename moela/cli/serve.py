@@ -14,12 +14,28 @@ one JSON line at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from tqdm import tqdm
+
+from moela.configs import Config, ConfigError, MeshConfig, RuntimeConfig, apply_overrides, validate
+from moela.data.text_builder import DataError
+from moela.inference.engine import Engine
+from moela.inference.requests import OutputWriter, Problem, load_tokenizer, parse_line, read_done
+from moela.model.checkpoint import CheckpointError, load_config, load_model
+from moela.model.runtime import ONE_DEVICE, Partitioner
+from moela.parallel.layout import Layout
+from moela.parallel.mesh import MeshError, build_mesh
+from moela.parallel.rules import ShardingRuleError
+
+SETTABLE = ("serve.", "runtime.", "mesh.")  # the model is the checkpoint's; how it is served is ours
 
 
 def percentiles(values, qs=(50, 90, 99)) -> dict[str, float | None]:
@@ -27,16 +43,9 @@ def percentiles(values, qs=(50, 90, 99)) -> dict[str, float | None]:
     return {f"p{q}": (round(float(np.percentile(values, q)), 6) if values.size else None) for q in qs}
 
 
-SETTABLE = ("serve.", "runtime.", "mesh.")  # the model is the checkpoint's; how it is served is ours
-
-
-def serving_config(checkpoint_cfg, overrides: list[str]):
+def serving_config(checkpoint_cfg: Config, overrides: list[str]) -> Config:
     """The checkpoint's config with serving's own ``runtime`` and ``mesh`` (defaults: the backends'
     ``auto`` and one device, not whatever the training run used) and the ``--set`` overrides."""
-    import dataclasses
-
-    from moela.configs import ConfigError, MeshConfig, RuntimeConfig, apply_overrides, validate
-
     bad = [item for item in overrides if not item.startswith(SETTABLE)]
     if bad:
         raise ConfigError(
@@ -47,20 +56,9 @@ def serving_config(checkpoint_cfg, overrides: list[str]):
     return validate(apply_overrides(cfg, overrides))
 
 
-def serving_runtime(cfg):
-    """The runtime the engine computes under: ``cfg.runtime``, on the mesh of ``mesh.*`` (built like
-    train.py's) when it spans more than one device. Serving splits the model, never its packed
-    batch: ``mesh.data`` and ``mesh.sequence`` must be 1."""
-    import math
-
-    import jax
-
-    from moela.configs import ConfigError
-    from moela.model.runtime import Runtime
-    from moela.parallel.layout import Layout
-    from moela.parallel.mesh import MeshError, build_mesh
-    from moela.parallel.rules import ShardingRuleError
-
+def serving_partitioner(cfg: Config) -> Partitioner:
+    """One device, or the mesh of ``mesh.*`` (built like train.py's) when it spans more. Serving
+    splits the model, never its packed batch: ``mesh.data`` and ``mesh.sequence`` must be 1."""
     sizes = (cfg.mesh.data, cfg.mesh.tensor, cfg.mesh.sequence)
     devices = jax.devices() if -1 in sizes else jax.devices()[: math.prod(sizes)]
     try:
@@ -70,23 +68,17 @@ def serving_runtime(cfg):
                 f"serving runs one packed batch of sequences, so mesh.data and mesh.sequence must be 1 "
                 f"(got {dict(mesh.shape)}); split the model with mesh.tensor=N and mesh.strategy=tp"
             )
-        if mesh.size == 1:
-            return Runtime(cfg.runtime)
-        return Runtime(cfg.runtime, Layout.of(mesh, cfg.mesh.strategy))
+        return ONE_DEVICE if mesh.size == 1 else Layout.of(mesh, cfg.mesh.strategy)
     except (MeshError, ShardingRuleError) as e:
         raise ConfigError(f"mesh: {e}") from None
 
 
-def build_engine(args):
-    from moela.inference.engine import Engine
-    from moela.inference.requests import load_tokenizer
-    from moela.model.checkpoint import load_config, load_model
-
+def build_engine(args) -> tuple[Engine, Config]:
     cfg = serving_config(load_config(args.checkpoint), args.set)
-    rt = serving_runtime(cfg)
-    _, model = load_model(args.checkpoint, args.step, rt.partitioner)
+    partitioner = serving_partitioner(cfg)
+    _, model = load_model(args.checkpoint, args.step, partitioner)
     tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
-    return Engine(model, cfg, tokenizer, rt), cfg
+    return Engine(model, cfg, tokenizer, partitioner), cfg
 
 
 def record(result) -> dict:
@@ -105,10 +97,6 @@ def record(result) -> dict:
 
 
 def serve(args) -> dict:
-    from tqdm import tqdm
-
-    from moela.inference.requests import OutputWriter, Problem, parse_line, read_done
-
     engine, cfg = build_engine(args)
     try:
         lines = Path(args.prompts).read_text().splitlines()
@@ -205,10 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="keep --out and skip the ids already in it")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    from moela.configs import ConfigError
-    from moela.data.text_builder import DataError
-    from moela.model.checkpoint import CheckpointError
-
     try:
         summary = serve(args)
     except (CheckpointError, ConfigError, DataError, ValueError) as e:

@@ -27,7 +27,7 @@ from moela.inference.pages import PageAllocator
 from moela.inference.sampling import SamplingArrays, sample
 from moela.inference.scheduler import Chunk, Request, Scheduler, Sequence
 from moela.model.cache import PagedCache, init_pool, kv_heads
-from moela.model.runtime import Runtime
+from moela.model.runtime import ONE_DEVICE, Partitioner, Runtime
 from moela.model.transformer import Decoder, to_serving_layout
 
 
@@ -104,18 +104,23 @@ class CompiledStep:
 class Engine:
     """Paged, continuously batched generation for one ``Decoder``.
 
-    ``tokenizer`` (optional) decodes text for stop strings and results; ``rt`` says how the model
-    is computed: ``cfg.runtime``'s backends by default, and with a mesh's partitioner
-    (``moela.parallel.layout.Layout``) weights and the cache sharded over the mesh (tensor
-    parallel: heads, MLP, vocab). The engine keeps its own copy of the weights in the serving
-    layout (``to_serving_layout``): drop the model afterwards to hold them once (serve.py does).
-    ``step`` shares another engine's compiled step (same graph and runtime)."""
+    ``tokenizer`` (optional) decodes text for stop strings and results. The model runs under
+    ``cfg.runtime``; a mesh's ``partitioner`` (``moela.parallel.layout.Layout``) shards the weights
+    and the cache over the mesh (tensor parallel: heads, MLP, vocab). The engine keeps its own copy
+    of the weights in the serving layout (``to_serving_layout``): drop the model afterwards to hold
+    them once (serve.py does). ``step`` shares another engine's compiled step (same graph and
+    runtime)."""
 
     def __init__(
-        self, model: Decoder, cfg: Config, tokenizer=None, rt: Runtime | None = None, step: CompiledStep | None = None
+        self,
+        model: Decoder,
+        cfg: Config,
+        tokenizer=None,
+        partitioner: Partitioner = ONE_DEVICE,
+        step: CompiledStep | None = None,
     ):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.rt = Runtime(cfg.runtime) if rt is None else rt
+        self.rt = Runtime(cfg.runtime, partitioner)
         s = cfg.serve
         self.page_size, self.max_seq_len = s.page_size, cfg.model.max_seq_len
         self.allocator = PageAllocator(s.num_pages, s.page_size)

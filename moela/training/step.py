@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from moela.configs.schema import Config
-from moela.model.runtime import Runtime
+from moela.model.runtime import ONE_DEVICE, Partitioner, Runtime
 from moela.model.transformer import update_router_bias
 from moela.training.losses import head_loss, loss_chunks
 
@@ -60,13 +60,19 @@ def split_microbatches(batch, m: int):
 
 
 def make_train_step(
-    graphdef, cfg: Config, tx: optax.GradientTransformation, rt: Runtime = Runtime(), state_shardings=None
+    graphdef,
+    cfg: Config,
+    tx: optax.GradientTransformation,
+    partitioner: Partitioner = ONE_DEVICE,
+    state_shardings=None,
 ):
     """The jitted step (params, rest, opt_state, batch) -> (params, rest, opt_state, metrics).
 
-    The model runs under ``rt`` (its kernel backends and remat, and on a mesh the partitioner's
-    activation constraints, ring attention and expert dispatch); ``state_shardings`` =
-    (params, rest, opt_state) shardings pin the outputs to the layout the inputs came in."""
+    The model runs under ``cfg.runtime`` (kernel backends, remat) and, on a mesh, its
+    ``partitioner`` (``moela.parallel.layout.Layout``: activation constraints, ring attention,
+    expert dispatch); ``state_shardings`` = (params, rest, opt_state) shardings pin the outputs to
+    the layout the inputs came in."""
+    rt = Runtime(cfg.runtime, partitioner)
     t, moe = cfg.train, cfg.model.moe
     m = t.microbatches
 
