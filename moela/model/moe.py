@@ -124,7 +124,7 @@ class RoutedExperts(nnx.Module):
 
 
 class MoE(nnx.Module):
-    """Routed experts + shared experts. Returns (y [B, T, D], stats) where stats holds
+    """Routed experts + shared experts. Returns (y [B, T, D], stats) where training's stats hold
     ``load`` [E] (tokens routed to each expert, padding excluded) and ``aux_loss``."""
 
     def __init__(self, cfg: MoEConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
@@ -134,23 +134,25 @@ class MoE(nnx.Module):
         self.cfg = cfg
 
     def __call__(self, x_btd, segment_ids_bt=None, *, rt: Runtime = Runtime(), inference: bool = False):
+        """(y, stats); a serving step (``inference``: B = 1, packed tokens, padding with segment id 0)
+        keeps no statistics (``{}``)."""
         weights_btk, ids_btk, scores_bte = self.router(x_btd)
         valid_bt = jnp.ones(x_btd.shape[:2], bool) if segment_ids_bt is None else segment_ids_bt != 0
-        load_e = jnp.sum(
-            jax.nn.one_hot(ids_btk, self.cfg.num_experts, dtype=jnp.float32) * valid_bt[..., None, None], axis=(0, 1, 2)
-        )
-        if inference:  # one serving step: B = 1, packed tokens
+        if inference:
             y_td = self.experts.serve(x_btd[0], weights_btk[0], ids_btk[0], valid_bt[0], rt=rt)
-            y_btd = y_td[None].astype(x_btd.dtype)
-            aux_loss = jnp.zeros((), jnp.float32)
+            y_btd, stats = y_td[None].astype(x_btd.dtype), {}
         else:
             # Padding rows still flow through the experts (shapes stay static) but weigh nothing.
             weights_btk = jnp.where(valid_bt[..., None], weights_btk, 0.0)
             y_btd = self.experts(x_btd, weights_btk, ids_btk, rt=rt).astype(x_btd.dtype)
-            aux_loss = self.sequence_aux_loss(scores_bte, ids_btk, valid_bt)
+            load_e = jnp.sum(
+                jax.nn.one_hot(ids_btk, self.cfg.num_experts, dtype=jnp.float32) * valid_bt[..., None, None],
+                axis=(0, 1, 2),
+            )
+            stats = {"load": load_e, "aux_loss": self.sequence_aux_loss(scores_bte, ids_btk, valid_bt)}
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd).astype(x_btd.dtype)
-        return y_btd, {"load": load_e, "aux_loss": aux_loss}
+        return y_btd, stats
 
     def sequence_aux_loss(self, scores_bte, ids_btk, valid_bt):
         """DeepSeek-V3's sequence-wise balance loss: alpha · sum_i f_i · P_i per sequence, averaged

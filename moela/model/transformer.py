@@ -218,7 +218,8 @@ class Decoder(nnx.Module):
                 cache=cache,
                 first_layer=self.cfg.num_dense_layers,
             )
-            aux = {"expert_load": stats["load"], "aux_loss": jnp.sum(stats["aux_loss"])}
+            if stats:  # a serving step keeps none
+                aux = {"expert_load": stats["load"], "aux_loss": jnp.sum(stats["aux_loss"])}
         return x_btd, aux, cache
 
 
