@@ -10,6 +10,7 @@ The package is stacked in layers; a module imports only from the layers below it
     2  model                      the network, its parameters, FLOPs, checkpoints, HF import
     1  kernels                    pure array ops with backends chosen by name
     0  configs                    typed schema, loading, validation, presets
+       compat                     what differs between JAX releases (below every layer)
 """
 
 __version__ = "0.2.0"

@@ -25,18 +25,17 @@ from jax._src.lib import tpu as mosaic
 from jax._src.lib.mlir import ir, passmanager
 from jax._src.pallas.triton import lowering as triton_lowering
 
+from moela import compat
 from moela.kernels import flash
 
 B, T, H, DQK, DV = 1, 4096, 16, 192, 128
-TRITON = "__gpu$xla.gpu.triton"
+TRITON = compat.TRITON_CALL
 CUSTOM_CALL = {"tpu": "tpu_custom_call", "gpu": TRITON}
 PLATFORM = {"tpu": "tpu", "gpu": "cuda"}
 
 
 def export(fn, target, *args):
-    disabled = [jax.export.DisabledSafetyCheck.custom_call(TRITON)] if target == "gpu" else []
-    exported = jax.export.export(jax.jit(fn), platforms=[PLATFORM[target]], disabled_checks=disabled)(*args)
-    return exported.mlir_module()
+    return compat.export(fn, PLATFORM[target], *args).mlir_module()
 
 
 def abstract(kv_heads, segmented):

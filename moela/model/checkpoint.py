@@ -40,7 +40,7 @@ def save_params(directory: str | Path, cfg: Config, params: Any, step: int = 0) 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_json(cfg, directory / CONFIG_FILE)
-    tree = params.to_pure_dict() if isinstance(params, nnx.State) else params
+    tree = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
     mngr = manager(directory)
     mngr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(tree)}), force=True)
     mngr.wait_until_finished()
@@ -71,10 +71,10 @@ def load_model(
     device."""
     cfg = load_config(directory)
     graphdef, abstract_state = nnx.split(abstract_model(cfg.model))
-    target = abstract_state.to_pure_dict()
+    target = nnx.to_pure_dict(abstract_state)
     shardings = partitioner.shardings(abstract_state)
     if shardings is not None:
-        shardings = shardings.to_pure_dict()
+        shardings = nnx.to_pure_dict(shardings)
     else:  # onto this process's first device, whatever topology saved it
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), target)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings)
@@ -91,5 +91,5 @@ def load_model(
         raise CheckpointError(f"cannot restore step {step} of '{directory}': {type(e).__name__}: {e}") from None
     finally:
         mngr.close()
-    abstract_state.replace_by_pure_dict(restored[PARAMS])
+    nnx.replace_by_pure_dict(abstract_state, restored[PARAMS])
     return cfg, nnx.merge(graphdef, abstract_state)

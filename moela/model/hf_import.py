@@ -251,7 +251,7 @@ class Importer:
     def __init__(self, cfg: ModelConfig, interleaved: bool):
         self.cfg = cfg
         self.rules = block_rules(interleaved)
-        self.tree = nnx.state(abstract_model(cfg)).to_pure_dict()
+        self.tree = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
         self.targets: dict[str, tuple[dict, str]] = {}  # dotted path -> (parent dict, key)
         self._index(self.tree, "")
         self.arrays: dict[str, np.ndarray] = {}

@@ -249,7 +249,7 @@ def to_serving_layout(model: Decoder) -> Decoder:
     graphdef, target = nnx.split(abstract_model(model.cfg, serving_layout=True))
 
     def convert(state):
-        tree = state.to_pure_dict()
+        tree = nnx.to_pure_dict(state)
         for name in ("dense_blocks", "moe_blocks"):
             if tree.get(name) is not None:
                 count = jax.tree.leaves(tree[name])[0].shape[0]
@@ -258,5 +258,5 @@ def to_serving_layout(model: Decoder) -> Decoder:
             tree["lm_head"] = {"w": jnp.transpose(tree["lm_head"]["w"])}
         return tree
 
-    target.replace_by_pure_dict(jax.jit(convert)(nnx.state(model)))
+    nnx.replace_by_pure_dict(target, jax.jit(convert)(nnx.state(model)))
     return nnx.merge(graphdef, target)

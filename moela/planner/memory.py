@@ -57,6 +57,7 @@ from flax import nnx
 from jax.extend import core as jcore
 from jax.sharding import AbstractMesh
 
+from moela.compat import scan_num_carry
 from moela.configs.loader import config_from_cli
 from moela.configs.schema import Config, MeshConfig, ModelConfig, RuntimeConfig
 from moela.kernels.grouped import routed_swiglu
@@ -233,9 +234,7 @@ def saved_per_layer(jaxpr, counts: dict[str, int]) -> dict[str, int]:
     scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"][: len(kinds)]
     if [e.params["length"] for e in scans] != [counts[k] for k in kinds]:
         return {}
-    return {
-        k: sum(nbytes(v.aval) for v in e.outvars[e.params["num_carry"] :]) // counts[k] for k, e in zip(kinds, scans)
-    }
+    return {k: sum(nbytes(v.aval) for v in e.outvars[scan_num_carry(e) :]) // counts[k] for k, e in zip(kinds, scans)}
 
 
 _INPLACE = frozenset(

@@ -147,7 +147,7 @@ def run(cfg: Config, log=print) -> dict:
     if restored is not None:
         step, model_dict, opt_state, _ = restored
         state = nnx.merge_state(params, rest)
-        state.replace_by_pure_dict(model_dict)
+        nnx.replace_by_pure_dict(state, model_dict)
         _, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
         start_step = step + 1
         log(f"resumed from {run_dir}/checkpoints/{step}")

@@ -116,7 +116,7 @@ def make_train_step(
             "loss": acc["ce"] / tokens,
             "z_loss": acc["z"] / tokens,
             "aux_loss": acc["aux_loss"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "tokens": tokens,
             "expert_load": acc["load"],
         }
