@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads: see scaling.fit._single_threaded_blas
 import numpy as np  # noqa: E402
@@ -18,6 +19,7 @@ import pytest  # noqa: E402
 from moela.scaling.fit import (
     approach2,
     approach3,
+    assess,
     compute_optimal,
     huber_objective,
     load_rows,  # noqa: E402
@@ -259,22 +261,62 @@ def test_load_rows_rejects_csv_without_a_column_and_other_suffixes(tmp_path):
 @pytest.mark.slow
 def test_plot_all_writes_the_figures_it_has_fits_for(fits, tmp_path):
     rows, fit2, fit3 = fits["besiroglu"]
-    written = plot_all(rows, fit2, fit3, tmp_path / "all", target_budget=1e23)
-    assert [p.name for p in written] == ["isoflop.png", "frontier.png", "optimal.png", "residuals.png"]
+    written, left_out = plot_all(rows, fit2, fit3, tmp_path / "all", target_budget=1e23)
+    assert [p.name for p in written] == ["isoflop.png", "frontier.png", "optimal.png", "residuals.png"] and not left_out
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    assert [p.name for p in plot_all(rows, fit2, None, tmp_path / "no3")] == [
-        "isoflop.png",
-        "frontier.png",
-        "optimal.png",
-    ]
-    assert [p.name for p in plot_all(rows, None, fit3, tmp_path / "no2")] == [
-        "frontier.png",
-        "optimal.png",
-        "residuals.png",
-    ]
-    assert [p.name for p in plot_all(rows, None, None, tmp_path / "none")] == ["frontier.png"]
+    names = lambda fit2, fit3, out: [p.name for p in plot_all(rows, fit2, fit3, tmp_path / out)[0]]  # noqa: E731
+    assert names(fit2, None, "no3") == ["isoflop.png", "frontier.png", "optimal.png"]
+    assert names(None, fit3, "no2") == ["frontier.png", "optimal.png", "residuals.png"]
+    assert names(None, None, "none") == ["frontier.png"]
     assert sorted(p.name for p in (tmp_path / "no3").iterdir()) == ["frontier.png", "isoflop.png", "optimal.png"]
+
+
+def weak_rows() -> list[dict]:
+    """IsoFLOP rows whose loss grows with N: no law fits them (what a sweep of too-short runs gives)."""
+    rows = synthetic_rows(1.7, 400, 400, 0.34, 0.28, [1e12, 3e12, 1e13], sizes_per_budget=5, noise=0.0)
+    rng = np.random.default_rng(0)
+    return [{**r, "loss": 4.0 + 0.05 * np.log(r["N"]) + 0.05 * rng.standard_normal()} for r in rows]
+
+
+def test_a_non_physical_fit_is_called_untrustworthy_in_one_line_without_numpy_warnings(tmp_path):
+    import subprocess
+    import sys
+
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in weak_rows()))
+    fit_out, plots = tmp_path / "fit.json", tmp_path / "plots"
+    done = subprocess.run(
+        [sys.executable, "-m", "moela.scaling", "fit", str(results), "--out", str(fit_out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stderr.strip().splitlines()  # nothing else: no RuntimeWarning from numpy or scipy
+    assert line.startswith("warning: this fit is not trustworthy: ") and "alpha" in line and "<= 0" in line, line
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["trustworthy"] is False and summary["warnings"]
+
+    # plot draws what it can and names each figure it left out, with the reason
+    done = subprocess.run(
+        [sys.executable, "-m", "moela.scaling", "plot", str(results), "--fit", str(fit_out), "--out", str(plots)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in plots.iterdir()) == sorted(Path(p).name for p in summary["plots"])
+    assert "frontier.png" in {Path(p).name for p in summary["plots"]}
+    assert "optimal.png" in summary["left_out"] and "alpha" in summary["left_out"]["optimal.png"]
+    assert "left out optimal.png: Approach 3 has no optimum" in done.stderr
+
+
+def test_a_good_fit_raises_no_objection():
+    rows = synthetic_rows(1.69, 406.4, 410.7, 0.34, 0.28, [1e18, 1e19, 1e20], noise=0.002)
+    fit3 = approach3(rows)
+    assert assess(approach2(rows), fit3) == []
+    assert any("alpha" in p for p in assess(None, {**fit3, "alpha": -0.1}))
+    assert any("collapsed" in p for p in assess(None, {**fit3, "E": 0.0}))
 
 
 def test_fit_parameters_past_float_range_become_inf_not_an_error():

@@ -19,7 +19,10 @@ import json
 import math
 import sys
 import tempfile
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from moela.configs.loader import ConfigError
 from moela.scaling.family import FamilyError
@@ -78,16 +81,21 @@ def fit_all(rows: list[dict], target: float, bootstrap: int = 0) -> dict:
     from moela.scaling import fit
 
     out = {"convention": SCALING_CONVENTION, "fit_convention": fit.CONVENTION, "target": target, "runs": len(rows)}
-    try:
-        out["approach2"] = fit.approach2(rows)
-        out["approach2_optimal"] = fit.power_law_optimal(out["approach2"], target)
-    except ValueError as e:
-        out["approach2_error"] = str(e)
-    try:
-        out["approach3"] = fit.approach3(rows, bootstrap=bootstrap, seed=0, target_c=target)
-        out["approach3_optimal"] = fit.compute_optimal(out["approach3"], target)
-    except ValueError as e:
-        out["approach3_error"] = str(e)
+    # a weak fit overflows and divides by zero on its way; what matters is said by ``assess``
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            out["approach2"] = fit.approach2(rows)
+            out["approach2_optimal"] = fit.power_law_optimal(out["approach2"], target)
+        except ValueError as e:
+            out["approach2_error"] = str(e)
+        try:
+            out["approach3"] = fit.approach3(rows, bootstrap=bootstrap, seed=0, target_c=target)
+            out["approach3_optimal"] = fit.compute_optimal(out["approach3"], target)
+        except ValueError as e:
+            out["approach3_error"] = str(e)
+    out["warnings"] = fit.assess(out.get("approach2"), out.get("approach3"))
+    out["trustworthy"] = not out["warnings"]
     return _jsonable(out)
 
 
@@ -128,6 +136,8 @@ def cmd_fit(args) -> dict:
     left_out = f" ({dropped} failed or superseded rows left out)" if dropped else ""
     print(f"{len(rows)} runs from {args.results}{left_out}")
     print(format_fit(result))
+    if result["warnings"]:
+        print(f"warning: this fit is not trustworthy: {'; '.join(result['warnings'])}", file=sys.stderr)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -155,10 +165,14 @@ def cmd_plot(args) -> dict:
     else:
         saved = fit_all(rows, args.target or 10 * max(r.get("budget", r["C"]) for r in rows))
     target = args.target or saved.get("target")
-    paths = plot.plot_all(rows, saved.get("approach2"), saved.get("approach3"), args.out, target_budget=target)
+    paths, left_out = plot.plot_all(
+        rows, saved.get("approach2"), saved.get("approach3"), args.out, target_budget=target
+    )
     for p in paths:
         print(f"wrote {p}")
-    return {"plots": [str(p) for p in paths], "out": str(args.out), "runs": len(rows)}
+    for name, why in left_out.items():
+        print(f"left out {name}: {why}", file=sys.stderr)
+    return {"plots": [str(p) for p in paths], "left_out": left_out, "out": str(args.out), "runs": len(rows)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -344,6 +344,32 @@ def compute_optimal(fit3: dict, C) -> dict:
     return _scalars({"C": C, "N": n, "D": d, "tokens_per_param": d / n, "loss": predict_loss(fit3, n, d)})
 
 
+def assess(fit2: dict | None, fit3: dict | None) -> list[str]:
+    """Why a fit should not be trusted, one phrase per problem (empty: no objection). Physical
+    laws need loss to fall with both model size and data (alpha, beta > 0), a positive irreducible
+    loss E, finite coefficients, and compute-optimal N and D that both grow with C (0 < a < 1)."""
+    problems = []
+    if fit3 is not None:
+        for name, what in (("alpha", "model size"), ("beta", "data")):
+            value = fit3[name]
+            if not (math.isfinite(value) and value > 0):
+                problems.append(f"Approach 3's {name} = {value:.3g} <= 0 says loss does not fall with {what}")
+        if not all(math.isfinite(fit3[k]) for k in ("E", "A", "B")):
+            problems.append("Approach 3's coefficients overflow (A or B infinite)")
+        elif fit3["E"] < 1e-6:
+            problems.append(f"Approach 3's irreducible loss E = {fit3['E']:.3g} collapsed to zero")
+    if fit2 is not None:
+        if not 0 < fit2["a"] < 1:
+            problems.append(f"Approach 2's N_opt ~ C^{fit2['a']:.3f}: N and D do not both grow with compute")
+        outside = [p["budget"] for p in fit2["per_budget"] if not p["in_range"]]
+        if outside:
+            problems.append(
+                f"Approach 2's minimum lies outside the sampled sizes at budget(s) "
+                f"{', '.join(f'{b:.3g}' for b in outside)} (extrapolated)"
+            )
+    return problems
+
+
 def _scalars(out: dict) -> dict:
     return {k: float(v) if np.ndim(v) == 0 else v for k, v in out.items()}
 

@@ -33,6 +33,7 @@ Planning into a directory that holds the same plan changes nothing; a different 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -46,11 +47,16 @@ DEEPSEEK_BATCH = (0.2920, 0.3271)  # B_opt = k·C^e tokens
 DEEPSEEK_LR = (0.3118, -0.1250)  # η_opt = k·C^e
 MIN_STEPS = 20
 SIZES_RANGE = (5, 9)
+DEFAULT_SIZES = 7
 PLAN_FORMAT = 1
 
 
 class PlanError(ValueError):
     """A plan that cannot be made or written; the message says what would be valid."""
+
+
+class TooCoarse(PlanError):
+    """Two target sizes of one budget map to the same model shape."""
 
 
 def deepseek_batch_tokens(c: float) -> float:
@@ -139,7 +145,7 @@ def plan_runs(
             model = family.model_for(target)
             shape = (model.num_layers, model.d_model)
             if shape in shapes:
-                raise PlanError(
+                raise TooCoarse(
                     f"budget {budget:.3g}: targets N={shapes[shape]:.3g} and {target:.3g} both give "
                     f"{shape[0]} layers x d_model {shape[1]}; the family is too coarse here: lower "
                     "--sizes or raise --span"
@@ -290,7 +296,7 @@ def make_plan(args) -> dict:
     """``python -m moela.scaling plan``: validate the arguments, plan, write, print; returns the JSON summary."""
     budgets = parse_budgets(args.budgets)
     lo, hi = SIZES_RANGE
-    if not (lo <= args.sizes <= hi or (args.force and args.sizes >= 2)):
+    if args.sizes is not None and not (lo <= args.sizes <= hi or (args.force and args.sizes >= 2)):
         raise PlanError(
             f"--sizes {args.sizes} must be between {lo} and {hi} (IsoFLOP parabolas need a few points "
             "either side of the minimum); --force allows any >= 2"
@@ -303,9 +309,34 @@ def make_plan(args) -> dict:
     family = dataclasses.replace(family, base=validate(base))
     fit = json.loads(Path(args.fit).read_text()) if args.fit else None
     out = Path(args.out).resolve()
-    runs = plan_runs(
-        family, budgets, out, args.sizes, args.span, args.tokens_per_param, args.batch_rule, args.lr_rule, args.dp, fit
+    plan = functools.partial(
+        plan_runs,
+        family,
+        budgets,
+        out,
+        span=args.span,
+        tokens_per_param=args.tokens_per_param,
+        batch_rule=args.batch_rule,
+        lr_rule=args.lr_rule,
+        dp=args.dp,
+        fit=fit,
     )
+    if args.sizes is not None:
+        runs = plan(args.sizes)
+    else:  # as many sizes as the family can tell apart at every budget, from DEFAULT_SIZES down to the minimum
+        for sizes in range(DEFAULT_SIZES, lo - 1, -1):
+            try:
+                runs = plan(sizes)
+                break
+            except TooCoarse as e:
+                coarse = e
+        else:
+            raise PlanError(f"{coarse}; even {lo} sizes per budget are too many here") from None
+        if sizes < DEFAULT_SIZES:
+            print(
+                f"{sizes} sizes per budget: the family has too few distinct shapes for {DEFAULT_SIZES} at these budgets"
+            )
+        args.sizes = sizes
     meta = {
         "family": str(Path(args.family).resolve()),
         "family_name": family.name,
@@ -354,7 +385,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--budgets", required=True, help="comma-separated FLOP budgets, e.g. 1e15,3e15,1e16")
     parser.add_argument("--family", required=True, help="family file, e.g. moe")
     parser.add_argument("--out", required=True, help="plan directory (configs/, runs/, manifest.json)")
-    parser.add_argument("--sizes", type=int, default=7, help="model sizes per budget (5..9)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        default=None,
+        help=f"model sizes per budget (5..9; default: {DEFAULT_SIZES}, or fewer where the family has too few shapes)",
+    )
     parser.add_argument("--span", type=float, default=1.0, help="decades of N covered per budget")
     parser.add_argument("--tokens-per-param", type=float, default=20.0, help="centre of the window: D/N")
     parser.add_argument("--fit", help="centre the window on this fit's Approach-3 optimum instead (fit.json)")

@@ -5,7 +5,9 @@
   frontier.png   loss vs N of every run coloured by C, Approach 3's compute-optimal frontier if fit3
   optimal.png    N_opt(C) and D_opt(C), log-log, both approaches, to target_budget  [fit2 or fit3]
   residuals.png  Approach 3's predicted vs observed log loss, and the residual per run  [needs fit3]
-A figure whose fit is missing is skipped; the list returned names the files written.
+A figure whose fit is missing, or whose values cannot be drawn on its log axes (a weak fit's
+optimum can be negative, infinite or undefined), is left out, and ``plot_all`` says why; a fit
+whose curve is undrawable is dropped from a figure that has other things to show.
 """
 
 from __future__ import annotations
@@ -85,8 +87,12 @@ def plot_frontier(rows: list[dict], fit3: dict | None, path: Path) -> Path:
     )
     fig.colorbar(points, ax=ax, label="C (training FLOPs)")
     title = "all runs"
+    grid = np.logspace(np.log10(c.min()) - 0.5, np.log10(c.max()) + 0.5, 100)
+    if fit3 is not None and not (
+        _drawable(compute_optimal(fit3, grid)["N"]) and _drawable(compute_optimal(fit3, grid)["loss"])
+    ):
+        fit3 = None  # no frontier to draw; the runs still are
     if fit3 is not None:
-        grid = np.logspace(np.log10(c.min()) - 0.5, np.log10(c.max()) + 0.5, 100)
         opt = compute_optimal(fit3, grid)
         ax.plot(opt["N"], opt["loss"], "k-", lw=1.5, label="Approach 3 compute-optimal frontier")
         ax.axhline(fit3["E"], color="grey", ls=":", lw=1, label=f"E = {fit3['E']:.3f}")
@@ -98,6 +104,30 @@ def plot_frontier(rows: list[dict], fit3: dict | None, path: Path) -> Path:
     ax.set_title(_title(title, len(rows)), fontsize=9)
     ax.grid(alpha=0.3, which="both")
     return _save(fig, path)
+
+
+def _drawable(values) -> bool:
+    """Values a log axis can show: all finite and > 0."""
+    values = np.asarray(values, dtype=float)
+    return bool(values.size) and bool(np.all(np.isfinite(values) & (values > 0)))
+
+
+def drawable_optima(fit2: dict | None, fit3: dict | None, grid) -> tuple[dict | None, dict | None, list[str]]:
+    """The fits whose compute-optimal N and D are drawable over ``grid``; why the others are not."""
+    why = []
+    if fit2 is not None:
+        opt = power_law_optimal(fit2, grid)
+        if not (_drawable(opt["N"]) and _drawable(opt["D"])):
+            why.append("Approach 2's optimum is not a positive finite number")
+            fit2 = None
+    if fit3 is not None:
+        opt = compute_optimal(fit3, grid)
+        if not (_drawable(opt["N"]) and _drawable(opt["D"])):
+            why.append(
+                f"Approach 3 has no optimum (alpha = {fit3['alpha']:.3g}, beta = {fit3['beta']:.3g}; both must be > 0)"
+            )
+            fit3 = None
+    return fit2, fit3, why
 
 
 def plot_optimal(
@@ -177,16 +207,37 @@ def plot_residuals(rows: list[dict], fit3: dict, path: Path) -> Path:
 
 def plot_all(
     rows: list[dict], fit2: dict | None, fit3: dict | None, out_dir: str | Path, target_budget: float | None = None
-) -> list[Path]:
-    """Write the figures whose fits are given (see the module docstring); returns their paths."""
+) -> tuple[list[Path], dict[str, str]]:
+    """Write the figures that can be drawn (see the module docstring): (paths written, {file left
+    out: why})."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    if fit2 is not None:
+    written, left_out = [], {}
+    usable = [r for r in rows if all(_drawable([r[k]]) for k in ("N", "C", "loss"))]
+    if len(usable) < len(rows):
+        left_out["(runs)"] = (
+            f"{len(rows) - len(usable)} run(s) with a non-positive or non-finite N, C or loss not drawn"
+        )
+    if not usable:
+        left_out["all figures"] = "no run has a positive finite N, C and loss"
+        return written, left_out
+    rows = usable
+    if fit2 is None:
+        left_out["isoflop.png"] = "no Approach 2 fit"
+    else:
         written.append(plot_isoflop(rows, fit2, out_dir / "isoflop.png"))
     written.append(plot_frontier(rows, fit3, out_dir / "frontier.png"))
-    if fit2 is not None or fit3 is not None:
-        written.append(plot_optimal(rows, fit2, fit3, out_dir / "optimal.png", target_budget))
-    if fit3 is not None:
+    c_all = [r["C"] for r in rows] + ([target_budget] if target_budget else [])
+    grid = np.logspace(np.log10(min(c_all)) - 0.3, np.log10(max(c_all)) + 0.3, 100)
+    fit2_ok, fit3_ok, why = drawable_optima(fit2, fit3, grid)
+    if fit2_ok is None and fit3_ok is None:
+        left_out["optimal.png"] = "; ".join(why) or "no fit"
+    else:
+        written.append(plot_optimal(rows, fit2_ok, fit3_ok, out_dir / "optimal.png", target_budget))
+    if fit3 is None:
+        left_out["residuals.png"] = "no Approach 3 fit"
+    elif not _drawable(predict_loss(fit3, [r["N"] for r in rows], [r["D"] for r in rows])):
+        left_out["residuals.png"] = "Approach 3 predicts a non-positive or non-finite loss for some runs"
+    else:
         written.append(plot_residuals(rows, fit3, out_dir / "residuals.png"))
-    return written
+    return written, left_out
