@@ -143,3 +143,76 @@ def test_serve_runs_under_any_runtime_and_mesh(checkpoint, tmp_path, capsys):
     assert "mesh.data and mesh.sequence must be 1" in capsys.readouterr().err
     assert serve.main([*argv, "--set", "runtime.paged_attention=flash"]) == 2
     assert "'runtime.paged_attention' = 'flash' is not valid" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad input, table-driven
+
+# one prompts file: malformed lines (with what their one-line error must say) among good ones (None)
+MIXED: list[tuple[bytes, str | None]] = [
+    (b'{"id": "good1", "prompt": "def main(", "max_tokens": 3}', None),
+    (b"\xff\xfe not utf-8 \xc3", "not valid UTF-8: byte 0xff at byte offset 0"),
+    (b"import os\r", None),  # a CRLF line is plain text
+    (b"hello\x00world", "NUL byte at character 5"),
+    (b"[1, 2, 3]", "must be an object like"),
+    (b"42", None),  # not { or [: plain text, by the rule
+    (b'"a quoted line"', None),
+    (b'{"id": "dup", "prompt": "a", "prompt": "b"}', "duplicate field(s) 'prompt'"),
+    (b'{"id": {"x": 1}, "prompt": "a"}', "'id' must be a non-empty string or an integer"),
+    (b'{"id": "nested", "prompt": {"text": "a"}}', "'prompt' must be a string"),
+    (b'{"id": "lists", "tokens": [[1, 2], [3]]}', "'tokens' must be a list of integer token ids"),
+    (b'{"id": "oov", "tokens": [1, 99999, 2, -4]}', "[0, 1024); got 99999 at position 1, -4 at position 3"),
+    (b'{"id": "hot", "prompt": "a", "temperature": "hot"}', "'temperature' must be a number >= 0; got 'hot'"),
+    (b'{"id": "nan", "prompt": "a", "temperature": NaN}', "'temperature' must be a number >= 0; got nan"),
+    (b'{"id": "seed", "prompt": "a", "seed": 18446744073709551616}', "'seed' must be an integer in [0, 2^32)"),
+    (b'{"id": "bool", "prompt": "a", "max_tokens": true}', "'max_tokens' must be an integer >= 1"),
+    (b'{"id": "stop", "prompt": "a", "stop": [1]}', "'stop' must be a non-empty string or a list of them"),
+    (b'{"id": "both", "prompt": "a", "tokens": [1]}', "exactly one of 'prompt'"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"id": "torn", "prompt": "a"', "malformed JSON"),
+    (b"x" * (4 * 1024 * 1024 + 1), "exceeds the limit of 4194304 bytes"),
+    (b'{"id": "good2", "tokens": [5, 6, 7], "max_tokens": 2, "temperature": 0.7, "seed": 1}', None),
+]
+
+
+def test_every_malformed_line_gets_a_one_line_error_and_every_good_line_completes(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    prompts, out = tmp_path / "mixed.jsonl", tmp_path / "out.jsonl"
+    prompts.write_bytes(b"\n".join(line for line, _ in MIXED) + b"\n")
+    run(ckpt, prompts, out, "--set", "serve.max_new_tokens=3")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    records = {r["index"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(records) == list(range(len(MIXED))), "one record per non-blank line"
+    for index, (line, needle) in enumerate(MIXED):
+        record = records[index]
+        if needle is None:
+            assert "error" not in record and record["finish_reason"] in ("stop", "length"), (line[:60], record)
+        else:
+            assert needle in record["error"] and "\n" not in record["error"], (line[:60], record["error"])
+    bad = sum(needle is not None for _, needle in MIXED)
+    assert bad >= 12 and summary["errors"] == bad and summary["requests"] == len(MIXED) - bad
+
+
+def test_unusable_paths_stop_before_the_model_loads_and_leave_nothing(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    good = tmp_path / "p.txt"
+    good.write_text("hello\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [
+        (tmp_path, tmp_path / "o1.jsonl", "is a directory; give a file with one request per line"),
+        (tmp_path / "missing.txt", tmp_path / "o2.jsonl", "cannot read --prompts"),
+        (good, tmp_path, "is a directory; give a file path"),
+        (good, a_file / "out.jsonl", "is a file, not a directory"),
+    ]
+    for prompts, out, needle in cases:
+        argv = ["--checkpoint", str(ckpt), "--prompts", str(prompts), "--out", str(out), "--quiet"]
+        assert serve.main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "p.txt"], "nothing written"
+
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    run(ckpt, empty, tmp_path / "o.jsonl")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["requests"] == 0 and summary["errors"] == 0

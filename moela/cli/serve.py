@@ -5,8 +5,9 @@
 
 Input: one request per line, JSON ``{"id", "prompt" | "tokens", "max_tokens", "temperature",
 "top_p", "top_k", "seed", "stop"}`` (missing fields take ``serve.*`` config defaults) or plain
-text. Output: one JSON record per request, written as each finishes and re-sorted into input
-order at the end; bad lines get ``{"id", "index", "error"}`` records. ``--resume`` skips ids
+text; a line starting with ``{`` or ``[`` is JSON and must be an object (``inference.requests``).
+Output: one JSON record per request, written as each finishes and re-sorted into input order at
+the end; bad lines get ``{"id", "index", "error"}`` records. ``--resume`` skips ids
 already in the output. A summary (throughput, TTFT / ITL percentiles, peak pages) is printed as
 one JSON line at the end.
 """
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ from tqdm import tqdm
 from moela.configs import Config, ConfigError, MeshConfig, RuntimeConfig, apply_overrides, validate
 from moela.data.text_builder import DataError
 from moela.inference.engine import Engine
-from moela.inference.requests import OutputWriter, Problem, load_tokenizer, parse_line, read_done
+from moela.inference.requests import OutputWriter, Problem, load_tokenizer, parse_line, read_done, read_lines
 from moela.model.checkpoint import CheckpointError, load_config, load_model
 from moela.model.runtime import ONE_DEVICE, Partitioner
 from moela.parallel.layout import Layout
@@ -96,17 +98,30 @@ def record(result) -> dict:
     }
 
 
-def serve(args) -> dict:
-    engine, cfg = build_engine(args)
-    try:
-        lines = Path(args.prompts).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read prompts '{args.prompts}': {e}") from None
-    out = Path(args.out)
-    done = read_done(out) if args.resume else []
-    if not args.resume and out.exists() and out.stat().st_size:
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse an --out that cannot be written, or that holds completions without --resume, before
+    any model is loaded."""
+    if out.is_dir():
+        raise ValueError(f"--out '{out}' is a directory; give a file path for the JSONL completions")
+    if not resume and out.exists() and out.stat().st_size:
         raise ValueError(f"'{out}' already holds completions; pass --resume to continue it or choose another --out")
-    writer = OutputWriter(out, done)
+    parent = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists() or p == p.parent)
+    if parent != out.absolute() and not parent.is_dir():
+        raise ValueError(f"cannot write --out '{out}': '{parent}' is a file, not a directory")
+    if not os.access(out if out.exists() else parent, os.W_OK):
+        raise ValueError(f"cannot write --out '{out}': permission denied")
+
+
+def serve(args) -> dict:
+    lines = read_lines(args.prompts)
+    out = Path(args.out)
+    check_out(out, args.resume)
+    engine, cfg = build_engine(args)
+    done = read_done(out) if args.resume else []
+    try:
+        writer = OutputWriter(out, done)
+    except OSError as e:
+        raise ValueError(f"cannot write --out '{out}': {e.strerror or e}") from None
     done = {str(r["id"]) for r in done}
     requests, errors, seen = [], 0, set(done)
     skipped = 0

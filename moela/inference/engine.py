@@ -193,8 +193,11 @@ class Engine:
         if n >= self.max_seq_len:
             return f"prompt of {n} tokens does not fit the model's context of {self.max_seq_len} tokens"
         vocab = self.cfg.model.vocab_size
-        if min(req.tokens) < 0 or max(req.tokens) >= vocab:
-            return f"token ids must lie in [0, {vocab})"
+        bad = [(i, t) for i, t in enumerate(req.tokens) if not 0 <= t < vocab]
+        if bad:
+            where = ", ".join(f"{t} at position {i}" for i, t in bad[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            return f"token ids must lie in the vocabulary [0, {vocab}); got {where}{more}"
         need = self.allocator.pages_for(min(n + req.max_tokens, self.max_seq_len))
         if need > self.allocator.num_pages:
             return (

@@ -1,8 +1,12 @@
 """Reading prompts and writing completions for ``serve.py``: validation, tokenizers, JSONL output.
 
-Each input line is one request: a JSON object with the fields of ``FIELDS``, or plain text (the
-whole line is the prompt; blank lines are skipped). A line that cannot become a request gets an
-error record, ``{"id", "index", "error"}``; it never stops the others.
+Each input line is one request. The rule: a line whose first non-blank character is ``{`` or
+``[`` is JSON and must be an object with the fields of ``FIELDS``; any other line is plain text,
+the whole line being the prompt (to send text that starts with ``{`` or ``[``, wrap it as
+``{"prompt": ...}``). Blank lines are skipped. Lines are read as bytes and decoded one at a time
+(UTF-8; a byte-order mark at the start of the file is dropped), so a line that cannot become a
+request (not UTF-8, a NUL byte, longer than ``MAX_LINE_BYTES``, malformed JSON, a bad field) gets
+an error record ``{"id", "index", "error"}`` and never stops the others.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from moela.configs.schema import ServeConfig
 from moela.inference.scheduler import Request
 
 FIELDS = ("id", "prompt", "tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+MAX_LINE_BYTES = 4 << 20  # one request line; longer lines are refused, not tokenised
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -80,22 +86,86 @@ def _check_number(value, name: str, kind, ok, valid: str) -> str | None:
     return None if ok(value) else f"'{name}' must be {valid}; got {value!r}"
 
 
-def parse_line(line: str, index: int, defaults: ServeConfig, tokenizer) -> Request | Problem | None:
-    """One input line -> a Request, a Problem, or None for a blank plain-text line."""
-    text = line.rstrip("\r\n")
+def read_lines(path: str | Path) -> list[bytes]:
+    """The raw lines of a prompts file (no line ends; a BOM at the start dropped). One clear
+    ``ValueError`` if the file cannot be read at all; nothing is decoded here."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--prompts '{path}' is a directory; give a file with one request per line")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read --prompts '{path}': {e.strerror or e}") from None
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines]
+
+
+def decode_line(raw: bytes, index: int) -> str | Problem:
+    """One raw line as text, or the Problem that keeps it from being a request."""
+    if len(raw) > MAX_LINE_BYTES:
+        return Problem(str(index), index, f"line of {len(raw)} bytes exceeds the limit of {MAX_LINE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Problem(
+            str(index), index, f"line is not valid UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start}"
+        )
+    if "\x00" in text:
+        return Problem(str(index), index, f"line holds a NUL byte at character {text.index(chr(0))}")
+    return text
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"duplicate field(s) {', '.join(repr(k) for k in repeated)} in one object")
+    return dict(pairs)
+
+
+def _json_fields(text: str, index: int) -> dict | Problem:
+    """A JSON request line (the rule in the module docstring) as its fields, or why not."""
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        return Problem(str(index), index, f"malformed JSON: {e}")
+    except ValueError as e:  # a duplicate field, found at any depth
+        return Problem(str(index), index, f"malformed request: {e}")
+    except RecursionError:
+        return Problem(str(index), index, "malformed JSON: nested too deeply")
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(value), "a number")
+        return Problem(
+            str(index),
+            index,
+            f"a line starting with '{{' or '[' is JSON and must be an object like {{\"prompt\": \"...\"}}; got {kind}",
+        )
+    return value
+
+
+def parse_line(line: str | bytes, index: int, defaults: ServeConfig, tokenizer) -> Request | Problem | None:
+    """One input line -> a Request, a Problem, or None for a blank line."""
+    text = decode_line(line, index) if isinstance(line, bytes) else line.rstrip("\r\n")
+    if isinstance(text, Problem):
+        return text
     rid = str(index)
     if not text.strip():
         return None
-    if not text.lstrip().startswith("{"):
+    if not text.lstrip().startswith(("{", "[")):
         fields: dict[str, Any] = {"prompt": text}
     else:
-        try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as e:
-            return Problem(rid, index, f"malformed JSON: {e}")
-        if not isinstance(fields, dict):
-            return Problem(rid, index, "a JSON line must be an object")
-        rid = str(fields.get("id", rid))
+        fields = _json_fields(text, index)
+        if isinstance(fields, Problem):
+            return fields
+        if "id" in fields:
+            rid = fields["id"]
+            if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+                return Problem(str(index), index, f"'id' must be a non-empty string or an integer; got {rid!r:.80}")
+            rid = str(rid)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
         return Problem(rid, index, f"unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
