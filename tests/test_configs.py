@@ -185,3 +185,102 @@ def test_runtime_overrides_parse_and_validate():
         load("tiny", ["runtime.attention=flash"])
     with pytest.raises(ConfigError, match="'runtime.grouped_block_rows' = 0 must be > 0"):
         load("tiny", ["runtime.grouped_block_rows=0"])
+
+
+# ----------------------------------------------------------------------------- bad input, table-driven
+
+# (overrides, what the one-line error must name: the key and what would be valid)
+BAD_CONFIGS = [
+    (["train.warmup_steps=400"], ["'train.warmup_steps' = 400", "between 0 and train.steps = 300"]),
+    (["train.steps=0"], ["'train.steps' = 0", "> 0"]),
+    (["train.eval_every=0"], ["'train.eval_every' = 0", "> 0"]),
+    (["train.checkpoint_every=0"], ["'train.checkpoint_every'", "> 0"]),
+    (["train.log_every=-1"], ["'train.log_every'", "> 0"]),
+    (["train.keep_checkpoints=0"], ["'train.keep_checkpoints'", "> 0"]),
+    (["train.learning_rate=inf"], ["'train.learning_rate' = inf", "finite"]),
+    (["train.learning_rate=nan"], ["'train.learning_rate' = nan", "finite"]),
+    (["train.min_lr_ratio=2"], ["'train.min_lr_ratio'", "[0, 1]"]),
+    (["train.b2=1"], ["'train.b2'", "[0, 1)"]),
+    (["train.weight_decay=-0.1"], ["'train.weight_decay'", ">= 0"]),
+    (["train.grad_clip=-1"], ["'train.grad_clip'", ">= 0 (0 = off)"]),
+    (["train.out_dir= "], ["'train.out_dir' is empty", "runs/"]),
+    (["train.schedule=exp"], ["'train.schedule' = 'exp'", "'cosine', 'linear', 'constant'"]),
+    (["model.vocab_size=1e9"], ["'model.vocab_size' = '1e9'", "int"]),
+    (["model.moe.num_experts=-1"], ["'model.moe.num_experts' = -1", ">= 0"]),
+    (["model.init_std=0"], ["'model.init_std'", "> 0"]),
+    (["runtime.remat=some"], ["'runtime.remat' = 'some'", "'none', 'full', 'dots', 'dots_no_batch'"]),
+    (["runtime.attention=cuda"], ["'runtime.attention' = 'cuda'", "'xla'", "'pallas'"]),
+    (["runtime.grouped_block_rows=0"], ["'runtime.grouped_block_rows'", "> 0"]),
+    (["mesh.strategy=zero"], ["'mesh.strategy' = 'zero'", "'fsdp'"]),
+    (["mesh.tensor=0"], ["'mesh.tensor' = 0", ">= 1, or -1"]),
+    (["serve.cache_dtype=int8"], ["'serve.cache_dtype' = 'int8'", "'float32', 'bfloat16'"]),
+    (["serve.temperature=-1"], ["'serve.temperature'", ">= 0"]),
+    (["data.tokenizer_type=wordpiece"], ["'data.tokenizer_type'", "'bpe', 'unigram'"]),
+    (["data.max_documents=-3"], ["'data.max_documents'", ">= 0"]),
+    (["=3"], ["'=3'", "section.key=value"]),
+    (["model..d_model=3"], ["'model..d_model=3'", "section.key=value"]),
+    (["train.steps=1=2"], ["'train.steps' = '1=2'", "int"]),
+    (["model.attention.impl=xla"], ["'model.attention.impl'", "moved to 'runtime.attention'"]),
+]
+
+
+@pytest.mark.parametrize("overrides, needles", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_every_bad_config_is_one_line_naming_the_key_and_what_is_valid(overrides, needles):
+    with pytest.raises(ConfigError) as err:
+        load("tiny", overrides)
+    message = str(err.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+
+
+BAD_FILES = {
+    "empty.py": ("", "must define get_config()"),
+    "syntax.py": ("def get_config(:\n", "failed to import: SyntaxError"),
+    "raises.py": (
+        "def get_config():\n    raise RuntimeError('line one\\nline two')\n",
+        "raised RuntimeError: line one line two",
+    ),
+    "wrong_type.py": ("def get_config():\n    return {'model': {}}\n", "returned dict, expected moela.configs.Config"),
+    "nul.py": ("def get_config():\n    return 1\x00\n", "failed to import"),
+    "config.txt": ("anything", "must be a Python file (.py)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_broken_config_file_is_one_line_naming_the_file(name, tmp_path):
+    text, needle = BAD_FILES[name]
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    assert needle in str(err.value) and name in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_config_directory_or_json_garbage_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load(str(tmp_path))
+    good = json.dumps(to_dict(load("tiny")))
+    for name, text, needle in [
+        ("dup.json", '{"name": "a", "name": "b"}', "'name' appear twice"),
+        ("nul.json", good[:-1] + "\x00}", "cannot read config"),
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "cannot read config"),
+        ("list.json", "[1, 2]", "must hold a JSON object"),
+        ("nested.json", json.dumps({**json.loads(good), "model": [1, {}]}), "section 'model' must be a mapping"),
+        ("latin1.json", "", "cannot read config"),
+    ]:
+        path = tmp_path / name
+        path.write_bytes(b'{"name": "\xe9"}' if name == "latin1.json" else text.encode())
+        with pytest.raises(ConfigError) as err:
+            load_json(path)
+        assert needle in str(err.value) and "\n" not in str(err.value), (name, str(err.value))
+
+
+def test_train_cli_refuses_a_warmup_longer_than_the_run_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "moela.cli.train", "--config", "tiny", "--set", "train.steps=5"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "error: config key 'train.warmup_steps' = 20 must be between 0 and train.steps = 5" in out.stderr

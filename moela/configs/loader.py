@@ -96,7 +96,11 @@ def parse_scalar(key: str, tp: Any, text: str) -> Any:
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, checking every key and type."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix or cls.__name__}' must be a mapping, got {data!r}")
+        got = repr(data) if len(repr(data)) <= 80 else repr(data)[:77] + "..."
+        raise ConfigError(
+            f"config section '{prefix.rstrip('.') or cls.__name__}' must be a mapping of its keys "
+            f"({', '.join(_hints(cls))}), got {got}"
+        )
     hints = _hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -131,9 +135,9 @@ def check_types(cfg: Any, prefix: str = "") -> None:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.field=value`` strings, e.g. ``model.num_layers=4``."""
     for item in overrides:
-        if "=" not in item:
+        key, _, text = item.partition("=")
+        if not _ or not all(part.strip() for part in key.split(".")):
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.num_layers=4")
-        key, text = item.split("=", 1)
         cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip())
     return cfg
 
@@ -157,6 +161,12 @@ def _set(node: Any, parts: list[str], text: str, full: str) -> Any:
 PRESETS = Path(__file__).parent / "presets"
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception as ``Type: message`` on one line, at most ``limit`` characters."""
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def find_file(name: str | os.PathLike, folder: Path, kind: str, error: type[Exception]) -> Path:
     """``name`` as a path to a ``.py`` file, or the bare name of one in ``folder``; else one ``error``
     listing the names there."""
@@ -165,6 +175,8 @@ def find_file(name: str | os.PathLike, folder: Path, kind: str, error: type[Exce
         return p
     if not p.suffix and p.parent == Path(".") and (folder / f"{p.name}.py").is_file():
         return folder / f"{p.name}.py"
+    if p.is_dir():
+        raise error(f"{kind} '{name}' is a directory; give a .py file or a name")
     known = sorted(q.stem for q in folder.glob("[!_]*.py"))
     raise error(f"{kind} '{name}' not found: give a path to a .py file or one of: {', '.join(known)}")
 
@@ -198,15 +210,22 @@ def call_file(
     """Import the Python file ``p`` and return ``func()``, which must be an ``expected``; every
     mistake (the file fails to import, lacks ``func``, returns something else) is one ``error``
     naming the file. Presets (``get_config``) and scaling families (``get_family``) load this way."""
+    if p.suffix != ".py":
+        raise error(f"{kind} '{label}' must be a Python file (.py) defining {func}()")
     spec = importlib.util.spec_from_file_location(f"{module_prefix}_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # a broken file: report it, do not crash the CLI
-        raise error(f"{kind} '{label}' failed to import: {type(e).__name__}: {e}") from None
+        raise error(f"{kind} '{label}' failed to import: {one_line(e)}") from None
     if not callable(getattr(module, func, None)):
         raise error(f"{kind} '{label}' must define {func}() returning a {returns}")
-    value = getattr(module, func)()
+    try:
+        value = getattr(module, func)()
+    except error:
+        raise
+    except Exception as e:
+        raise error(f"{func}() in '{label}' raised {one_line(e)}") from None
     if not isinstance(value, expected):
         raise error(f"{func}() in '{label}' returned {type(value).__name__}, expected {returns}")
     return value
@@ -220,6 +239,14 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"key(s) {', '.join(repr(k) for k in repeated)} appear twice in one object")
+    return dict(pairs)
+
+
 def save_json(cfg: Config, path: str | os.PathLike) -> None:
     Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
@@ -228,9 +255,9 @@ def load_json(path: str | os.PathLike, log=None) -> Config:
     """A ``config.json``; one written by an earlier moela is migrated, and ``log`` (default: a line
     on stderr) is told which keys moved."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot read config '{path}': {e}") from None
+        data = json.loads(Path(path).read_text(), object_pairs_hook=_unique_keys)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ConfigError(f"cannot read config '{path}': {one_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config '{path}' must hold a JSON object, got {type(data).__name__}")
     data, moved = migrate(data)
@@ -241,6 +268,39 @@ def load_json(path: str | os.PathLike, log=None) -> Config:
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
+
+
+MAX_STEPS_ENV = "MOELA_MAX_STEPS"
+
+
+def cap_steps(cfg: Config, environ=os.environ) -> tuple[Config, str | None]:
+    """``MOELA_MAX_STEPS=N`` in the environment caps a training run at N steps, shrinking the
+    warmup and the logging, evaluation and checkpoint intervals to fit: for checking that a
+    command works end to end (the README's commands are tested this way), not for results.
+    Returns the config and a line saying what changed (None when nothing did)."""
+    text = environ.get(MAX_STEPS_ENV, "").strip()
+    if not text:
+        return cfg, None
+    try:
+        cap = int(text)
+    except ValueError:
+        cap = 0
+    if cap < 1:
+        raise ConfigError(f"{MAX_STEPS_ENV}={text!r} must be an integer >= 1 (or unset)")
+    t = cfg.train
+    if t.steps <= cap:
+        return cfg, None
+    train = dataclasses.replace(
+        t,
+        steps=cap,
+        warmup_steps=min(t.warmup_steps, cap),
+        log_every=min(t.log_every, cap),
+        eval_every=min(t.eval_every, cap),
+        checkpoint_every=min(t.checkpoint_every, cap),
+    )
+    return dataclasses.replace(
+        cfg, train=train
+    ), f"{MAX_STEPS_ENV}={cap}: training {cap} of the config's {t.steps} steps"
 
 
 def add_cli_args(parser) -> None:
@@ -268,5 +328,5 @@ def config_from_cli(parser, argv: list[str] | None = None):
     try:
         return args, load(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None

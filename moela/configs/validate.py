@@ -6,6 +6,9 @@ would be valid.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from moela.configs.schema import Config
 
 
@@ -24,7 +27,18 @@ def _positive(section: object, prefix: str, *names: str) -> None:
         _require(value > 0, f"config key '{prefix}.{name}' = {value} must be > 0")
 
 
+def _finite(node: object, prefix: str) -> None:
+    """Every float in the config is a finite number (``--set train.learning_rate=inf`` parses)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}.{f.name}".lstrip(".")
+        if dataclasses.is_dataclass(value):
+            _finite(value, key)
+        elif isinstance(value, float):
+            _require(math.isfinite(value), f"config key '{key}' = {value} must be a finite number")
+
+
 def validate(cfg: Config) -> Config:
+    _finite(cfg, "")
     m, a, r, e = cfg.model, cfg.model.attention, cfg.model.rope, cfg.model.moe
     _positive(m, "model", "vocab_size", "d_model", "num_layers", "d_ff", "max_seq_len", "init_std", "norm_eps")
     _positive(a, "model.attention", "num_heads")
@@ -62,6 +76,10 @@ def validate(cfg: Config) -> Config:
             f"config key 'model.rope.beta_fast' = {r.beta_fast} must exceed model.rope.beta_slow = {r.beta_slow}",
         )
 
+    _require(
+        e.num_experts >= 0,
+        f"config key 'model.moe.num_experts' = {e.num_experts} must be >= 0 (0 = dense MLP in every layer)",
+    )
     if e.num_experts > 0:
         _positive(e, "model.moe", "experts_per_token", "d_ff", "n_group", "topk_group", "routed_scaling_factor")
         _require(e.num_shared_experts >= 0, "config key 'model.moe.num_shared_experts' must be >= 0")
@@ -96,6 +114,29 @@ def validate(cfg: Config) -> Config:
 
     t = cfg.train
     _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate", "loss_chunk_tokens")
+    _positive(t, "train", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every", "eps")
+    _require(
+        0 <= t.warmup_steps <= t.steps,
+        f"config key 'train.warmup_steps' = {t.warmup_steps} must be between 0 and train.steps = {t.steps} "
+        "(the warmup is part of the run)",
+    )
+    _require(
+        0 <= t.min_lr_ratio <= 1,
+        f"config key 'train.min_lr_ratio' = {t.min_lr_ratio} must be in [0, 1] (the final learning rate "
+        "as a fraction of the peak)",
+    )
+    for name in ("b1", "b2"):
+        value = getattr(t, name)
+        _require(0 <= value < 1, f"config key 'train.{name}' = {value} must be in [0, 1) (an AdamW moment decay)")
+    for name, meaning in (("weight_decay", "0 = off"), ("grad_clip", "0 = off"), ("z_loss", "0 = off")):
+        value = getattr(t, name)
+        _require(value >= 0, f"config key 'train.{name}' = {value} must be >= 0 ({meaning})")
+    _require(t.seed >= 0, f"config key 'train.seed' = {t.seed} must be >= 0")
+    _require(
+        t.peak_flops >= 0,
+        f"config key 'train.peak_flops' = {t.peak_flops} must be >= 0 (FLOP/s per device; 0 = from the device table)",
+    )
+    _require(bool(t.out_dir.strip()), "config key 'train.out_dir' is empty; give a run directory, e.g. runs/tiny")
     _require(
         t.global_batch_size % t.microbatches == 0,
         f"config key 'train.microbatches' = {t.microbatches} must divide train.global_batch_size = "
