@@ -15,6 +15,7 @@ from moela.data.packing import pack_documents, stream
 from moela.configs.schema import MeshConfig
 from moela.data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
 from moela.data.sources import document, open_split
+from moela.data import text_builder
 from moela.data.text_builder import DataError, build, split_files
 
 CORPUS_SRC = Path(json_module.__file__).parent  # a few stdlib files: the same text on every machine
@@ -42,8 +43,14 @@ def cfg_for(corpus: Path, data_dir: Path, *extra):
     )
 
 
-def test_builder_reads_every_file_once_with_a_stable_split(corpus, tmp_path):
-    builder = build(f"{corpus}/**/*.txt", str(tmp_path))
+def test_builder_reads_every_file_once_with_a_stable_split(corpus, tmp_path, capfd):
+    lines = []
+    builder = build(f"{corpus}/**/*.txt", str(tmp_path), log=lines.append)
+    # one line of moela's own, none of tfds' ("Downloading and preparing dataset Unknown size ...")
+    n_files = len(list(corpus.rglob("*.txt")))
+    assert len(lines) == 1 and lines[0].startswith(f"building the moela_text dataset from {n_files} files"), lines
+    out, err = capfd.readouterr()
+    assert "Downloading" not in out + err and "absl" not in out + err and "Generating" not in out + err, out + err
     sources = builder.as_data_source()
     got = {document(r, "path"): document(r, "text") for s in ("train", "validation") for r in sources[s]}
     files = sorted(corpus.rglob("*.txt"))
@@ -59,9 +66,27 @@ def test_builder_reads_every_file_once_with_a_stable_split(corpus, tmp_path):
     assert again.data_dir == builder.data_dir
 
 
-def test_bad_sources_fail_clearly(tmp_path):
+def test_bad_sources_fail_clearly_and_leave_nothing(tmp_path, monkeypatch):
+    data_dir = tmp_path / "tfds"
     with pytest.raises(DataError, match="matches no files"):
-        build(f"{tmp_path}/nothing/*.txt", str(tmp_path))
+        build(f"{tmp_path}/nothing/*.txt", str(data_dir))
+    assert not data_dir.exists(), "a failed build must not leave its folders behind"
+    # a build that fails midway (an unreadable file) removes what it created, and only that
+    data_dir.mkdir()
+    (data_dir / "keep.txt").write_text("someone else's")
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in "abc":
+        (texts / f"{name}.txt").write_text("fine")
+
+    def unreadable(self, files, root):
+        yield "a.txt", {"text": "fine", "path": "a.txt"}
+        raise OSError("disk gone")  # a file that vanished or a disk that failed mid-build
+
+    monkeypatch.setattr(text_builder.MoelaText, "_generate_examples", unreadable)
+    with pytest.raises(OSError, match="disk gone"):
+        build(f"{texts}/*.txt", str(data_dir), log=lambda line: None)
+    assert sorted(p.name for p in data_dir.iterdir()) == ["keep.txt"]
     cfg = load("tiny", ["data.dataset=no_such_dataset_xyz", f"data.data_dir={tmp_path}"])
     with pytest.raises(DataError, match="not a known tfds dataset"):
         open_split(cfg.data, "train")

@@ -14,9 +14,14 @@ access through ``builder.as_data_source()``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
+import io
+import logging
 import os
+import shutil
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -121,11 +126,51 @@ class MoelaText(tfds.core.GeneratorBasedBuilder):
                 yield rel, {"text": fh.read(), "path": rel}
 
 
-def build(text_glob: str = "", data_dir: str = "", validation_percent: int = 2) -> MoelaText:
-    """The prepared builder for a source, building it on first use."""
-    builder = MoelaText(
-        config=source_config(text_glob, validation_percent), data_dir=data_dir or None, file_format="array_record"
+def _new_paths(root: Path, target: Path) -> list[Path]:
+    """The folders from ``root`` down to ``target`` that do not exist yet (outermost first)."""
+    chain = [target, *target.parents]
+    return [p for p in reversed(chain[: chain.index(root) + 1] if root in chain else chain) if not p.exists()]
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """tfds announces a local build as a download ("Downloading and preparing dataset Unknown
+    size ...") on stdout, warns through absl and draws its own bars: moela says one line instead."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    tfds.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        tfds.enable_progress_bar()
+        absl.setLevel(level)
+
+
+def build(text_glob: str = "", data_dir: str = "", validation_percent: int = 2, log=None) -> MoelaText:
+    """The prepared builder for a source, building it on first use (one line through ``log``,
+    default stderr). A build that fails leaves no folder behind that it created."""
+    cfg = source_config(text_glob, validation_percent)
+    with _quiet_tfds():
+        builder = MoelaText(config=cfg, data_dir=data_dir or None, file_format="array_record")
+        prepared = builder.is_prepared()
+    if prepared:
+        return builder
+    files = list_files(cfg)  # a source that matches nothing stops here, before any folder is made
+    size = sum(os.path.getsize(f) for f in files)
+    target = Path(builder.data_dir)
+    root = Path(builder.data_dir_root)
+    created = _new_paths(root, target.parent) + [root / "downloads"] * (not (root / "downloads").exists())
+    (log or (lambda line: print(line, file=sys.stderr, flush=True)))(
+        f"building the moela_text dataset from {len(files)} files ({size / 1e6:.1f} MB under {cfg.root}) "
+        f"in {target} ..."
     )
-    if not builder.is_prepared():
-        builder.download_and_prepare()
+    try:
+        with _quiet_tfds():
+            builder.download_and_prepare()
+    except BaseException:
+        for path in reversed(created):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     return builder

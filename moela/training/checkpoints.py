@@ -15,9 +15,25 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from moela.configs.schema import TrainConfig
 from moela.model.checkpoint import CHECKPOINTS, PARAMS, CheckpointError
+
+
+def damage(step_dir: Path, error: Exception) -> str:
+    """What is wrong with a checkpoint step that orbax could not restore, in a few words: a part
+    missing, files empty (a write cut short), or else the kind of error orbax raised."""
+    if not step_dir.is_dir():
+        return "its folder is missing"
+    missing = [part for part in (PARAMS, "opt_state", "meta") if not (step_dir / part).exists()]
+    if missing:
+        return f"its {', '.join(missing)} part{'s are' if len(missing) > 1 else ' is'} missing"
+    empty = sorted(str(f.relative_to(step_dir)) for f in step_dir.rglob("*") if f.is_file() and f.stat().st_size == 0)
+    if empty:
+        more = f" and {len(empty) - 2} more" if len(empty) > 2 else ""
+        return f"empty file{'s' if len(empty) > 1 else ''} {', '.join(empty[:2])}{more}: a write was cut short"
+    return f"its data is damaged: orbax raised {type(error).__name__}"
 
 
 class Checkpointer:
@@ -37,7 +53,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 **{
-                    PARAMS: ocp.args.StandardSave(model_state.to_pure_dict()),
+                    PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
                     "opt_state": ocp.args.StandardSave(opt_state),
                     "meta": ocp.args.JsonSave(
                         {**meta, "eval_losses": {str(k): v for k, v in self.eval_losses.items()}}
@@ -70,54 +86,55 @@ class Checkpointer:
                     step,
                     args=ocp.args.Composite(
                         **{
-                            PARAMS: ocp.args.StandardRestore(abstract_model_state.to_pure_dict()),
+                            PARAMS: ocp.args.StandardRestore(nnx.to_pure_dict(abstract_model_state)),
                             "opt_state": ocp.args.StandardRestore(abstract_opt_state),
                             "meta": ocp.args.JsonRestore(),
                         }
                     ),
                 )
             except Exception as e:  # orbax/tensorstore raise many types for damaged data
-                log(
-                    f"warning: checkpoint step {step} cannot be restored ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}); trying the previous one",
-                    file=sys.stderr,
-                )
-                unreadable.append(step)
+                unreadable.append((step, damage(Path(self.mngr.directory) / str(step), e)))
                 continue
-            self._set_aside(unreadable, log)
+            self._set_aside(unreadable, step, log)
             for key, value in restored["meta"].get("eval_losses", {}).items():
                 self.eval_losses[int(key)] = value
             return step, restored[PARAMS], restored["opt_state"], restored["meta"]
         if steps:
+            why = "; ".join(f"step {step}: {reason}" for step, reason in unreadable)
             raise CheckpointError(
-                f"none of the checkpoints {steps} under '{self.mngr.directory}' can be restored; "
+                f"none of the checkpoints {steps} under '{self.mngr.directory}' can be restored ({why}); "
                 "move the directory away to start afresh"
             )
         return None
 
-    def _set_aside(self, steps: list[int], log) -> None:
-        """Move unreadable steps to RUN/unreadable_checkpoints/ (kept for inspection, out of the way)."""
-        if not steps:
+    def _set_aside(self, unreadable: list[tuple[int, str]], used: int, log) -> None:
+        """Move unreadable steps to RUN/unreadable_checkpoints/ (kept for inspection, out of the way),
+        one line each: which step, why, where it went, and which step the run resumes from."""
+        if not unreadable:
             return
         if jax.process_count() > 1:  # process 0 moves them; everyone waits, then sees the same steps
             from jax.experimental import multihost_utils
 
             if jax.process_index() == 0:
-                self._move_aside(steps, log)
+                self._move_aside(unreadable, used, log)
             multihost_utils.sync_global_devices("moela: unreadable checkpoints set aside")
             self.mngr.reload()
             return
-        self._move_aside(steps, log)
+        self._move_aside(unreadable, used, log)
         self.mngr.reload()
 
-    def _move_aside(self, steps: list[int], log) -> None:
+    def _move_aside(self, unreadable: list[tuple[int, str]], used: int, log) -> None:
         directory = Path(self.mngr.directory)
         aside = directory.parent / "unreadable_checkpoints"
         aside.mkdir(exist_ok=True)
-        for step in steps:
+        for step, reason in unreadable:
             target = aside / f"{step}-{int(time.time())}"
             shutil.move(str(directory / str(step)), str(target))
-            log(f"moved unreadable checkpoint {step} to {target}", file=sys.stderr)
+            log(
+                f"warning: checkpoint step {step} in {directory} is unreadable ({reason}); moved it to {target}; "
+                f"resuming from step {used}",
+                file=sys.stderr,
+            )
 
     def close(self) -> None:
         self.mngr.wait_until_finished()
