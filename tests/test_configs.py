@@ -284,3 +284,19 @@ def test_train_cli_refuses_a_warmup_longer_than_the_run_in_one_line():
     )
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "error: config key 'train.warmup_steps' = 20 must be between 0 and train.steps = 5" in out.stderr
+
+
+def test_max_steps_env_caps_a_run_and_shrinks_its_intervals():
+    from moela.configs.loader import cap_steps
+
+    cfg = load("tiny")
+    capped, note = cap_steps(cfg, {"MOELA_MAX_STEPS": "4"})
+    t = capped.train
+    assert (t.steps, t.warmup_steps, t.eval_every, t.checkpoint_every, t.log_every) == (4, 4, 4, 4, 4)
+    assert t.eval_batches == 1
+    assert note == "MOELA_MAX_STEPS=4: training 4 of the config's 300 steps"
+    assert capped.model == cfg.model and capped.data == cfg.data
+    assert cap_steps(cfg, {}) == (cfg, None) and cap_steps(cfg, {"MOELA_MAX_STEPS": "1000"}) == (cfg, None)
+    for bad in ("0", "four", "-2"):
+        with pytest.raises(ConfigError, match="MOELA_MAX_STEPS=.* must be an integer >= 1"):
+            cap_steps(cfg, {"MOELA_MAX_STEPS": bad})

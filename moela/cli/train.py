@@ -19,7 +19,7 @@ import sys
 
 # Nothing here imports JAX at module level: ``entry`` must set the allocator up first.
 from moela.configs import ConfigError
-from moela.configs.loader import config_from_cli
+from moela.configs.loader import cap_steps, config_from_cli
 from moela.parallel.host import active_allocator, fast_allocator
 
 
@@ -36,6 +36,13 @@ def sparkline(values: list[float], width: int = 40) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python train.py", description=__doc__.split("\n\n")[0])
     _, cfg = config_from_cli(parser, argv)
+    try:
+        cfg, capped = cap_steps(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if capped:
+        print(capped)
     from moela.parallel.distributed import DistributedConfigError, initialize
 
     try:

@@ -275,8 +275,9 @@ MAX_STEPS_ENV = "MOELA_MAX_STEPS"
 
 def cap_steps(cfg: Config, environ=os.environ) -> tuple[Config, str | None]:
     """``MOELA_MAX_STEPS=N`` in the environment caps a training run at N steps, shrinking the
-    warmup and the logging, evaluation and checkpoint intervals to fit: for checking that a
-    command works end to end (the README's commands are tested this way), not for results.
+    warmup and the logging, evaluation and checkpoint intervals to fit and evaluating on one
+    batch: for checking that a command works end to end (the README's commands are tested this
+    way, as PyTorch Lightning's ``fast_dev_run`` does), not for results.
     Returns the config and a line saying what changed (None when nothing did)."""
     text = environ.get(MAX_STEPS_ENV, "").strip()
     if not text:
@@ -297,6 +298,7 @@ def cap_steps(cfg: Config, environ=os.environ) -> tuple[Config, str | None]:
         log_every=min(t.log_every, cap),
         eval_every=min(t.eval_every, cap),
         checkpoint_every=min(t.checkpoint_every, cap),
+        eval_batches=1,
     )
     return dataclasses.replace(
         cfg, train=train

@@ -55,7 +55,7 @@ def stdlib_files() -> tuple[str, list[str]]:
 def source_config(text_glob: str = "", validation_percent: int = 2) -> TextSourceConfig:
     """The builder config for a source: the stdlib when ``text_glob`` is empty."""
     if not text_glob:
-        root, _ = stdlib_files()
+        root = sysconfig.get_paths()["stdlib"]  # the name needs only the root: no glob of the stdlib here
         tag = "py" + "".join(sysconfig.get_python_version().split("."))
         return TextSourceConfig(
             name=f"{STDLIB_NAME}_{tag}_val{validation_percent}",
