@@ -106,15 +106,15 @@ def format_fit(result: dict) -> str:
         skipped = f"; skipped {len(f2['skipped'])} budget(s)" if f2["skipped"] else ""
         lines.append(
             f"Approach 2 (IsoFLOP parabolas, {len(f2['per_budget'])} budgets): "
-            f"N_opt = {f2['k_n']:.3g}*C^{f2['a']:.3f}, D_opt = {f2['k_d']:.3g}*C^{f2['b']:.3f}{skipped}"
+            f"N_opt = {_g(f2['k_n'])}*C^{_g(f2['a'], '.3f')}, D_opt = {_g(f2['k_d'])}*C^{_g(f2['b'], '.3f')}{skipped}"
         )
     else:
         lines.append(f"Approach 2: not fitted: {result['approach2_error']}")
     if "approach3" in result:
         f3 = result["approach3"]
         lines.append(
-            f"Approach 3 (parametric): L = {f3['E']:.3f} + {f3['A']:.4g}/N^{f3['alpha']:.3f} + "
-            f"{f3['B']:.4g}/D^{f3['beta']:.3f}"
+            f"Approach 3 (parametric): L = {_g(f3['E'], '.3f')} + {_g(f3['A'], '.4g')}/N^{_g(f3['alpha'], '.3f')} + "
+            f"{_g(f3['B'], '.4g')}/D^{_g(f3['beta'], '.3f')}"
         )
     else:
         lines.append(f"Approach 3: not fitted: {result['approach3_error']}")
@@ -149,8 +149,19 @@ def cmd_fit(args) -> dict:
     return {**summary, "approach3_params": params, "out": args.out}
 
 
-def _g(x) -> str:
-    return "n/a" if x is None else f"{x:.3g}"
+def _g(x, spec: str = ".3g") -> str:
+    """A number as ``spec``; n/a for what the fit's JSON form holds as null (missing, or not finite)."""
+    return "n/a" if x is None else format(x, spec)
+
+
+def _numbers(fit: dict | None) -> dict | None:
+    """A fit read back from JSON, where a non-finite parameter was written as null: NaN again."""
+    if fit is None:
+        return None
+    return {
+        k: math.nan if v is None and k in ("E", "A", "B", "alpha", "beta", "a", "b", "k_n", "k_d") else v
+        for k, v in fit.items()
+    }
 
 
 def cmd_plot(args) -> dict:
@@ -165,9 +176,8 @@ def cmd_plot(args) -> dict:
     else:
         saved = fit_all(rows, args.target or 10 * max(r.get("budget", r["C"]) for r in rows))
     target = args.target or saved.get("target")
-    paths, left_out = plot.plot_all(
-        rows, saved.get("approach2"), saved.get("approach3"), args.out, target_budget=target
-    )
+    fit2, fit3 = (_numbers(saved.get(k)) for k in ("approach2", "approach3"))
+    paths, left_out = plot.plot_all(rows, fit2, fit3, args.out, target_budget=target)
     for p in paths:
         print(f"wrote {p}")
     for name, why in left_out.items():

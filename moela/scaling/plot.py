@@ -123,8 +123,11 @@ def drawable_optima(fit2: dict | None, fit3: dict | None, grid) -> tuple[dict | 
     if fit3 is not None:
         opt = compute_optimal(fit3, grid)
         if not (_drawable(opt["N"]) and _drawable(opt["D"])):
+            finite = all(np.isfinite(fit3[k]) for k in ("E", "A", "B"))
             why.append(
                 f"Approach 3 has no optimum (alpha = {fit3['alpha']:.3g}, beta = {fit3['beta']:.3g}; both must be > 0)"
+                if finite
+                else "Approach 3's coefficients are not finite"
             )
             fit3 = None
     return fit2, fit3, why
@@ -209,7 +212,12 @@ def plot_all(
     rows: list[dict], fit2: dict | None, fit3: dict | None, out_dir: str | Path, target_budget: float | None = None
 ) -> tuple[list[Path], dict[str, str]]:
     """Write the figures that can be drawn (see the module docstring): (paths written, {file left
-    out: why})."""
+    out: why}). A weak fit overflows on its way to those answers; numpy is not asked to warn."""
+    with np.errstate(all="ignore"):
+        return _plot_all(rows, fit2, fit3, out_dir, target_budget)
+
+
+def _plot_all(rows, fit2, fit3, out_dir, target_budget) -> tuple[list[Path], dict[str, str]]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, left_out = [], {}
