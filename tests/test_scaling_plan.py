@@ -358,3 +358,22 @@ def test_cli_plan_run_round_trip(capsys, tmp_path, monkeypatch):
         assert (Path(run["run_dir"]) / "checkpoints").is_dir() and (Path(run["run_dir"]) / "train.log").is_file()
     code, summary, _ = cli(capsys, "run", out)
     assert code == 0 and summary["skipped"] == 2 and summary["trained"] == 0
+
+
+def test_default_sizes_are_as_many_as_the_family_tells_apart(capsys, tmp_path):
+    """The README's own example: without --sizes, 7 per budget where the family has the shapes,
+    fewer (and a line saying so) where it has not; an explicit --sizes it cannot honour still fails."""
+    code, result, err = cli(capsys, "plan", "--budgets", "1e12,3e12,1e13", "--family", TINY, "--out", tmp_path / "a")
+    assert code == 0, err
+    runs = manifest_runs(tmp_path / "a")
+    per_budget = {b: sum(r["budget"] == b for r in runs) for b in (1e12, 3e12, 1e13)}
+    assert (
+        set(per_budget.values()) == {5}
+        and json.loads((tmp_path / "a" / "manifest.json").read_text())["meta"]["sizes"] == 5
+    )
+    code, _, err = cli(
+        capsys, "plan", "--budgets", "1e12,3e12,1e13", "--family", TINY, "--out", tmp_path / "b", "--sizes", 7
+    )
+    assert code == 2 and "too coarse" in err
+    code, result, err = cli(capsys, "plan", "--budgets", BUDGETS, "--family", TINY, "--out", tmp_path / "c")
+    assert code == 0 and len(manifest_runs(tmp_path / "c")) == 7 * len(BUDGETS.split(",")), err
