@@ -135,8 +135,8 @@ def check_types(cfg: Any, prefix: str = "") -> None:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.field=value`` strings, e.g. ``model.num_layers=4``."""
     for item in overrides:
-        key, _, text = item.partition("=")
-        if not _ or not all(part.strip() for part in key.split(".")):
+        key, equals, text = item.partition("=")
+        if not equals or not all(part.strip() for part in key.split(".")):
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.num_layers=4")
         cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip())
     return cfg
@@ -300,9 +300,8 @@ def cap_steps(cfg: Config, environ=os.environ) -> tuple[Config, str | None]:
         checkpoint_every=min(t.checkpoint_every, cap),
         eval_batches=1,
     )
-    return dataclasses.replace(
-        cfg, train=train
-    ), f"{MAX_STEPS_ENV}={cap}: training {cap} of the config's {t.steps} steps"
+    note = f"{MAX_STEPS_ENV}={cap}: training {cap} of the config's {t.steps} steps"
+    return dataclasses.replace(cfg, train=train), note
 
 
 def add_cli_args(parser) -> None:
