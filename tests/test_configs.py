@@ -262,7 +262,7 @@ def test_a_config_directory_or_json_garbage_is_refused_by_name(tmp_path):
         load(str(tmp_path))
     good = json.dumps(to_dict(load("tiny")))
     for name, text, needle in [
-        ("dup.json", '{"name": "a", "name": "b"}', "'name' appear twice"),
+        ("dup.json", '{"name": "a", "name": "b"}', "duplicate key(s) 'name'"),
         ("nul.json", good[:-1] + "\x00}", "cannot read config"),
         ("deep.json", "[" * 100_000 + "]" * 100_000, "cannot read config"),
         ("list.json", "[1, 2]", "must hold a JSON object"),

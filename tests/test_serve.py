@@ -156,7 +156,7 @@ MIXED: list[tuple[bytes, str | None]] = [
     (b"[1, 2, 3]", "must be an object like"),
     (b"42", None),  # not { or [: plain text, by the rule
     (b'"a quoted line"', None),
-    (b'{"id": "dup", "prompt": "a", "prompt": "b"}', "duplicate field(s) 'prompt'"),
+    (b'{"id": "dup", "prompt": "a", "prompt": "b"}', "duplicate key(s) 'prompt'"),
     (b'{"id": {"x": 1}, "prompt": "a"}', "'id' must be a non-empty string or an integer"),
     (b'{"id": "nested", "prompt": {"text": "a"}}', "'prompt' must be a string"),
     (b'{"id": "lists", "tokens": [[1, 2], [3]]}', "'tokens' must be a list of integer token ids"),

@@ -239,11 +239,13 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     return cfg
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads(..., object_pairs_hook=unique_keys)``: a key given twice in one object is a
+    ValueError (json keeps the last one silently)."""
     keys = [k for k, _ in pairs]
     repeated = sorted({k for k in keys if keys.count(k) > 1})
     if repeated:
-        raise ValueError(f"key(s) {', '.join(repr(k) for k in repeated)} appear twice in one object")
+        raise ValueError(f"duplicate key(s) {', '.join(repr(k) for k in repeated)} in one object")
     return dict(pairs)
 
 
@@ -255,7 +257,7 @@ def load_json(path: str | os.PathLike, log=None) -> Config:
     """A ``config.json``; one written by an earlier moela is migrated, and ``log`` (default: a line
     on stderr) is told which keys moved."""
     try:
-        data = json.loads(Path(path).read_text(), object_pairs_hook=_unique_keys)
+        data = json.loads(Path(path).read_text(), object_pairs_hook=unique_keys)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ConfigError(f"cannot read config '{path}': {one_line(e)}") from None
     if not isinstance(data, dict):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moela.configs.loader import unique_keys
 from moela.configs.schema import ServeConfig
 from moela.inference.scheduler import Request
 
@@ -119,18 +120,10 @@ def decode_line(raw: bytes, index: int) -> str | Problem:
     return text
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
-    if repeated:
-        raise ValueError(f"duplicate field(s) {', '.join(repr(k) for k in repeated)} in one object")
-    return dict(pairs)
-
-
 def _json_fields(text: str, index: int) -> dict | Problem:
     """A JSON request line (the rule in the module docstring) as its fields, or why not."""
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates)
+        value = json.loads(text, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as e:
         return Problem(str(index), index, f"malformed JSON: {e}")
     except ValueError as e:  # a duplicate field, found at any depth
