@@ -28,8 +28,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 
-JAX_VERSION: tuple[int, ...] = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
-
 # the custom call that the Pallas Triton backend emits; jax.export refuses it unless told it is meant
 TRITON_CALL = "__gpu$xla.gpu.triton"
 TRITON_DEPRECATION = r"The Pallas Triton backend is deprecated"

@@ -10,6 +10,7 @@ by an earlier version is brought up to date first (``moela.configs.migrate``).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import importlib.util
@@ -242,8 +243,8 @@ def load(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json.loads(..., object_pairs_hook=unique_keys)``: a key given twice in one object is a
     ValueError (json keeps the last one silently)."""
-    keys = [k for k, _ in pairs]
-    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    counts = collections.Counter(k for k, _ in pairs)
+    repeated = sorted(k for k, n in counts.items() if n > 1)
     if repeated:
         raise ValueError(f"duplicate key(s) {', '.join(repr(k) for k in repeated)} in one object")
     return dict(pairs)

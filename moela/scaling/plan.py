@@ -321,8 +321,9 @@ def make_plan(args) -> dict:
         dp=args.dp,
         fit=fit,
     )
-    if args.sizes is not None:
-        runs = plan(args.sizes)
+    sizes = args.sizes
+    if sizes is not None:
+        runs = plan(sizes)
     else:  # as many sizes as the family can tell apart at every budget, from DEFAULT_SIZES down to the minimum
         for sizes in range(DEFAULT_SIZES, lo - 1, -1):
             try:
@@ -336,12 +337,11 @@ def make_plan(args) -> dict:
             print(
                 f"{sizes} sizes per budget: the family has too few distinct shapes for {DEFAULT_SIZES} at these budgets"
             )
-        args.sizes = sizes
     meta = {
         "family": str(Path(args.family).resolve()),
         "family_name": family.name,
         "budgets": budgets,
-        "sizes": args.sizes,
+        "sizes": sizes,
         "span": args.span,
         "tokens_per_param": args.tokens_per_param,
         "fit": str(Path(args.fit).resolve()) if args.fit else None,

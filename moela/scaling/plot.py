@@ -88,12 +88,10 @@ def plot_frontier(rows: list[dict], fit3: dict | None, path: Path) -> Path:
     fig.colorbar(points, ax=ax, label="C (training FLOPs)")
     title = "all runs"
     grid = np.logspace(np.log10(c.min()) - 0.5, np.log10(c.max()) + 0.5, 100)
-    if fit3 is not None and not (
-        _drawable(compute_optimal(fit3, grid)["N"]) and _drawable(compute_optimal(fit3, grid)["loss"])
-    ):
+    opt = compute_optimal(fit3, grid) if fit3 is not None else None
+    if opt is not None and not (_drawable(opt["N"]) and _drawable(opt["loss"])):
         fit3 = None  # no frontier to draw; the runs still are
     if fit3 is not None:
-        opt = compute_optimal(fit3, grid)
         ax.plot(opt["N"], opt["loss"], "k-", lw=1.5, label="Approach 3 compute-optimal frontier")
         ax.axhline(fit3["E"], color="grey", ls=":", lw=1, label=f"E = {fit3['E']:.3f}")
         ax.legend(fontsize=8)
@@ -110,6 +108,12 @@ def _drawable(values) -> bool:
     """Values a log axis can show: all finite and > 0."""
     values = np.asarray(values, dtype=float)
     return bool(values.size) and bool(np.all(np.isfinite(values) & (values > 0)))
+
+
+def optimum_grid(rows: list[dict], target_budget: float | None = None) -> np.ndarray:
+    """The budgets optimal.png draws N_opt and D_opt over: the runs' C (and the target), widened."""
+    c_all = [r["C"] for r in rows] + ([target_budget] if target_budget else [])
+    return np.logspace(np.log10(min(c_all)) - 0.3, np.log10(max(c_all)) + 0.3, 100)
 
 
 def drawable_optima(fit2: dict | None, fit3: dict | None, grid) -> tuple[dict | None, dict | None, list[str]]:
@@ -137,9 +141,7 @@ def plot_optimal(
     rows: list[dict], fit2: dict | None, fit3: dict | None, path: Path, target_budget: float | None = None
 ) -> Path:
     plt = _pyplot()
-    c_all = [r["C"] for r in rows]
-    c_max = max(c_all + ([target_budget] if target_budget else []))
-    grid = np.logspace(np.log10(min(c_all)) - 0.3, np.log10(c_max) + 0.3, 100)
+    grid = optimum_grid(rows, target_budget)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
     for ax, key, label in ((axes[0], "N", "N_opt (parameters)"), (axes[1], "D", "D_opt (tokens)")):
         if fit2 is not None:
@@ -235,9 +237,7 @@ def _plot_all(rows, fit2, fit3, out_dir, target_budget) -> tuple[list[Path], dic
     else:
         written.append(plot_isoflop(rows, fit2, out_dir / "isoflop.png"))
     written.append(plot_frontier(rows, fit3, out_dir / "frontier.png"))
-    c_all = [r["C"] for r in rows] + ([target_budget] if target_budget else [])
-    grid = np.logspace(np.log10(min(c_all)) - 0.3, np.log10(max(c_all)) + 0.3, 100)
-    fit2_ok, fit3_ok, why = drawable_optima(fit2, fit3, grid)
+    fit2_ok, fit3_ok, why = drawable_optima(fit2, fit3, optimum_grid(rows, target_budget))
     if fit2_ok is None and fit3_ok is None:
         left_out["optimal.png"] = "; ".join(why) or "no fit"
     else:

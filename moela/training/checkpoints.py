@@ -21,12 +21,15 @@ from moela.configs.schema import TrainConfig
 from moela.model.checkpoint import CHECKPOINTS, PARAMS, CheckpointError
 
 
+OPT_STATE, META = "opt_state", "meta"  # a training checkpoint's parts beside PARAMS
+
+
 def damage(step_dir: Path, error: Exception) -> str:
     """What is wrong with a checkpoint step that orbax could not restore, in a few words: a part
     missing, files empty (a write cut short), or else the kind of error orbax raised."""
     if not step_dir.is_dir():
         return "its folder is missing"
-    missing = [part for part in (PARAMS, "opt_state", "meta") if not (step_dir / part).exists()]
+    missing = [part for part in (PARAMS, OPT_STATE, META) if not (step_dir / part).exists()]
     if missing:
         return f"its {', '.join(missing)} part{'s are' if len(missing) > 1 else ' is'} missing"
     empty = sorted(str(f.relative_to(step_dir)) for f in step_dir.rglob("*") if f.is_file() and f.stat().st_size == 0)
@@ -54,10 +57,8 @@ class Checkpointer:
             args=ocp.args.Composite(
                 **{
                     PARAMS: ocp.args.StandardSave(nnx.to_pure_dict(model_state)),
-                    "opt_state": ocp.args.StandardSave(opt_state),
-                    "meta": ocp.args.JsonSave(
-                        {**meta, "eval_losses": {str(k): v for k, v in self.eval_losses.items()}}
-                    ),
+                    OPT_STATE: ocp.args.StandardSave(opt_state),
+                    META: ocp.args.JsonSave({**meta, "eval_losses": {str(k): v for k, v in self.eval_losses.items()}}),
                 }
             ),
             force=True,
@@ -87,8 +88,8 @@ class Checkpointer:
                     args=ocp.args.Composite(
                         **{
                             PARAMS: ocp.args.StandardRestore(nnx.to_pure_dict(abstract_model_state)),
-                            "opt_state": ocp.args.StandardRestore(abstract_opt_state),
-                            "meta": ocp.args.JsonRestore(),
+                            OPT_STATE: ocp.args.StandardRestore(abstract_opt_state),
+                            META: ocp.args.JsonRestore(),
                         }
                     ),
                 )
@@ -96,9 +97,9 @@ class Checkpointer:
                 unreadable.append((step, damage(Path(self.mngr.directory) / str(step), e)))
                 continue
             self._set_aside(unreadable, step, log)
-            for key, value in restored["meta"].get("eval_losses", {}).items():
+            for key, value in restored[META].get("eval_losses", {}).items():
                 self.eval_losses[int(key)] = value
-            return step, restored[PARAMS], restored["opt_state"], restored["meta"]
+            return step, restored[PARAMS], restored[OPT_STATE], restored[META]
         if steps:
             why = "; ".join(f"step {step}: {reason}" for step, reason in unreadable)
             raise CheckpointError(
