@@ -1,4 +1,5 @@
-"""Data layer: the local-text tfds builder, the sentencepiece tokenizer, packing, deterministic batches."""
+"""Data layer: the local-text tfds builder, the sentencepiece tokenizer (bounded training), packing
+row by row against the whole-list reference, global batch assembly."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import pytest
 
 from moela.configs import load
 from moela.data import tokenizer as spm_tokenizer
-from moela.data.packing import pack_documents, stream
 from moela.configs.schema import MeshConfig
-from moela.data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
-from moela.data.sources import document, open_split
+from moela.data.packing import Packer, concat
+from moela.data.pipeline import get_tokenizer, process_span, sample_lines, to_global, unigram_entropy
+from moela.data.sources import open_sources
 from moela.data import text_builder
 from moela.data.text_builder import DataError, build, split_files
+from tests.packing_reference import pack_documents, stream
 
 CORPUS_SRC = Path(json_module.__file__).parent  # a few stdlib files: the same text on every machine
 
@@ -52,7 +54,7 @@ def test_builder_reads_every_file_once_with_a_stable_split(corpus, tmp_path, cap
     out, err = capfd.readouterr()
     assert "Downloading" not in out + err and "absl" not in out + err and "Generating" not in out + err, out + err
     sources = builder.as_data_source()
-    got = {document(r, "path"): document(r, "text") for s in ("train", "validation") for r in sources[s]}
+    got = {r["path"].decode(): r["text"].decode() for s in ("train", "validation") for r in sources[s]}
     files = sorted(corpus.rglob("*.txt"))
     assert sorted(got) == sorted(str(f.relative_to(corpus)) for f in files)
     for f in files:
@@ -89,24 +91,32 @@ def test_bad_sources_fail_clearly_and_leave_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in data_dir.iterdir()) == ["keep.txt"]
     cfg = load("tiny", ["data.dataset=no_such_dataset_xyz", f"data.data_dir={tmp_path}"])
     with pytest.raises(DataError, match="not a known tfds dataset"):
-        open_split(cfg.data, "train")
+        open_sources(cfg.data, "train")
 
 
-def test_tokenizer_trains_round_trips_and_has_explicit_ids(corpus, tmp_path):
+def test_tokenizer_trains_on_a_bounded_sample_round_trips_and_has_explicit_ids(corpus, tmp_path):
     cfg = cfg_for(corpus, tmp_path)
-    rows, tok = prepare(cfg, "train")
+    sources = open_sources(cfg.data, "train")
+    tok = get_tokenizer(cfg, sources)
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (spm_tokenizer.PAD, spm_tokenizer.BOS, spm_tokenizer.EOS)
     assert tok.vocab_size == 512
     text = "def f(x):\n    return {'é': x ** 2}  # ünïcödé ✓\n\n\tdone\n"
     assert tok.decode(tok.encode(text)) == text
     # cached beside the dataset and reloaded, not retrained
-    assert Path(tok.path).parent == open_split(cfg.data, "train")[1]
-    rows2, tok2 = prepare(cfg, "train")
-    assert tok2.path == tok.path and np.array_equal(rows2.inputs, rows.inputs)
+    assert Path(tok.path).parent == sources[0].directory
+    assert get_tokenizer(cfg, sources).path == tok.path
     with pytest.raises(DataError, match="has 512 pieces but model.vocab_size is 300"):
-        prepare(cfg_for(corpus, tmp_path, "model.vocab_size=300", f"data.tokenizer_model={tok.path}"), "train")
+        get_tokenizer(cfg_for(corpus, tmp_path, "model.vocab_size=300", f"data.tokenizer_model={tok.path}"))
     with pytest.raises(DataError, match="not found"):
         spm_tokenizer.load(tmp_path / "missing.model")
+    # the sample is bounded by data.tokenizer_sentences, drawn from shuffled records (not the first file)
+    total = sum(1 for i in range(len(sources[0])) for line in sources[0][i].splitlines() if line.strip())
+    small = cfg_for(corpus, tmp_path, "data.tokenizer_sentences=300")
+    lines = list(sample_lines(small, sources))
+    assert len(lines) == 300 < total
+    first = [line for line in sources[0][0].splitlines() if line.strip()][:300]
+    assert lines != first
+    assert len(list(sample_lines(cfg_for(corpus, tmp_path, "data.tokenizer_sentences=10000000"), sources))) == total
 
 
 def test_packing_by_hand():
@@ -135,31 +145,31 @@ def test_packing_keeps_every_pair_in_order_and_restarts_positions():
     assert (rows.segment_ids == 0).sum() < 16  # padding only in the last row
 
 
-def test_batches_are_a_pure_function_of_seed_and_step():
-    rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
-    n = len(rows)
-    a, b = Batches(rows, 4, seed=1), Batches(rows, 4, seed=1)
-    for step in (0, 3, 17, 5):
-        np.testing.assert_array_equal(a.indices(step), b.indices(step))
-        np.testing.assert_array_equal(a.local(step)["inputs"], rows.inputs[a.indices(step)])
-    assert not np.array_equal(Batches(rows, 4, seed=2).indices(0), a.indices(0))
-    # one epoch visits every row exactly once, across step boundaries
-    steps = -(-n // 4)
-    seen = np.concatenate([a.indices(s) for s in range(steps)])[:n]
-    assert sorted(seen) == list(range(n))
-    # each of 2 processes reads its half; together they are the global batch
-    halves = [a.local(9, span)["inputs"] for span in ((0, 2), (2, 4))]
-    np.testing.assert_array_equal(np.concatenate(halves), a.local(9)["inputs"])
+@pytest.mark.parametrize("seq_len", [1, 5, 16, 64])
+def test_the_streaming_packer_makes_the_reference_rows_and_resumes_from_any_row(seq_len):
+    rng = np.random.default_rng(seq_len)
+    docs = [rng.integers(4, 100, rng.integers(0, 40)).astype(np.int32) for _ in range(60)]
+    want = pack_documents(docs, seq_len, eos_id=3, bos_id=2)
 
+    def rows_from(position=0, offset=0, limit=None):
+        packer = Packer(((0, d) for d in docs[position:]), seq_len, 3, 2, position=position, offset=offset)
+        out, states = [], []
+        while limit is None or len(out) < limit:
+            states.append(packer.state())
+            made = packer.row()
+            if made is None:
+                break
+            out.append(made[0])
+            assert made[1].sum() == (made[0].segment_ids > 0).sum()  # tokens counted per source
+        return concat(out), states
 
-def test_eval_batches_keep_their_shape_and_pad_without_loss():
-    rows = pack_documents([[i % 50 + 4] * 7 for i in range(10)], 8, eos_id=3)
-    n = len(rows)
-    last = eval_batch(rows, n - 1, 4, (0, 4))
-    assert last["inputs"].shape == (4, 8)
-    np.testing.assert_array_equal(last["inputs"][0], rows.inputs[n - 1])
-    assert last["loss_mask"][0].sum() > 0 and last["loss_mask"][1:].sum() == 0
-    np.testing.assert_array_equal(eval_batch(rows, 0, 4, (2, 4))["inputs"], rows.inputs[2:4])
+    got, states = rows_from()
+    for field in ("inputs", "targets", "segment_ids", "positions"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    for r in range(0, len(want), 3):  # restart from the state before row r: the same rows follow
+        again, _ = rows_from(states[r]["position"], states[r]["offset"])
+        np.testing.assert_array_equal(again.targets, want.targets[r:])
+        np.testing.assert_array_equal(again.segment_ids, want.segment_ids[r:])
 
 
 def test_global_batch_is_assembled_from_process_rows():
@@ -167,17 +177,16 @@ def test_global_batch_is_assembled_from_process_rows():
     from moela.parallel.mesh import build_mesh
     from moela.parallel.sharded import batch_sharding
 
-    rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
+    rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3).take(slice(8, 16))
     sharding = batch_sharding(Layout.of(build_mesh(MeshConfig(data=4, tensor=2, sequence=1)), "tp"))
     span = process_span(sharding, (8, 8))
     assert span == (0, 8)  # one process holds every device
-    batches = Batches(rows, 8, seed=3)
-    batch = to_global(batches.local(5, span), sharding, 8)
-    np.testing.assert_array_equal(np.asarray(batch["targets"]), rows.targets[batches.indices(5)])
+    batch = to_global(rows.take(slice(*span)).as_batch(), sharding, 8)
+    np.testing.assert_array_equal(np.asarray(batch["targets"]), rows.targets)
     assert batch["inputs"].sharding == sharding
     assert {s.data.shape for s in batch["inputs"].addressable_shards} == {(2, 8)}
 
 
 def test_unigram_entropy():
-    assert unigram_entropy(np.arange(8) % 4, 16) == pytest.approx(np.log(4))
-    assert unigram_entropy(np.zeros(10, np.int64), 16) == pytest.approx(0.0)
+    assert unigram_entropy(np.bincount(np.arange(8) % 4, minlength=16)) == pytest.approx(np.log(4))
+    assert unigram_entropy(np.bincount(np.zeros(10, np.int64), minlength=16)) == pytest.approx(0.0)

@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 from moela.configs import load
-from moela.data.pipeline import Batches, prepare
+from moela.data.pipeline import get_tokenizer, train_stream
+from moela.data.sources import open_sources
 from moela.model.checkpoint import load_model
 from moela.model.transformer import init_model
 from moela.training.step import loss_terms, make_train_step
@@ -134,17 +135,20 @@ def test_a_run_resumes_under_another_runtime(corpus, data_dir, tmp_path, referen
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(corpus, data_dir, tmp_path, reference_run):
+    """Killed at a random checkpoint while two loader workers per shard read ahead, then restarted:
+    the run ends bit-identical to the reference (which streamed without workers)."""
     out = tmp_path / "run"
-    args = overrides(corpus, data_dir, out)
+    args = overrides(corpus, data_dir, out) + ["data.workers=2", "data.prefetch=4"]
+    kill_after = int(np.random.default_rng().choice([2, 5, 8]))
     proc = subprocess.Popen(
         train_cmd(args), cwd=ROOT, env=TRAIN_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 240
-    while time.time() < deadline and not (out / "checkpoints" / "5").exists():
+    while time.time() < deadline and not (out / "checkpoints" / str(kill_after)).exists():
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (out / "checkpoints" / "2").exists()
+    assert (out / "checkpoints" / "2").exists(), kill_after
     again = run_train(args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout
@@ -173,18 +177,20 @@ def test_sigterm_saves_then_resume_is_bit_identical(corpus, data_dir, tmp_path, 
 
 
 @pytest.mark.slow
-def test_two_processes_train_sharded_then_resume_on_another_mesh(corpus, data_dir, tmp_path, reference_run):
+def test_two_processes_train_sharded_then_resume_on_another_mesh(corpus, data_dir, tmp_path):
     """Real multi-host: two train.py processes (two CPU devices each, jax.distributed on localhost)
     form a data=4 mesh with FSDP, so every parameter and moment is split across both processes;
-    each process loads half of every batch, trains the reference run's model and checkpoints
-    sharded. Then one process with a different mesh (2 devices, data parallel) resumes from
-    the sharded step-5 checkpoint and ends where the reference run ends."""
+    each process streams its own shard of the records (half of every batch) and checkpoints
+    sharded. One process with two shards (data.shards=2) sees the same global batches and ends
+    with the same losses and parameters. Then one process with a different mesh (2 devices, data
+    parallel) resumes the two-process run from its step-5 checkpoint, keeps its 2 shards, and
+    ends where the one-process run ends."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    out = tmp_path / "run"
+    out, single = tmp_path / "run", tmp_path / "single"
     procs = []
     for i in range(2):
         env = {
@@ -204,14 +210,16 @@ def test_two_processes_train_sharded_then_resume_on_another_mesh(corpus, data_di
     for p, (stdout, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr[-3000:]
     assert "'data': 4" in outputs[0][0] and "(fsdp) over 4 cpu devices in 2 process(es)" in outputs[0][0]
-    assert "this one loading batch rows [0, 2)" in outputs[0][0]
+    assert "in 2 shard(s)" in outputs[0][0] and "this one loading batch rows [0, 2)" in outputs[0][0]
     assert "validation loss" in outputs[0][0] and "validation loss" not in outputs[1][0]  # process 0 reports
-    ours, ref = metric_lines(out), metric_lines(reference_run)
+    done = run_train(overrides(corpus, data_dir, single) + ["data.shards=2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    ours, ref = metric_lines(out), metric_lines(single)
     assert [sorted(r) for r in ours] == [sorted(r) for r in ref]
     for a, b in zip(ours, ref):
         for key in a:
             np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    pa, pb = final_params(out), final_params(reference_run)
+    pa, pb = final_params(out), final_params(single)
     for name in pb:
         np.testing.assert_allclose(pa[name], pb[name], atol=1e-4, err_msg=name)
 
@@ -220,6 +228,7 @@ def test_two_processes_train_sharded_then_resume_on_another_mesh(corpus, data_di
     again = run_train(overrides(corpus, data_dir, out))  # one process, 2 devices, data parallel
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "(dp) over 2 cpu devices in 1 process(es)" in again.stdout
+    assert "in 2 shard(s)" in again.stdout  # the run's shard count, not this machine's
     pa = final_params(out)
     for name in pb:
         np.testing.assert_allclose(pa[name], pb[name], atol=1e-4, err_msg=name)
@@ -261,6 +270,8 @@ def test_nan_stops_without_a_nan_checkpoint(corpus, data_dir, tmp_path):
     [
         (["data.dataset=no_such_dataset_xyz"], "not a known tfds dataset"),
         (["data.text_glob=/nonexistent/folder/*.txt"], "matches no files"),
+        (["data.dataset=jsonl:/nonexistent/{split}.jsonl"], "matches no files"),
+        (["data.mixture=moela_text:1, jsonl:/nonexistent/{split}.jsonl:1"], "matches no files"),
         (["mesh.data=3"], "needs 3 devices but 2 are present"),
         (["train.microbatches=8"], "must be divisible by the 2 devices the batch is split over x train.microbatches 8"),
     ],
@@ -281,8 +292,10 @@ def micro(corpus, data_dir, tmp_path_factory):
         overrides(corpus, data_dir, out, global_batch_size=8, seq_len=16)
         + ["model.d_model=32", "model.num_layers=2", "model.moe.d_ff=16", "model.d_ff=32"],
     )
-    rows, _ = prepare(cfg, "train")
-    batch = jax.tree.map(jnp.asarray, Batches(rows, 8, seed=0).local(0))
+    sources = open_sources(cfg.data, "train")
+    stream = train_stream(cfg, get_tokenizer(cfg, sources), sources, (0, 8), 1)
+    batch = jax.tree.map(jnp.asarray, stream.next())
+    stream.close()
     return cfg, batch
 
 

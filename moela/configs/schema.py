@@ -208,14 +208,46 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "moela_text"  # a tfds name; moela_text is the embedded local-text builder
+    """Where training text comes from and how it is streamed (``moela.data``).
+
+    A source is ``moela_text`` (local text files, ``text_glob``), a tfds dataset prepared as
+    array_record under ``data_dir`` (``lm1b``, ``c4/en``), or files by glob:
+    ``jsonl:/data/web/{split}-*.jsonl`` or ``array_record:/data/{split}/*.array_record``
+    (``{split}`` becomes the split's name). ``mixture`` (``"SOURCE:WEIGHT, SOURCE:WEIGHT"``)
+    replaces ``dataset`` with several weighted sources."""
+
+    dataset: str = "moela_text"  # one source (see above)
+    mixture: str = ""  # "lm1b:0.3, jsonl:/data/{split}-*.jsonl:0.7"; empty: dataset alone
     text_field: str = "text"
     data_dir: str = ""  # tfds data dir; empty: ~/tensorflow_datasets
     text_glob: str = ""  # moela_text source files; empty: the running Python's stdlib
-    tokenizer_model: str = ""  # a sentencepiece .model; empty: train one on the train split
+    tokenizer_model: str = ""  # a sentencepiece .model; empty: train one on a sample of the train split
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    tokenizer_sentences: int = 200_000  # lines sampled (shuffled records) to train a tokenizer
     validation_split: str = "validation"
-    max_documents: int = 0  # tokenise at most this many documents per split; 0 = all
+    max_documents: int = 0  # read at most the first N records of each source and split; 0 = all
+    shards: int = 0  # record shards (independent streams) of the global batch; 0 = one per process
+    workers: int = 0  # tokenising worker processes per shard; 0 = threads in the training process
+    prefetch: int = 64  # documents read ahead per shard (per worker with workers > 0)
+    shuffle_rows: int = 0  # shuffle packed rows within windows of this many rows; 0 = off
+
+
+def parse_mixture(text: str) -> list[tuple[str, float]]:
+    """``"lm1b:0.3, c4/en:0.7"`` -> [("lm1b", 0.3), ("c4/en", 0.7)] (weight after the last colon)."""
+    entries = []
+    for part in text.split(","):
+        spec, sep, weight = part.strip().rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = float("nan")
+        if not sep or not spec.strip() or not (value > 0 and value < float("inf")):
+            raise ValueError(
+                f"mixture entry '{part.strip()}' must be SOURCE:WEIGHT with a positive weight "
+                "(e.g. 'lm1b:0.3, c4/en:0.7')"
+            )
+        entries.append((spec.strip(), value))
+    return entries
 
 
 @dataclass(frozen=True)

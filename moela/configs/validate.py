@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from moela.configs.schema import Config
+from moela.configs.schema import Config, parse_mixture
 
 
 class ConfigError(ValueError):
@@ -149,9 +149,23 @@ def validate(cfg: Config) -> Config:
         "model.rope.scaling=yarn with model.rope.factor >= max_seq_len / model.rope.original_max_position)",
     )
 
+    d = cfg.data
+    for key, meaning in (
+        ("max_documents", "all"),
+        ("shards", "one per process"),
+        ("workers", "no worker processes"),
+        ("shuffle_rows", "off"),
+    ):
+        _require(getattr(d, key) >= 0, f"config key 'data.{key}' = {getattr(d, key)} must be >= 0 (0 = {meaning})")
+    _positive(d, "data", "prefetch", "tokenizer_sentences")
+    if d.mixture:
+        try:
+            parse_mixture(d.mixture)
+        except ValueError as e:
+            raise ConfigError(f"config key 'data.mixture': {e}") from None
     _require(
-        cfg.data.max_documents >= 0,
-        f"config key 'data.max_documents' = {cfg.data.max_documents} must be >= 0 (0 = all)",
+        d.shards == 0 or t.global_batch_size % d.shards == 0,
+        f"config key 'data.shards' = {d.shards} must divide train.global_batch_size = {t.global_batch_size}",
     )
     for name in ("data", "tensor", "sequence"):
         size = getattr(cfg.mesh, name)

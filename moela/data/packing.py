@@ -11,8 +11,6 @@ where there is a real target. The model's attention never crosses a segment.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
-
 import numpy as np
 
 
@@ -46,46 +44,77 @@ class Rows:
         return Rows(self.inputs[index], self.targets[index], self.segment_ids[index], self.positions[index])
 
 
-def stream(docs: Iterable[list[int]], eos_id: int, bos_id: int | None = None):
-    """(inputs, targets, doc ids) of all documents end to end, int32."""
-    inputs, targets, doc_ids = [], [], []
-    for i, toks in enumerate(docs):
-        seq = ([bos_id] if bos_id is not None and bos_id >= 0 else []) + list(toks) + [eos_id]
-        if len(seq) < 2:
-            continue
-        arr = np.asarray(seq, np.int32)
-        inputs.append(arr[:-1])
-        targets.append(arr[1:])
-        doc_ids.append(np.full(len(arr) - 1, i, np.int32))
-    if not inputs:
-        empty = np.zeros((0,), np.int32)
-        return empty, empty, empty
-    return np.concatenate(inputs), np.concatenate(targets), np.concatenate(doc_ids)
+class Packer:
+    """Packs documents into rows one row at a time, and can say where it is.
+
+    ``docs`` yields ``(source, tokens)`` in stream order (a position is one document, empty
+    ones included); a document contributes the pairs of ``[bos] + tokens + [eos]``.
+    ``state()`` is the position and offset (pairs already packed) of the document the next
+    row starts in: a new ``Packer`` given the documents from that position on, with that
+    offset, continues exactly. ``row()`` returns the row and the pairs it took from each
+    source; when ``docs`` ends, the last row is padded (segment 0) and ``row()`` then returns
+    None."""
+
+    def __init__(
+        self,
+        docs,
+        seq_len: int,
+        eos_id: int,
+        bos_id: int | None = None,
+        pad_id: int = 0,
+        position: int = 0,
+        offset: int = 0,
+        num_sources: int = 1,
+    ):
+        self.docs, self.seq_len, self.pad_id = iter(docs), seq_len, pad_id
+        self.prefix = [bos_id] if bos_id is not None and bos_id >= 0 else []
+        self.suffix = [eos_id]
+        self.next_position, self.start_offset = position, offset
+        self.current: tuple[int, int, np.ndarray] | None = None  # (position, source, [bos]+tokens+[eos])
+        self.offset = 0
+        self.num_sources = num_sources
+
+    def state(self) -> dict:
+        position, offset = (self.current[0], self.offset) if self.current else (self.next_position, 0)
+        return {"position": int(position), "offset": int(offset)}
+
+    def _pull(self) -> bool:
+        """Make the next non-empty document current; False when the stream has ended."""
+        while self.current is None:
+            try:
+                source, toks = next(self.docs)
+            except StopIteration:
+                return False
+            position, self.next_position = self.next_position, self.next_position + 1
+            seq = np.asarray(self.prefix + list(toks) + self.suffix, np.int32)
+            offset, self.start_offset = self.start_offset, 0
+            if len(seq) - 1 > offset:
+                self.current, self.offset = (position, source, seq), offset
+        return True
+
+    def row(self) -> tuple[Rows, np.ndarray] | None:
+        L = self.seq_len
+        x, y = np.full(L, self.pad_id, np.int32), np.full(L, self.pad_id, np.int32)
+        seg, pos = np.zeros(L, np.int32), np.zeros(L, np.int32)
+        filled, piece = 0, 0
+        counts = np.zeros(self.num_sources, np.int64)
+        while filled < L and self._pull():
+            _, source, seq = self.current
+            n = min(L - filled, len(seq) - 1 - self.offset)
+            o = self.offset
+            x[filled : filled + n], y[filled : filled + n] = seq[o : o + n], seq[o + 1 : o + 1 + n]
+            piece += 1
+            seg[filled : filled + n], pos[filled : filled + n] = piece, np.arange(n)
+            filled, self.offset = filled + n, o + n
+            counts[source] += n
+            if self.offset == len(seq) - 1:
+                self.current = None
+        if filled == 0:
+            return None
+        return Rows(x[None], y[None], seg[None], pos[None]), counts
 
 
-def pack(inputs: np.ndarray, targets: np.ndarray, doc_ids: np.ndarray, seq_len: int, pad_id: int = 0) -> Rows:
-    """Cut a pair stream into rows of ``seq_len`` with per-row segment ids and positions."""
-    n = len(inputs)
-    num_rows = max(1, -(-n // seq_len))
-    total = num_rows * seq_len
-
-    def padded(a, fill):
-        out = np.full(total, fill, np.int32)
-        out[:n] = a
-        return out.reshape(num_rows, seq_len)
-
-    x, y, doc = padded(inputs, pad_id), padded(targets, pad_id), padded(doc_ids, -1)
-    starts = np.ones_like(doc, dtype=bool)
-    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    segments = np.cumsum(starts, axis=1).astype(np.int32)
-    segments[doc < 0] = 0
-    col = np.broadcast_to(np.arange(seq_len, dtype=np.int32), doc.shape)
-    run_start = np.maximum.accumulate(np.where(starts, col, 0), axis=1)
-    positions = np.where(doc < 0, 0, col - run_start).astype(np.int32)
-    return Rows(x, y, segments, positions)
-
-
-def pack_documents(
-    docs: Iterable[list[int]], seq_len: int, eos_id: int, pad_id: int = 0, bos_id: int | None = None
-) -> Rows:
-    return pack(*stream(docs, eos_id, bos_id), seq_len=seq_len, pad_id=pad_id)
+def concat(rows: list[Rows]) -> Rows:
+    return Rows(
+        *(np.concatenate([getattr(r, f) for r in rows]) for f in ("inputs", "targets", "segment_ids", "positions"))
+    )

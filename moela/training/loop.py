@@ -22,7 +22,18 @@ from flax import nnx
 from tqdm import tqdm
 
 from moela.configs import Config, ConfigError, load_json, save_json
-from moela.data.pipeline import Batches, eval_batch, prepare, process_span, to_global, unigram_entropy
+from moela.data.pipeline import (
+    default_shards,
+    get_tokenizer,
+    process_span,
+    to_global,
+    train_stream,
+    unigram_entropy,
+    validation,
+)
+from moela.data.sources import open_sources
+from moela.data.stream import gather_state
+from moela.data.text_builder import DataError
 from moela.model.flops import CONVENTION, training_flops_per_token
 from moela.model.layers import dtype
 from moela.model.runtime import Runtime
@@ -66,26 +77,25 @@ def _check_run_dir(run_dir: Path, cfg: Config, log) -> None:
         log(f"the run continues under another runtime: {'; '.join(changed)}")
 
 
-def _evaluate(eval_step, params, rest, rows, cfg: Config, sharding) -> dict:
+def _evaluate(eval_step, params, rest, batches: list[dict], cfg: Config, sharding) -> dict:
     b = cfg.train.global_batch_size
-    n = min(len(rows), cfg.train.eval_batches * b)
-    span = process_span(sharding, (b, cfg.train.seq_len))
     ce, tokens = 0.0, 0.0
-    for start in range(0, n, b):  # a short last batch is padded with no-loss rows: one compiled shape
-        c, t = eval_step(params, rest, to_global(eval_batch(rows, start, b, span), sharding, b))
+    for local in batches:
+        c, t = eval_step(params, rest, to_global(local, sharding, b))
         ce, tokens = ce + float(c), tokens + float(t)
     loss = ce / max(tokens, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(tokens)}
 
 
-def _prepare_data(cfg: Config, primary: bool):
-    """Train rows, tokenizer, validation rows. With several processes, process 0 builds the
-    dataset, tokenizer and token caches first and the others then read them (no two
-    processes write the same files)."""
+def _prepare_data(cfg: Config, primary: bool, span: tuple[int, int]):
+    """Training sources, tokenizer, this process's validation batches and the split's token
+    counts. With several processes, process 0 builds datasets and the tokenizer first and the
+    others then read them (no two processes write the same files)."""
 
     def both():
-        train_rows, tok = prepare(cfg, "train")
-        return train_rows, tok, prepare(cfg, cfg.data.validation_split)[0]
+        sources = open_sources(cfg.data, "train")
+        tok = get_tokenizer(cfg, sources)
+        return (sources, tok, *validation(cfg, tok, span))
 
     if jax.process_count() == 1:
         return both()
@@ -94,6 +104,23 @@ def _prepare_data(cfg: Config, primary: bool):
     result = both() if primary else None
     multihost_utils.sync_global_devices("moela: data prepared by process 0")
     return result if primary else both()
+
+
+def _data_shards(cfg: Config, span: tuple[int, int], saved: dict | None) -> int:
+    """The run's shard count: the checkpoint's, else data.shards, else one per process."""
+    if saved is None:
+        return cfg.data.shards or default_shards(span, cfg.train.global_batch_size)
+    if cfg.data.shards and cfg.data.shards != saved["shards"]:
+        raise ConfigError(
+            f"data.shards={cfg.data.shards}, but this run's checkpoints stream {saved['shards']} shards; "
+            f"set data.shards={saved['shards']} (or 0) to resume, or choose another train.out_dir"
+        )
+    if cfg.train.global_batch_size % saved["shards"]:
+        raise ConfigError(
+            f"this run streams {saved['shards']} data shards, which do not divide "
+            f"train.global_batch_size {cfg.train.global_batch_size}"
+        )
+    return saved["shards"]
 
 
 def make_layout(cfg: Config) -> Layout:
@@ -131,7 +158,8 @@ def run(cfg: Config, log=print) -> dict:
     if saved_tokenizer.is_file() and not cfg.data.tokenizer_model:
         # a resumed run keeps the tokenizer it started with, wherever it resumes
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer_model=str(saved_tokenizer)))
-    train_rows, tok, val_rows = _prepare_data(cfg, primary)
+    span = process_span(rows_sharding, (t.global_batch_size, t.seq_len))
+    sources, tok, val_batches, val_counts = _prepare_data(cfg, primary, span)
     if primary:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not saved_tokenizer.exists():
@@ -142,29 +170,38 @@ def run(cfg: Config, log=print) -> dict:
     # born sharded: no full copy anywhere
     graphdef, params, rest, opt_state, state_shardings = sharded.init_train_state(cfg.model, tx, layout, t.seed)
     ckpt = Checkpointer(run_dir, t)
-    start_step = 0
+    start_step, data_state = 0, None
     restored = ckpt.restore_latest(nnx.merge_state(params, rest), abstract_like(opt_state), log=log)
     if restored is not None:
-        step, model_dict, opt_state, _ = restored
+        step, model_dict, opt_state, meta = restored
         state = nnx.merge_state(params, rest)
         nnx.replace_by_pure_dict(state, model_dict)
         _, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
         start_step = step + 1
+        data_state = meta.get("data")
         log(f"resumed from {run_dir}/checkpoints/{step}")
+        if data_state is None:
+            log(f"warning: checkpoint {step} holds no data position (an older moela); the data stream restarts")
     metrics_log = MetricsLog(run_dir, start_step - 1 if restored else None, primary)
 
-    batches = Batches(train_rows, t.global_batch_size, t.seed)
-    span = process_span(rows_sharding, (t.global_batch_size, t.seq_len))
+    shards = _data_shards(cfg, span, data_state)
+    try:
+        stream = train_stream(cfg, tok, sources, span, shards, data_state)
+    except DataError as e:
+        raise DataError(f"data: {e}") from None
     rt = Runtime(cfg.runtime, layout)
     train_step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
     eval_step = make_eval_step(graphdef, rt)
     lr = learning_rate(t)
     flops = training_flops_per_token(cfg.model, t.seq_len)
     peak, peak_source = peak_flops(t.peak_flops, dtype(cfg.model.compute_dtype))
-    entropy = unigram_entropy(val_rows.targets[val_rows.segment_ids > 0], tok.vocab_size)
+    entropy = unigram_entropy(val_counts)
+    records = ", ".join(f"{src.name} {len(src):,}" for src in sources)
     log(
-        f"{cfg.name}: {len(train_rows)} train rows x {t.seq_len} tokens, {t.global_batch_size} rows a step; "
-        f"validation unigram entropy {entropy:.3f} nats; peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source}); "
+        f"{cfg.name}: streaming {records} train records in {shards} shard(s) "
+        f"({cfg.data.workers} worker(s) each), {t.global_batch_size} rows x {t.seq_len} tokens a step; "
+        f"validation {len(val_batches)} batch(es), unigram entropy {entropy:.3f} nats; "
+        f"peak {peak / 1e9:.0f} GFLOP/s/device ({peak_source}); "
         f"mesh {dict(layout.mesh.shape)} ({cfg.mesh.strategy}) over {jax.device_count()} "
         f"{jax.devices()[0].platform} devices in {jax.process_count()} process(es), this one loading batch rows "
         f"[{span[0]}, {span[1]}); parameters {state_bytes(params, layout) / 2**20:.1f} MiB per device"
@@ -186,7 +223,7 @@ def run(cfg: Config, log=print) -> dict:
     step = start_step - 1
     try:
         for step in bar:
-            batch = to_global(batches.local(step, span), rows_sharding, t.global_batch_size)
+            batch = to_global(stream.next(), rows_sharding, t.global_batch_size)
             params, rest, opt_state, m = train_step(params, rest, opt_state, batch)
             loss = float(m["loss"])
             if not math.isfinite(loss):
@@ -212,6 +249,9 @@ def run(cfg: Config, log=print) -> dict:
                     "model_tflops_per_s": round(flops["total"] * tps / 1e12, 4),
                     "mfu": round(flops["total"] * tps / (peak * jax.device_count()), 4),
                 }
+                if len(sources) > 1:
+                    seen = np.sum([s["tokens"] for s in gather_state(stream.state(), len(sources))["streams"]], 0)
+                    record.update({f"tokens.{src.name}": int(n) for src, n in zip(sources, seen)})
                 if cfg.model.num_moe_layers:
                     record["expert_load_max_over_mean"] = round(float((load.max(-1) / load.mean(-1)).max()), 4)
                     record["aux_loss"] = round(float(m["aux_loss"]), 6)
@@ -222,12 +262,13 @@ def run(cfg: Config, log=print) -> dict:
             preempted = stop["signal"] is not None
             save = (step + 1) % t.checkpoint_every == 0 or last or preempted
             if step % t.eval_every == 0 or last or (save and t.keep_best):
-                last_eval = _evaluate(eval_step, params, rest, val_rows, cfg, rows_sharding)
+                last_eval = _evaluate(eval_step, params, rest, val_batches, cfg, rows_sharding)
                 eval_step_done = step
                 metrics_log.write({"step": step, **{k: round(v, 6) for k, v in last_eval.items()}})
             if save:
                 fresh = last_eval.get("eval_loss") if eval_step_done == step else None
-                ckpt.save(step, nnx.merge_state(params, rest), opt_state, {"step": step, "eval_loss": fresh})
+                meta = {"step": step, "eval_loss": fresh, "data": gather_state(stream.state(), len(sources))}
+                ckpt.save(step, nnx.merge_state(params, rest), opt_state, meta)
             if preempted:
                 ckpt.wait()
                 log(f"SIGTERM: saved step {step} to {run_dir}; restart the same command to resume")
@@ -235,6 +276,7 @@ def run(cfg: Config, log=print) -> dict:
                 break
     finally:
         bar.close()
+        stream.close()
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
         metrics_log.close()
