@@ -34,13 +34,14 @@ def emit(record: dict) -> None:
 
 
 def generate(directory: Path, megabytes: int, seed: int = 0) -> None:
-    """``megabytes`` of text in ~1 MB files (skipped if already there)."""
+    """At least ``megabytes`` of text, in files of ~1.3 MB (skipped if already there)."""
     directory.mkdir(parents=True, exist_ok=True)
     done = directory / ".complete"
     if done.exists():
         return
     rng = np.random.default_rng(seed)
-    words = np.asarray([f"w{i}" if i % 7 else f"x{i}_y" for i in range(20000)])
+    letters = np.asarray(list("abcdefghijklmnopqrstuvwxyz"))
+    words = np.asarray(["".join(rng.choice(letters, int(rng.integers(2, 10)))) for _ in range(20000)])
     weights = 1.0 / np.arange(1, len(words) + 1)
     weights /= weights.sum()
     for f in range(megabytes):
@@ -119,7 +120,8 @@ def main() -> None:
         generate(corpus, mb)
         t1 = time.perf_counter()
         build(f"{corpus}/*.txt", str(data_dir))
-        emit({"bench": "data_prepare", "corpus_mb": mb, "generate_s": round(t1 - t0, 1),
+        text_mb = sum(f.stat().st_size for f in corpus.glob("*.txt")) / 1e6
+        emit({"bench": "data_prepare", "corpus_mb": mb, "text_mb": round(text_mb, 1), "generate_s": round(t1 - t0, 1),
               "build_s": round(time.perf_counter() - t1, 1)})  # fmt: skip
     from moela.configs import load
     from moela.data.pipeline import get_tokenizer
@@ -147,7 +149,7 @@ def main() -> None:
         out = base / "runs" / f"{preset}_rate_{int(time.time())}"
         step_rates[preset] = train_run(small, data_dir, tokenizer, out, steps, preset)["train_tokens_per_s"]
     needs = {}
-    for preset in ("small", "deepseek_v3"):
+    for preset in ("deepseek_v2_lite", "deepseek_v3"):
         cfg = load(preset)
         flops = training_flops_per_token(cfg.model, cfg.train.seq_len)["total"]
         needs[preset] = 4 * ASSUMED_MFU * V5P_PEAK / flops
@@ -156,6 +158,7 @@ def main() -> None:
         "train_tokens_per_s": step_rates,
         "loader_over_train": {k: round(min(rates.values()) / v, 1) for k, v in step_rates.items()},
         "v5p_host_needs_tokens_per_s": {k: round(v) for k, v in needs.items()},
+        "v5p_host_over_loader": {k: round(v / max(rates.values()), 3) for k, v in needs.items()},
         "v5p_assumption": f"4 chips x {ASSUMED_MFU:.0%} MFU x {V5P_PEAK / 1e12:.0f} TFLOP/s / training FLOPs per token",
     })  # fmt: skip
 

@@ -425,3 +425,14 @@ def test_checkpointer_keeps_the_last_k_and_the_best(tmp_path):
     step, _, opt, meta = again.restore_latest(state, {"m": jax.ShapeDtypeStruct((3,), jnp.float32)})
     assert step == 5 and meta["eval_loss"] == 7.0 and again.eval_losses[1] == 1.0
     again.close()
+
+
+def test_a_run_keeps_its_data_shard_count_across_host_counts():
+    from moela.configs import ConfigError
+    from moela.training.loop import _data_shards
+
+    assert _data_shards(load("tiny"), (0, 4), None) == 2  # a process holding half the rows: 2 shards
+    assert _data_shards(load("tiny", ["data.shards=4"]), (0, 8), None) == 4
+    assert _data_shards(load("tiny"), (0, 8), {"shards": 2}) == 2  # the checkpoint's count wins
+    with pytest.raises(ConfigError, match=r"data.shards=4, but this run's checkpoints stream 2 shards"):
+        _data_shards(load("tiny", ["data.shards=4"]), (0, 8), {"shards": 2})

@@ -229,7 +229,7 @@ class DataConfig:
     shards: int = 0  # record shards (independent streams) of the global batch; 0 = one per process
     workers: int = 0  # tokenising worker processes per shard; 0 = threads in the training process
     prefetch: int = 64  # documents read ahead per shard (per worker with workers > 0)
-    shuffle_rows: int = 0  # shuffle packed rows within windows of this many rows; 0 = off
+    shuffle_rows: int = 1024  # shuffle packed rows within windows of this many rows; 0 = off
 
 
 def parse_mixture(text: str) -> list[tuple[str, float]]:

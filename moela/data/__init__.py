@@ -1,2 +1,3 @@
-"""Data: tfds text sources (the embedded local-text builder and any prepared tfds dataset),
-the sentencepiece tokenizer, and packing of documents into training rows."""
+"""Data: record sources (the embedded local-text builder, prepared tfds datasets, JSON Lines and
+ArrayRecord files), the sentencepiece tokenizer, packing of documents into rows, and the grain
+streams that shard, tokenise, pack and resume them."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import glob as globlib
 import json
+import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,14 @@ class TfdsRecords:
             raise DataError(
                 f"data.text_field '{field}' is not a feature of '{name}'; features: {', '.join(sorted(self.source[0]))}"
             )
+
+    def __getstate__(self):
+        return {**self.__dict__, "source": pickle.dumps(self.source)}
+
+    def __setstate__(self, state):
+        # unpickling a tfds source re-creates its builder config, which tfds announces through absl
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        self.__dict__.update({**state, "source": pickle.loads(state["source"])})
 
     def __len__(self) -> int:
         return self.size

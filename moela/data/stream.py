@@ -271,7 +271,7 @@ def eval_batches(
     grain = _grain()
     parts = [grain.MapDataset.source(src).map(Tokenise(i, tok.path)) for i, src in enumerate(sources)]
     dataset = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    docs = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=prefetch)))
+    docs = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=min(prefetch, 8))))
     packer = Packer(checked(docs), seq_len, tok.eos_id, tok.bos_id, tok.pad_id, num_sources=len(sources))
     counts = np.zeros(tok.vocab_size, np.int64)
     out = []
