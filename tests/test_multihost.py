@@ -1,6 +1,7 @@
 """Two real JAX processes (jax.distributed on localhost, 2 CPU devices each): every process
-loads only its rows of the global batch, and the assembled global array is the batch a single
-process would have built."""
+loads only its rows of the global batch, the assembled global array is the batch a single
+process would have built, and the two processes' data shards read disjoint records whose union
+is the whole dataset."""
 
 from __future__ import annotations
 
@@ -39,8 +40,18 @@ WORKER = textwrap.dedent("""
     batch = to_global(local, sharding, 8)
     weighted = jax.jit(lambda x: jnp.sum(x * jnp.arange(1, 9)[:, None]))(batch["inputs"])  # row-order aware
     full = multihost_utils.process_allgather(batch["inputs"], tiled=True)
+    from moela.configs import load
+    from moela.data.pipeline import default_shards
+    from moela.data.sources import open_sources
+    from moela.data.stream import documents, ordered
+
+    (source,) = open_sources(load("tiny", ["data.dataset=jsonl:" + sys.argv[2]]).data, "train")
+    shards, shard = default_shards(span, 8), jax.process_index()
+    docs = documents(ordered([source], [1.0], 3, None), shard, shards, 0, 0, 4)
+    records = [next(docs) for _ in range(len(range(shard, len(source), shards)))]  # this shard's epoch
     print(json.dumps({{"span": list(span), "local_rows": len(local["inputs"]), "weighted": int(weighted),
-                      "full": full.tolist(), "devices": jax.device_count()}}))
+                      "full": full.tolist(), "devices": jax.device_count(), "shards": shards,
+                      "records": records}}))
 """)
 
 
@@ -53,10 +64,16 @@ def free_port() -> int:
 def test_two_processes_assemble_the_same_global_batch(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), port=free_port()))
+    corpus = tmp_path / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"record {i}"}) + "\n" for i in range(41)))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            [sys.executable, str(script), str(i), str(corpus)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for i in range(2)
     ]
@@ -72,3 +89,7 @@ def test_two_processes_assemble_the_same_global_batch(tmp_path):
         assert o["devices"] == 4 and o["local_rows"] == 4
         np.testing.assert_array_equal(np.asarray(o["full"]), expected)
         assert o["weighted"] == int(np.sum(expected * np.arange(1, 9)[:, None]))
+        assert o["shards"] == 2
+    first, second = (set(o["records"]) for o in sorted(outs, key=lambda o: o["span"]))
+    assert (len(first), len(second)) == (21, 20) and not first & second  # 41 records: 21 + 20, disjoint
+    assert first | second == {f"record {i}" for i in range(41)}

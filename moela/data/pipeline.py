@@ -67,7 +67,8 @@ def get_tokenizer(cfg: Config, sources: list | None = None) -> spm_tokenizer.Tok
             tok = spm_tokenizer.load(path)
         else:
             start = time.perf_counter()
-            tok = spm_tokenizer.train(sample_lines(cfg, sources), path, cfg.model.vocab_size, cfg.data.tokenizer_type)
+            lines = list(sample_lines(cfg, sources))  # bounded; read first so a bad record is our error
+            tok = spm_tokenizer.train(lines, path, cfg.model.vocab_size, cfg.data.tokenizer_type)
             print(
                 f"trained a {cfg.data.tokenizer_type} tokenizer ({tok.vocab_size} pieces) on at most "
                 f"{cfg.data.tokenizer_sentences:,} sampled lines in {time.perf_counter() - start:.1f}s: {path}",

@@ -19,6 +19,8 @@ count S is part of the run, not of the machine.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from moela.data.packing import Packer, Rows, concat
@@ -94,7 +96,10 @@ def checked(docs):
 
 
 class ShardStream:
-    """Packed rows of one shard; ``window`` > 0 shuffles rows within consecutive windows."""
+    """Packed rows of one shard; ``window`` > 0 shuffles rows within consecutive windows.
+
+    The next window is packed by a background thread while the current one is served, so a
+    window's tokenising and packing never stalls the training step."""
 
     def __init__(
         self,
@@ -107,43 +112,40 @@ class ShardStream:
         window: int,
         state: dict | None = None,
     ):
-        self.open_docs, self.shard, self.seq_len, self.tok = open_docs, shard, seq_len, tok
-        self.num_sources, self.seed, self.window = num_sources, seed, window
+        self.shard, self.seed, self.window = shard, seed, window
         state = state or {"position": 0, "offset": 0, "block": 0, "served": 0, "tokens": [0] * num_sources}
         self.tokens = np.asarray(state["tokens"], np.int64)
-        self.block, self.served = state["block"], state["served"]
-        self._start(state["position"], state["offset"])
-        if window:
-            self._fill()
-            self.served = state["served"]
-
-    def _start(self, position: int, offset: int) -> None:
-        self.docs = self.open_docs(self.shard, position)
+        self.docs = open_docs(shard, state["position"])
         self.packer = Packer(
             checked(self.docs),
-            self.seq_len,
-            self.tok.eos_id,
-            self.tok.bos_id,
-            self.tok.pad_id,
-            position=position,
-            offset=offset,
-            num_sources=self.num_sources,
+            seq_len,
+            tok.eos_id,
+            tok.bos_id,
+            tok.pad_id,
+            position=state["position"],
+            offset=state["offset"],
+            num_sources=num_sources,
         )
+        self.block, self.served, self.pending = state["block"], state["served"], None
+        if window:
+            self.block_start, self.buffer = self._pack_window(self.block)
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"moela-shard{shard}")
+            self.pending = self.pool.submit(self._pack_window, self.block + 1)
 
-    def _fill(self) -> None:
-        """Pack the next window of rows (block ``self.block``) and shuffle it."""
-        self.block_start = self.packer.state()
+    def _pack_window(self, block: int) -> tuple[dict, list]:
+        """(packer state at its start, rows) of window ``block``, shuffled by (seed, shard, block)."""
+        start = self.packer.state()
         rows = [self.packer.row() for _ in range(self.window)]
-        order = np.random.default_rng([self.seed, self.shard, self.block]).permutation(self.window)
-        self.buffer = [rows[i] for i in order]
-        self.served = 0
+        order = np.random.default_rng([self.seed, self.shard, block]).permutation(self.window)
+        return start, [rows[i] for i in order]
 
     def _next(self) -> tuple[Rows, np.ndarray]:
         if not self.window:
             return self.packer.row()
         if self.served == self.window:
-            self.block += 1
-            self._fill()
+            self.block, self.served = self.block + 1, 0
+            self.block_start, self.buffer = self.pending.result()
+            self.pending = self.pool.submit(self._pack_window, self.block + 1)
         self.served += 1
         return self.buffer[self.served - 1]
 
@@ -160,6 +162,9 @@ class ShardStream:
         return {**where, "block": self.block, "served": self.served, "tokens": [int(t) for t in self.tokens]}
 
     def close(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pool.shutdown(wait=False)
         if hasattr(self.docs, "close"):
             self.docs.close()
 

@@ -33,7 +33,6 @@ from moela.data.pipeline import (
 )
 from moela.data.sources import open_sources
 from moela.data.stream import gather_state
-from moela.data.text_builder import DataError
 from moela.model.flops import CONVENTION, training_flops_per_token
 from moela.model.layers import dtype
 from moela.model.runtime import Runtime
@@ -181,14 +180,15 @@ def run(cfg: Config, log=print) -> dict:
         data_state = meta.get("data")
         log(f"resumed from {run_dir}/checkpoints/{step}")
         if data_state is None:
-            log(f"warning: checkpoint {step} holds no data position (an older moela); the data stream restarts")
+            log(
+                f"warning: checkpoint {step} holds no data position (written before streaming); "
+                "the data stream starts again from its beginning",
+                file=sys.stderr,
+            )
     metrics_log = MetricsLog(run_dir, start_step - 1 if restored else None, primary)
 
     shards = _data_shards(cfg, span, data_state)
-    try:
-        stream = train_stream(cfg, tok, sources, span, shards, data_state)
-    except DataError as e:
-        raise DataError(f"data: {e}") from None
+    stream = train_stream(cfg, tok, sources, span, shards, data_state)
     rt = Runtime(cfg.runtime, layout)
     train_step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
     eval_step = make_eval_step(graphdef, rt)
