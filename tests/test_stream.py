@@ -77,7 +77,10 @@ def test_shards_read_disjoint_records_whose_union_is_the_dataset(corpus, shards)
         seen.append({text.split()[0] for text in mine})
     assert sum(len(x) for x in seen) == n  # disjoint ...
     assert set().union(*seen) == {f"a{i}" for i in range(n)}  # ... and together every record
-    assert [next(documents(dataset, 0, 1, 0, 0, 8)) for _ in range(3)] != [source[i] for i in range(3)]  # shuffled
+    whole = documents(dataset, 0, 1, 0, 0, 8)
+    epochs = [[next(whole) for _ in range(n)] for _ in range(2)]
+    assert epochs[0] != [source[i] for i in range(n)]  # shuffled ...
+    assert epochs[0] != epochs[1] and sorted(epochs[0]) == sorted(epochs[1])  # ... differently every epoch
 
 
 def test_no_token_is_lost_or_repeated_over_an_epoch(corpus, tok):

@@ -67,8 +67,8 @@ class Packer:
         num_sources: int = 1,
     ):
         self.docs, self.seq_len, self.pad_id = iter(docs), seq_len, pad_id
-        self.prefix = [bos_id] if bos_id is not None and bos_id >= 0 else []
-        self.suffix = [eos_id]
+        self.prefix = np.asarray([bos_id] if bos_id is not None and bos_id >= 0 else [], np.int32)
+        self.suffix = np.asarray([eos_id], np.int32)
         self.next_position, self.start_offset = position, offset
         self.current: tuple[int, int, np.ndarray] | None = None  # (position, source, [bos]+tokens+[eos])
         self.offset = 0
@@ -86,7 +86,7 @@ class Packer:
             except StopIteration:
                 return False
             position, self.next_position = self.next_position, self.next_position + 1
-            seq = np.asarray(self.prefix + list(toks) + self.suffix, np.int32)
+            seq = np.concatenate([self.prefix, np.asarray(toks, np.int32), self.suffix])
             offset, self.start_offset = self.start_offset, 0
             if len(seq) - 1 > offset:
                 self.current, self.offset = (position, source, seq), offset
