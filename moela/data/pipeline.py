@@ -20,10 +20,11 @@ import numpy as np
 from moela.configs.schema import Config
 from moela.data import tokenizer as spm_tokenizer
 from moela.data.sources import Unreadable, open_sources, source_specs, tokenizer_dir
-from moela.data.stream import TrainStream, eval_batches, ordered
+from moela.data.stream import TrainStream, eval_batches, load_grain, ordered
 from moela.data.text_builder import DataError
 
 TOKENIZER_MAX_CHARS = 20_000_000  # with data.tokenizer_sentences, bounds a tokenizer's training time and memory
+TOKENIZER_SEED = 0  # the sample's order: a cached tokenizer depends on the sources, not on train.seed
 
 
 def tokenizer_path(cfg: Config, first_source):
@@ -38,10 +39,11 @@ def tokenizer_path(cfg: Config, first_source):
 
 
 def sample_lines(cfg: Config, sources: list):
-    """Non-empty lines of the training records in the run's shuffled order: at most
+    """Non-empty lines of the training records in a shuffled order (TOKENIZER_SEED): at most
     ``data.tokenizer_sentences`` lines and TOKENIZER_MAX_CHARS characters, at most one epoch."""
     weights = [w for _, w in source_specs(cfg.data)]
-    records = iter(ordered(sources, weights, cfg.train.seed, None).to_iter_dataset())
+    read = load_grain().ReadOptions(num_threads=2, prefetch_buffer_size=8)  # whole files can be large records
+    records = iter(ordered(sources, weights, TOKENIZER_SEED, None).to_iter_dataset(read))
     budget = sum(len(src) for src in sources)
     lines = chars = 0
     for text in itertools.islice(records, budget):

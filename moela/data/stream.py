@@ -30,7 +30,7 @@ from moela.data.text_builder import DataError
 STATE_VERSION = 1
 
 
-def _grain():
+def load_grain():
     import grain
     from absl import flags
 
@@ -66,7 +66,7 @@ def _seed(seed: int, source: int) -> int:
 def ordered(sources: list, weights: list[float], seed: int, model_path: str | None):
     """The run's infinite record sequence as a grain MapDataset of (source, tokens), or of text
     when ``model_path`` is None."""
-    grain = _grain()
+    grain = load_grain()
     for src in sources:
         if len(src) == 0:
             raise DataError(f"source '{src.name}' holds no records")
@@ -79,7 +79,7 @@ def ordered(sources: list, weights: list[float], seed: int, model_path: str | No
 
 def documents(dataset, shard: int, shards: int, start: int, workers: int, prefetch: int):
     """Iterator over shard ``shard`` of ``shards`` of ``dataset`` from its position ``start``."""
-    grain = _grain()
+    grain = load_grain()
     ds = dataset[shard::shards][start:] if shards > 1 or start else dataset
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1, prefetch_buffer_size=prefetch))
     if workers:
@@ -273,7 +273,7 @@ def eval_batches(
     ``batches`` global batches, this process's rows of each, and the split's target token counts
     (for its unigram entropy). The same on every restart and host count; a short last batch is
     padded with no-loss rows, and the split may hold fewer batches."""
-    grain = _grain()
+    grain = load_grain()
     parts = [grain.MapDataset.source(src).map(Tokenise(i, tok.path)) for i, src in enumerate(sources)]
     dataset = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     docs = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=min(prefetch, 8))))
