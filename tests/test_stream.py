@@ -214,3 +214,14 @@ def test_sources_that_cannot_serve_a_split_stop_before_reading(tmp_path):
         open_sources(cfg.data, "train")
     with pytest.raises(DataError, match=r"has no '\{split\}' in its glob, so it has no 'validation' split"):
         open_sources(cfg.data, "validation")
+
+
+def test_a_state_resumes_only_with_its_row_window(corpus, tok):
+    cfg = cfg_for(corpus)
+    s = stream(cfg, tok, window=4)
+    s.next()
+    state = gather_state(s.state(), 1)
+    assert state["window"] == 4 and state["sources"] == [s.names[0]]
+    with pytest.raises(DataError, match="data.shuffle_rows=8, but this run was streamed with row windows of 4"):
+        stream(cfg, tok, window=8, state=state)
+    s.close()

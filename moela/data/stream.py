@@ -203,7 +203,12 @@ class TrainStream:
             raise DataError(f"{shards} data shards cannot split a global batch of {global_batch} rows")
         if state is not None and state["shards"] != shards:
             raise DataError(f"the saved data state has {state['shards']} shards, not {shards}")
-        self.names = [src.name for src in sources]
+        if state is not None and state["window"] != window:
+            raise DataError(
+                f"data.shuffle_rows={window}, but this run was streamed with row windows of {state['window']}; "
+                f"set data.shuffle_rows={state['window']} to resume it exactly, or choose another train.out_dir"
+            )
+        self.names, self.window = [src.name for src in sources], window
         self.global_batch, self.shards, self.per = global_batch, shards, global_batch // shards
         dataset = ordered(sources, weights, seed, tok.path)
 
@@ -227,6 +232,8 @@ class TrainStream:
         return {
             "version": STATE_VERSION,
             "shards": self.shards,
+            "window": self.window,
+            "sources": self.names,
             "streams": {s: stream.state() for s, stream in self.streams.items()},
         }
 
@@ -255,7 +262,7 @@ def gather_state(local: dict, num_sources: int) -> dict:
     streams = [
         {**{f: int(v) for f, v in zip(FIELDS, row)}, "tokens": [int(t) for t in row[len(FIELDS) :]]} for row in table
     ]
-    return {"version": STATE_VERSION, "shards": shards, "streams": streams}
+    return {**local, "streams": streams}
 
 
 def eval_batches(

@@ -188,6 +188,14 @@ def run(cfg: Config, log=print) -> dict:
     metrics_log = MetricsLog(run_dir, start_step - 1 if restored else None, primary)
 
     shards = _data_shards(cfg, span, data_state)
+    names = [src.name for src in sources]
+    if data_state is not None and data_state.get("sources") != names:
+        log(
+            f"warning: the data sources changed ({data_state.get('sources')} -> {names}); "
+            "their streams start from the beginning",
+            file=sys.stderr,
+        )
+        data_state = None
     stream = train_stream(cfg, tok, sources, span, shards, data_state)
     rt = Runtime(cfg.runtime, layout)
     train_step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
