@@ -436,3 +436,21 @@ def test_a_run_keeps_its_data_shard_count_across_host_counts():
     assert _data_shards(load("tiny"), (0, 8), {"shards": 2}) == 2  # the checkpoint's count wins
     with pytest.raises(ConfigError, match=r"data.shards=4, but this run's checkpoints stream 2 shards"):
         _data_shards(load("tiny", ["data.shards=4"]), (0, 8), {"shards": 2})
+
+
+def test_a_mixture_trains_and_counts_tokens_per_source(corpus, data_dir, tmp_path):
+    texts = tmp_path / "jsonl"
+    texts.mkdir()
+    for split, n in (("train", 60), ("validation", 6)):
+        lines = [json.dumps({"text": f"{split} document {i}: " + "lorem ipsum dolor " * (i % 7 + 1)}) for i in range(n)]
+        (texts / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    mixture = f"data.mixture=moela_text:0.5, jsonl:{texts}/{{split}}.jsonl:0.5"
+    done = run_train(overrides(corpus, data_dir, out, steps=4, checkpoint_every=4) + [mixture])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "streaming moela_text" in done.stdout and f"jsonl:{texts}/train.jsonl 60 train records" in done.stdout
+    records = [r for r in metric_lines(out) if "loss" in r]
+    names = ("tokens.moela_text", f"tokens.jsonl:{texts}/train.jsonl")
+    for r in records:  # every packed position has a real target, counted to the source it came from
+        assert sum(r[k] for k in names) == (r["step"] + 1) * 4 * 32, r
+    assert all(records[-1][k] > 0 for k in names), records[-1]
