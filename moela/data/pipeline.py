@@ -108,7 +108,7 @@ def train_stream(cfg: Config, tok, sources: list, span: tuple[int, int], shards:
 
 
 def validation(cfg: Config, tok, span: tuple[int, int]) -> tuple[list[dict], np.ndarray]:
-    """This process's rows of the fixed validation batches, and the split's target token counts."""
+    """This process's rows of the fixed validation batches, and the token counts of their targets."""
     d, t = cfg.data, cfg.train
     sources = open_sources(d, d.validation_split)
     return eval_batches(

@@ -98,7 +98,7 @@ class TfdsRecords:
 class FileRecords:
     """JSON Lines or ArrayRecord files matched by a glob, in sorted path order.
 
-    JSON Lines are indexed by line offsets once per process (8 bytes a line in memory); use
+    JSON Lines are indexed by line offsets once per process (16 bytes a line in memory); use
     ArrayRecord (or tfds) for corpora with hundreds of millions of documents."""
 
     def __init__(self, kind: str, paths: list[str], field: str, limit: int = 0):

@@ -277,9 +277,9 @@ def eval_batches(
     prefetch: int = 64,
 ) -> tuple[list[dict], np.ndarray]:
     """The validation split packed in its stored order (unshuffled, one pass): the first
-    ``batches`` global batches, this process's rows of each, and the split's target token counts
-    (for its unigram entropy). The same on every restart and host count; a short last batch is
-    padded with no-loss rows, and the split may hold fewer batches."""
+    ``batches`` global batches, this process's rows of each, and the token counts of all their
+    targets (for the unigram entropy the loss is compared with). The same on every restart and
+    host count; a short last batch is padded with no-loss rows; the split may hold fewer batches."""
     grain = load_grain()
     parts = [grain.MapDataset.source(src).map(Tokenise(i, tok.path)) for i, src in enumerate(sources)]
     dataset = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
