@@ -454,3 +454,23 @@ def test_a_mixture_trains_and_counts_tokens_per_source(corpus, data_dir, tmp_pat
     for r in records:  # every packed position has a real target, counted to the source it came from
         assert sum(r[k] for k in names) == (r["step"] + 1) * 4 * 32, r
     assert all(records[-1][k] > 0 for k in names), records[-1]
+
+
+def test_a_data_state_the_streams_cannot_continue_from_is_named_and_dropped():
+    from moela.data.stream import STATE_VERSION
+    from moela.training.loop import _resumable_data
+
+    said = []
+
+    def log(*args, **kwargs):
+        said.append(" ".join(args))
+
+    good = {"version": STATE_VERSION, "sources": ["moela_text"], "shards": 1}
+    assert _resumable_data(good, 5, ["moela_text"], log) is good and not said
+    assert _resumable_data(None, 5, ["moela_text"], log) is None
+    assert _resumable_data({**good, "version": STATE_VERSION + 1}, 5, ["moela_text"], log) is None
+    assert _resumable_data(good, 5, ["moela_text", "lm1b"], log) is None
+    assert ["written before streaming" in said[0], "of format" in said[1], "streamed other sources" in said[2]] == [
+        True
+    ] * 3
+    assert all(line.startswith("warning: checkpoint 5 ") for line in said)

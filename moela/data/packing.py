@@ -10,7 +10,7 @@ where there is a real target. The model's attention never crosses a segment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 import numpy as np
 
 
@@ -115,6 +115,4 @@ class Packer:
 
 
 def concat(rows: list[Rows]) -> Rows:
-    return Rows(
-        *(np.concatenate([getattr(r, f) for r in rows]) for f in ("inputs", "targets", "segment_ids", "positions"))
-    )
+    return Rows(*(np.concatenate([getattr(r, f.name) for r in rows]) for f in fields(Rows)))

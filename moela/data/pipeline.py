@@ -19,7 +19,7 @@ import numpy as np
 
 from moela.configs.schema import Config
 from moela.data import tokenizer as spm_tokenizer
-from moela.data.sources import Unreadable, open_sources, source_specs, tokenizer_dir
+from moela.data.sources import Unreadable, open_sources, source_specs, source_weights, tokenizer_dir
 from moela.data.stream import TrainStream, eval_batches, load_grain, ordered
 from moela.data.text_builder import DataError
 
@@ -41,7 +41,7 @@ def tokenizer_path(cfg: Config, first_source):
 def sample_lines(cfg: Config, sources: list):
     """Non-empty lines of the training records in a shuffled order (TOKENIZER_SEED): at most
     ``data.tokenizer_sentences`` lines and TOKENIZER_MAX_CHARS characters, at most one epoch."""
-    weights = [w for _, w in source_specs(cfg.data)]
+    weights = source_weights(cfg.data)
     read = load_grain().ReadOptions(num_threads=2, prefetch_buffer_size=8)  # whole files can be large records
     records = iter(ordered(sources, weights, TOKENIZER_SEED, None).to_iter_dataset(read))
     budget = sum(len(src) for src in sources)
@@ -93,7 +93,7 @@ def train_stream(cfg: Config, tok, sources: list, span: tuple[int, int], shards:
     d, t = cfg.data, cfg.train
     return TrainStream(
         sources,
-        [w for _, w in source_specs(d)],
+        source_weights(d),
         tok,
         global_batch=t.global_batch_size,
         seq_len=t.seq_len,
@@ -113,7 +113,7 @@ def validation(cfg: Config, tok, span: tuple[int, int]) -> tuple[list[dict], np.
     sources = open_sources(d, d.validation_split)
     return eval_batches(
         sources,
-        [w for _, w in source_specs(d)],
+        source_weights(d),
         tok,
         global_batch=t.global_batch_size,
         seq_len=t.seq_len,

@@ -103,19 +103,20 @@ class FileRecords:
 
     def __init__(self, kind: str, paths: list[str], field: str, limit: int = 0):
         self.kind, self.paths, self.field = kind, paths, field
-        counts = [self._count(p) for p in paths]
+        self._open: dict[int, object] = {}  # file index -> its reader or line index, per process
+        counts = [self._count(f, p) for f, p in enumerate(paths)]
         self.ends = np.cumsum(counts)
         total = int(self.ends[-1]) if counts else 0
         self.size = min(limit, total) if limit else total
-        self._open: dict[int, object] = {}
         self.name = f"{kind}:{paths[0] if len(paths) == 1 else os.path.commonpath(paths)}"
 
     def __getstate__(self):
         return {**self.__dict__, "_open": {}}  # readers and line indexes are rebuilt in each process
 
-    def _count(self, path: str) -> int:
-        if self.kind == "jsonl":
-            return len(self._lines(path))
+    def _count(self, f: int, path: str) -> int:
+        if self.kind == "jsonl":  # counting is indexing: keep the index for reading
+            self._open[f] = self._lines(path)
+            return len(self._open[f])
         from array_record.python.array_record_module import ArrayRecordReader
 
         try:
@@ -220,6 +221,10 @@ def open_source(spec: str, data: DataConfig, split: str):
 def source_specs(data: DataConfig) -> list[tuple[str, float]]:
     """(spec, weight) of every source: ``data.mixture``'s entries, or ``data.dataset`` alone."""
     return parse_mixture(data.mixture) if data.mixture else [(data.dataset, 1.0)]
+
+
+def source_weights(data: DataConfig) -> list[float]:
+    return [weight for _, weight in source_specs(data)]
 
 
 def open_sources(data: DataConfig, split: str) -> list:

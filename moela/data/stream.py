@@ -215,13 +215,13 @@ class TrainStream:
         def open_docs(shard: int, position: int):
             return documents(dataset, shard, shards, position, workers, prefetch)
 
+        self.slices = dict(shards_for(span, global_batch, shards))
         self.streams = {
             s: ShardStream(
                 open_docs, s, seq_len, tok, len(sources), seed, window, state["streams"][s] if state else None
             )
-            for s, _ in shards_for(span, global_batch, shards)
+            for s in self.slices
         }
-        self.slices = dict(shards_for(span, global_batch, shards))
 
     def next(self) -> dict[str, np.ndarray]:
         rows = [self.streams[s].rows(self.per).take(self.slices[s]) for s in sorted(self.streams)]

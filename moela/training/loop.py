@@ -32,7 +32,7 @@ from moela.data.pipeline import (
     validation,
 )
 from moela.data.sources import open_sources
-from moela.data.stream import gather_state
+from moela.data.stream import STATE_VERSION, gather_state
 from moela.model.flops import CONVENTION, training_flops_per_token
 from moela.model.layers import dtype
 from moela.model.runtime import Runtime
@@ -103,6 +103,20 @@ def _prepare_data(cfg: Config, primary: bool, span: tuple[int, int]):
     result = both() if primary else None
     multihost_utils.sync_global_devices("moela: data prepared by process 0")
     return result if primary else both()
+
+
+def _resumable_data(state: dict | None, step: int, names: list[str], log) -> dict | None:
+    """A checkpoint's data state if the streams can continue from it, else None, saying why."""
+    if state is None:
+        why = "holds no data position (written before streaming)"
+    elif state.get("version") != STATE_VERSION:
+        why = f"holds a data position of format {state.get('version')}, not {STATE_VERSION}"
+    elif state.get("sources") != names:
+        why = f"streamed other sources ({state.get('sources')}; now {names})"
+    else:
+        return state
+    log(f"warning: checkpoint {step} {why}; the data streams start again from the beginning", file=sys.stderr)
+    return None
 
 
 def _data_shards(cfg: Config, span: tuple[int, int], saved: dict | None) -> int:
@@ -177,25 +191,11 @@ def run(cfg: Config, log=print) -> dict:
         nnx.replace_by_pure_dict(state, model_dict)
         _, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
         start_step = step + 1
-        data_state = meta.get("data")
         log(f"resumed from {run_dir}/checkpoints/{step}")
-        if data_state is None:
-            log(
-                f"warning: checkpoint {step} holds no data position (written before streaming); "
-                "the data stream starts again from its beginning",
-                file=sys.stderr,
-            )
+        data_state = _resumable_data(meta.get("data"), step, [src.name for src in sources], log)
     metrics_log = MetricsLog(run_dir, start_step - 1 if restored else None, primary)
 
     shards = _data_shards(cfg, span, data_state)
-    names = [src.name for src in sources]
-    if data_state is not None and data_state.get("sources") != names:
-        log(
-            f"warning: the data sources changed ({data_state.get('sources')} -> {names}); "
-            "their streams start from the beginning",
-            file=sys.stderr,
-        )
-        data_state = None
     stream = train_stream(cfg, tok, sources, span, shards, data_state)
     rt = Runtime(cfg.runtime, layout)
     train_step = make_train_step(graphdef, cfg, tx, layout, state_shardings)
