@@ -185,6 +185,8 @@ def test_runtime_overrides_parse_and_validate():
         load("tiny", ["runtime.attention=flash"])
     with pytest.raises(ConfigError, match="'runtime.grouped_block_rows' = 0 must be > 0"):
         load("tiny", ["runtime.grouped_block_rows=0"])
+    cfg = load("tiny", ["runtime.expert_dispatch=all_to_all", "runtime.expert_capacity=1.25"])
+    assert (cfg.runtime.expert_dispatch, cfg.runtime.expert_capacity) == ("all_to_all", 1.25)
 
 
 # ----------------------------------------------------------------------------- bad input, table-driven
@@ -211,6 +213,8 @@ BAD_CONFIGS = [
     (["runtime.remat=some"], ["'runtime.remat' = 'some'", "'none', 'full', 'dots', 'dots_no_batch'"]),
     (["runtime.attention=cuda"], ["'runtime.attention' = 'cuda'", "'xla'", "'pallas'"]),
     (["runtime.grouped_block_rows=0"], ["'runtime.grouped_block_rows'", "> 0"]),
+    (["runtime.expert_capacity=-0.5"], ["'runtime.expert_capacity' = -0.5", ">= 0 (0 = dropless"]),
+    (["runtime.expert_dispatch=a2a"], ["'runtime.expert_dispatch' = 'a2a'", "'ring', 'gather', 'all_to_all'"]),
     (["mesh.strategy=zero"], ["'mesh.strategy' = 'zero'", "'fsdp'"]),
     (["mesh.tensor=0"], ["'mesh.tensor' = 0", ">= 1, or -1"]),
     (["serve.cache_dtype=int8"], ["'serve.cache_dtype' = 'int8'", "'float32', 'bfloat16'"]),

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moela.configs.schema import LayerContext, MeshConfig, MoEConfig
 from moela.kernels.grouped import block_layout, routed_swiglu
 from moela.model.moe import MoE, RoutedExperts
-from moela.parallel.experts import ExpertAxes, expert_parallel_swiglu
+from moela.parallel.experts import ExpertAxes, buffer_rows, default_ragged, dispatch_bytes, expert_parallel_swiglu
 from moela.configs.schema import RuntimeConfig
 from moela.model.runtime import ONE_DEVICE, Runtime
 from moela.parallel.layout import Layout, state_shardings
@@ -73,7 +73,7 @@ def experts_step(graphdef, rt):
     """Jitted (y, (d state, dx, d weights)) of sum(RoutedExperts(x, w, ids) · cot), under ``rt``."""
 
     def loss(state, x_md, w_mk, ids_mk, cot_md):
-        y_md = nnx.merge(graphdef, state)(x_md, w_mk, ids_mk, rt=rt)
+        y_md, _ = nnx.merge(graphdef, state)(x_md, w_mk, ids_mk, rt=rt)
         return jnp.sum(y_md * cot_md), y_md
 
     @jax.jit
@@ -84,10 +84,19 @@ def experts_step(graphdef, rt):
     return step
 
 
-@pytest.mark.parametrize("impl, dispatch", [("blocked", "ring"), ("ragged_dot", "ring"), ("blocked", "gather")])
-@pytest.mark.parametrize("shape,strategy", MESHES, ids=MESH_IDS)
+DISPATCHES = [("blocked", "ring"), ("ragged_dot", "ring"), ("blocked", "gather"), ("blocked", "all_to_all")]
+DISPATCH_CASES = [(shape, strategy, impl, d) for shape, strategy in MESHES for impl, d in DISPATCHES]
+DISPATCH_CASES.append(((2, 4, 1), "ep_tp", "blocked", "all_to_all"))  # 2 expert devices, F split 4 ways
+
+
+@pytest.mark.parametrize(
+    "shape, strategy, impl, dispatch",
+    DISPATCH_CASES,
+    ids=["{}x{}x{}-{}-{}-{}".format(*shape, *rest) for shape, *rest in DISPATCH_CASES],
+)
 def test_routed_experts_match_unsharded(shape, strategy, impl, dispatch):
-    """Each compiled step runs all three routings (they are data, not shapes)."""
+    """Each compiled step runs all three routings (they are data, not shapes). On CPU
+    ``all_to_all`` runs its padded variant, dropless."""
     cfg = MoEConfig(num_experts=E, experts_per_token=K, d_ff=F)
     runtime = RuntimeConfig(grouped_matmul=impl, grouped_block_rows=4, expert_dispatch=dispatch)
     graphdef, state = random_module(RoutedExperts, cfg)
@@ -129,19 +138,21 @@ MOE_CFG = MoEConfig(
     routed_scaling_factor=2.0,
     seq_aux_loss_coef=0.01,
 )
-MOE_RUNTIME = RuntimeConfig(grouped_block_rows=4)
 
 
-def moe_step(graphdef, partitioner):
+def moe_step(graphdef, partitioner, dispatch="auto"):
+    runtime = RuntimeConfig(grouped_block_rows=4, expert_dispatch=dispatch)
+
     def loss(params, rest, x_btd, cot_btd):
-        y_btd, stats = nnx.merge(graphdef, params, rest)(x_btd, rt=Runtime(MOE_RUNTIME, partitioner))
+        y_btd, stats = nnx.merge(graphdef, params, rest)(x_btd, rt=Runtime(runtime, partitioner))
         return jnp.sum(y_btd * cot_btd) + stats["aux_loss"], (y_btd, stats)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 2), has_aux=True))
 
 
+@pytest.mark.parametrize("dispatch", ["ring", "all_to_all"])
 @pytest.mark.parametrize("shape,strategy", MESHES[1:], ids=MESH_IDS[1:])
-def test_moe_layer_matches_unsharded(shape, strategy):
+def test_moe_layer_matches_unsharded(shape, strategy, dispatch):
     """Router, shared experts, load and aux loss around the island: the same values and gradients."""
     graphdef, state = random_module(MoE, MOE_CFG, seed=3)
     graphdef, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
@@ -151,10 +162,11 @@ def test_moe_layer_matches_unsharded(shape, strategy):
     acts = layout.sharding(("batch", "length", "act_embed"))
     (_, (y_ref, stats_ref)), (dp_ref, dx_ref) = moe_step(graphdef, ONE_DEVICE)(params, rest, x, cot)
     placed = [jax.device_put(s, state_shardings(s, layout)) for s in (params, rest)]
-    (_, (y, stats)), (dp, dx) = moe_step(graphdef, layout)(*placed, *jax.device_put((x, cot), acts))
+    (_, (y, stats)), (dp, dx) = moe_step(graphdef, layout, dispatch)(*placed, *jax.device_put((x, cot), acts))
     assert_close(y, y_ref, "y")
     np.testing.assert_array_equal(np.asarray(stats["load"]), np.asarray(stats_ref["load"]))
     assert_close(stats["aux_loss"], stats_ref["aux_loss"], "aux loss")
+    assert int(stats["dropped_pairs"]) == int(stats_ref["dropped_pairs"]) == 0
     assert_close(dx, dx_ref, "dx")
     flat, flat_ref = dict(nnx.to_flat_state(dp)), dict(nnx.to_flat_state(dp_ref))
     assert flat.keys() == flat_ref.keys() and len(flat) == 7
@@ -217,3 +229,151 @@ def test_indivisible_experts_are_rejected():
         expert_parallel_swiglu(
             x, w, w.astype(jnp.int32), wg, wg, wd, mesh=layout.mesh, axes=ExpertAxes(expert="data", batch="data")
         )
+
+
+# ----------------------------------------------------------------------------- all_to_all: ragged, capacity
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
+    """``jax.lax.ragged_all_to_all``'s contract built from ``all_to_all`` (XLA:CPU has no ragged one),
+    every slice padded to the operand's rows: lets CPU run the ragged variant's offsets and sizes."""
+    n, rows, tail = jax.lax.axis_size(axis_name), operand.shape[0], operand.shape[1:]
+    r = jnp.arange(rows)
+    chunks = operand.at[input_offsets[:, None] + r].get(mode="fill", fill_value=0)  # [peer, rows, ...]
+    chunks = jnp.where((r < send_sizes[:, None]).reshape((n, rows) + (1,) * len(tail)), chunks, 0)
+    received = jax.lax.all_to_all(chunks.reshape((n * rows,) + tail), axis_name, 0, 0, tiled=True)
+    at = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where each sender's slice lands
+    target = jnp.where(r < recv_sizes[:, None], at[:, None] + r, output.shape[0])
+    return output.at[target.reshape(-1)].set(received, mode="drop")
+
+
+def skewed_routing(seed=0):
+    """Like ``routing``, with experts 12-15 (the last device's, for 2 or 4 expert devices) six
+    times as likely as the others: that device's buffers overflow at capacity 1, the others' not."""
+    rng = np.random.default_rng(seed)
+    p = np.where(np.arange(E) >= 12, 6.0, 1.0)
+    ids = np.stack([rng.choice(E, K, replace=False, p=p / p.sum()) for _ in range(M)]).astype(np.int32)
+    return jnp.asarray(rng.uniform(0.1, 1.0, (M, K)), jnp.float32), jnp.asarray(ids)
+
+
+def kept_pairs(ids, n: int, groups: int, capacity: float, ragged: bool) -> np.ndarray:
+    """NumPy: which (token, slot) pairs the all_to_all dispatch keeps, [M, K] bool. The M rows lie in
+    n·groups equal blocks, expert-axis index major; the n blocks of one group exchange. Each sender's
+    pairs go in (token, slot) order per destination; padded keeps the first ``cap`` per destination,
+    ragged the rows that land below ``cap`` on the receiver, after those of lower-index senders."""
+    rows = M // (n * groups)
+    cap = buffer_rows(rows * K, n, capacity, ragged)
+    dest = np.asarray(ids) // (E // n)
+    keep = np.zeros(dest.shape, bool)
+    for g in range(groups):
+        taken = np.zeros(n, int)
+        for d in range(n):
+            block = slice((d * groups + g) * rows, (d * groups + g + 1) * rows)
+            rank, kept = np.zeros(n, int), []
+            for j in dest[block].reshape(-1):
+                kept.append((taken[j] if ragged else 0) + rank[j] < cap)
+                rank[j] += 1
+            keep[block] = np.reshape(kept, (rows, K))
+            taken += rank
+    return keep
+
+
+def expert_grads(fn):
+    """Jitted (y, dropped, grads of sum(y · cot) by x, weights, W_gate, W_up, W_down) of ``fn``."""
+
+    def loss(x, w, ids, wg, wu, wd, cot):
+        y, dropped = fn(x, w, ids, wg, wu, wd)
+        return jnp.sum(y * cot), (y, dropped)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 3, 4, 5), has_aux=True))
+
+
+CAPACITY_MESHES = [((4, 2, 1), "ep_tp"), ((2, 2, 2), "dp_tp_sp")]
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["padded", "ragged_emulated"])
+@pytest.mark.parametrize("shape,strategy", CAPACITY_MESHES, ids=["4x2x1-ep_tp", "2x2x2-dp_tp_sp"])
+def test_all_to_all_drops_what_overflows_and_counts_it(monkeypatch, shape, strategy, ragged):
+    """Dropless at capacity 0; at capacity 1 exactly the pairs a NumPy replay of the buffers says
+    overflow are dropped and counted, and values and gradients equal the one-device experts
+    without those pairs. The ragged variant runs on an emulated collective (same offsets, sizes)."""
+    if ragged:
+        monkeypatch.setattr(jax.lax, "ragged_all_to_all", emulated_ragged_all_to_all)
+    layout = layout_of(shape, strategy)
+    assert not default_ragged(layout.mesh)  # CPU devices: padded unless forced
+    axes = ExpertAxes(layout.axis("expert"), layout.axis("mlp"), layout.axis("batch"), layout.axis("length"))
+    n = layout.size("expert")
+    groups = layout.size("batch") * layout.size("length") // n
+    rng = np.random.default_rng(7)
+    x, cot = (jnp.asarray(rng.standard_normal((M, D)), jnp.float32) for _ in range(2))
+    wg, wu = (jnp.asarray(rng.standard_normal((E, D, F)) / 3, jnp.float32) for _ in range(2))
+    wd = jnp.asarray(rng.standard_normal((E, F, D)) / 3, jnp.float32)
+    reference = expert_grads(lambda *a: (routed_swiglu(*a, backend="blocked", block=4), jnp.zeros((), jnp.int32)))
+    for capacity in (0.0, 1.0):
+        sharded = expert_grads(
+            lambda *a, c=capacity: expert_parallel_swiglu(
+                *a, mesh=layout.mesh, axes=axes, block=4, dispatch="all_to_all", capacity=c, ragged=ragged
+            )
+        )
+        for kind in ("skewed", "one_device", "idle"):
+            w, ids = skewed_routing() if kind == "skewed" else routing(kind)
+            keep = kept_pairs(ids, n, groups, capacity, ragged)
+            if capacity == 0:
+                assert keep.all()
+            elif kind != "idle":
+                assert 0 < (~keep).sum() < keep.size, kind  # the case is discriminating
+            (_, (y, dropped)), grads = sharded(x, w, ids, wg, wu, wd, cot)
+            ids_ref = jnp.where(keep, ids, E)  # past every expert: the pair is computed nowhere
+            (_, (y_ref, _)), grads_ref = reference(x, w, ids_ref, wg, wu, wd, cot)
+            what = f"{kind}, capacity {capacity}"
+            assert int(dropped) == (~keep).sum(), what
+            assert_close(y, y_ref, f"{what}: y")
+            for name, g, g_ref in zip(("x", "weights", "W_gate", "W_up", "W_down"), grads, grads_ref):
+                assert_close(g, g_ref, f"{what}: d {name}")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_ragged_all_to_all_lowers_for_accelerators(platform):
+    """The ragged variant (forced: the mesh's devices are CPUs) exports for TPU and GPU, forward and
+    backward, with ``ragged_all_to_all`` collectives in the module: x and ids out, y back; the
+    backward adds the transposes of the two row transfers."""
+    layout = layout_of((8, 1, 1), "ep_tp")
+    axes = ExpertAxes(expert="data", batch="data")
+
+    def forward(x, w, ids, wg, wu, wd):
+        return expert_parallel_swiglu(
+            x, w, ids, wg, wu, wd, mesh=layout.mesh, axes=axes, dispatch="all_to_all", backend="ragged_dot", ragged=True
+        )[0]
+
+    def backward(*args):
+        return jax.grad(lambda *a: jnp.sum(forward(*a)), argnums=(0, 1, 3, 4, 5))(*args)
+
+    spec = jax.ShapeDtypeStruct
+    args = (
+        spec((M, D), jnp.bfloat16),
+        spec((M, K), jnp.float32),
+        spec((M, K), jnp.int32),
+        *(spec((E, D, F), jnp.bfloat16) for _ in range(2)),
+        spec((E, F, D), jnp.bfloat16),
+    )
+    # jax lowers ragged_all_to_all to a custom call without export-compatibility guarantees
+    # (jax.export refuses it by default, for tpu and cuda alike): this test allows it.
+    allow = [jax.export.DisabledSafetyCheck.custom_call("ragged_all_to_all")]
+    for fn, calls in ((forward, 3), (backward, 5)):
+        module = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=allow)(*args).mlir_module()
+        assert module.count("stablehlo.custom_call @ragged_all_to_all(") == calls, (fn.__name__, platform)
+
+
+def test_dispatch_bytes():
+    """Bytes a device sends per MoE layer forward, DeepSeek-V3-like (n = 64 devices, k = 8, bf16):
+    all_to_all's routed rows are about k/n of ring's, padded dropless buffers k times the rows."""
+    kw = dict(rows=1024, k=8, n=64, d_model=7168, itemsize=2)
+    row = 7168 * 2
+    ring, gather, a2a = (dispatch_bytes(d, **kw) for d in ("ring", "gather", "all_to_all"))
+    assert ring == 63 * 1024 * (2 * row + 64) + 1024 * row and gather == 63 * 1024 * (2 * row + 64)
+    assert a2a == 8 * 1024 * 63 // 64 * (2 * row + 4) + 63 * 64 * 4
+    assert dispatch_bytes("all_to_all", **kw, ragged=False) == 63 * 1024 * 8 * (2 * row + 4)
+    assert dispatch_bytes("all_to_all", **kw, ragged=False, capacity=1.0) == 63 * 128 * (2 * row + 4)
+    assert dispatch_bytes("all_to_all", **kw, capacity=0.5) == round(4096 * 63 / 64 * (2 * row + 4)) + 63 * 64 * 4
+    assert a2a < gather < ring and dispatch_bytes("ring", **{**kw, "n": 1}) == 0
+

@@ -153,7 +153,14 @@ class RuntimeConfig:
       ``ragged_dot`` (``jax.lax.ragged_dot``) or ``blocked`` (a loop over blocks of
       ``grouped_block_rows`` rows, the CPU path).
     * ``expert_dispatch``: how expert parallelism brings tokens to experts
-      (``parallel.experts.DISPATCH``): ``ring`` or ``gather``.
+      (``parallel.experts.DISPATCH``): ``ring`` (tokens tour the devices), ``gather`` (all-gather,
+      reduce-scatter) or ``all_to_all`` (each routed pair to its expert's device and back: ragged on
+      TPU/GPU, padded to a fixed number of rows per peer on CPU).
+    * ``expert_capacity``: the ``all_to_all`` buffers' size, a multiple of the average load. 0: the
+      worst case, dropless (the ragged receive buffer then holds n·M·k rows of D for n devices of
+      M token rows each, k experts a token; the padded one M·k per peer, n·M·k in all, sent and
+      received); c > 0: c·M·k received rows (ragged), c·M·k/n per peer (padded), rounded up to 8.
+      Pairs that do not fit are dropped (zero contribution) and counted (``moe_dropped_pairs``).
     * ``remat``: the rematerialisation policy of each scanned layer.
     """
 
@@ -161,7 +168,8 @@ class RuntimeConfig:
     paged_attention: Literal["auto", "xla", "reference", "pallas", "interpret", "interpret_gpu"] = "auto"
     grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"
     grouped_block_rows: int = 128
-    expert_dispatch: Literal["auto", "ring", "gather"] = "auto"
+    expert_dispatch: Literal["auto", "ring", "gather", "all_to_all"] = "auto"
+    expert_capacity: float = 0.0
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
 

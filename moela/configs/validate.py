@@ -111,6 +111,11 @@ def validate(cfg: Config) -> Config:
         _require(e.seq_aux_loss_coef >= 0, "config key 'model.moe.seq_aux_loss_coef' must be >= 0")
 
     _positive(cfg.runtime, "runtime", "grouped_block_rows")
+    _require(
+        cfg.runtime.expert_capacity >= 0,
+        f"config key 'runtime.expert_capacity' = {cfg.runtime.expert_capacity} must be >= 0 (0 = dropless; "
+        "c > 0 sizes the all_to_all expert buffers at c times the average load)",
+    )
 
     t = cfg.train
     _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate", "loss_chunk_tokens")

@@ -9,7 +9,8 @@ times ``routed_scaling_factor``). With ``n_group > 1`` only experts in the best
 
 The routed experts run dropless. In training every (token, expert) pair goes through the grouped
 matmul (``kernels.grouped.routed_swiglu``; backend ``runtime.grouped_matmul``), or, when the
-partitioner splits experts over devices, through its expert-parallel island. A serving step
+partitioner splits experts over devices, through its expert-parallel island (whose ``all_to_all``
+dispatch with ``runtime.expert_capacity`` > 0 may drop pairs: the count is a statistic). A serving step
 (``inference=True``: a few hundred packed tokens at most) picks at run time between the grouped
 matmul with blocks sized to the step and, when its tokens touch most experts with few pairs
 each, every expert on a fixed number of its own rows (``kernels.grouped.capacity_swiglu``).
@@ -103,8 +104,9 @@ class RoutedExperts(nnx.Module):
         return tuple(w[...].astype(cd) for w in (self.w_gate, self.w_up, self.w_down))
 
     def __call__(self, x_td, weights_tk, ids_tk, *, rt: Runtime = Runtime()):
-        """Dropless: every (token, expert) pair is computed. x [..., D] -> y [..., D]. The
-        partitioner runs them expert-parallel when its mesh splits the experts."""
+        """x [..., D] -> (y [..., D], pairs dropped: int32 []). Every (token, expert) pair is computed
+        unless an expert-parallel dispatch with a capacity drops some (the partitioner runs the
+        experts expert-parallel when its mesh splits them)."""
         return rt.partitioner.routed_experts(
             x_td.astype(self.compute_dtype), weights_tk, ids_tk, *self.weights(), runtime=rt.config
         )
@@ -125,7 +127,9 @@ class RoutedExperts(nnx.Module):
 
 class MoE(nnx.Module):
     """Routed experts + shared experts. Returns (y [B, T, D], stats) where training's stats hold
-    ``load`` [E] (tokens routed to each expert, padding excluded) and ``aux_loss``."""
+    ``load`` [E] (tokens routed to each expert, padding excluded), ``aux_loss`` and
+    ``dropped_pairs`` (int32: (token, expert) pairs an expert-parallel capacity dropped, padding
+    included; 0 when dropless)."""
 
     def __init__(self, cfg: MoEConfig, ctx: LayerContext, *, rngs: nnx.Rngs):
         self.router = Router(cfg, ctx, rngs=rngs)
@@ -144,12 +148,14 @@ class MoE(nnx.Module):
         else:
             # Padding rows still flow through the experts (shapes stay static) but weigh nothing.
             weights_btk = jnp.where(valid_bt[..., None], weights_btk, 0.0)
-            y_btd = self.experts(x_btd, weights_btk, ids_btk, rt=rt).astype(x_btd.dtype)
+            y_btd, dropped = self.experts(x_btd, weights_btk, ids_btk, rt=rt)
+            y_btd = y_btd.astype(x_btd.dtype)
             load_e = jnp.sum(
                 jax.nn.one_hot(ids_btk, self.cfg.num_experts, dtype=jnp.float32) * valid_bt[..., None, None],
                 axis=(0, 1, 2),
             )
-            stats = {"load": load_e, "aux_loss": self.sequence_aux_loss(scores_bte, ids_btk, valid_bt)}
+            aux_loss = self.sequence_aux_loss(scores_bte, ids_btk, valid_bt)
+            stats = {"load": load_e, "aux_loss": aux_loss, "dropped_pairs": dropped}
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd).astype(x_btd.dtype)
         return y_btd, stats

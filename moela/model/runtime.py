@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from moela import kernels
@@ -74,8 +75,9 @@ class Partitioner:
         )
 
     def routed_experts(self, x, weights, ids, w_gate_edf, w_up_edf, w_down_efd, *, runtime: RuntimeConfig):
-        """Dropless routed experts (``kernels.grouped.routed_swiglu``): y [..., D] of x [..., D]."""
-        return grouped.routed_swiglu(
+        """Routed experts (``kernels.grouped.routed_swiglu``): (y [..., D] of x [..., D], the number of
+        (token, expert) pairs dropped, int32 []). One device is dropless: 0."""
+        y = grouped.routed_swiglu(
             x,
             weights,
             ids,
@@ -85,6 +87,7 @@ class Partitioner:
             backend=runtime.grouped_matmul,
             block=runtime.grouped_block_rows,
         )
+        return y, jnp.zeros((), jnp.int32)
 
     def sharding(self, names: tuple[str | None, ...]) -> Any | None:
         """Where an array with these logical axes lives (a ``jax.sharding.Sharding``), or None: on

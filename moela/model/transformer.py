@@ -129,7 +129,8 @@ class Decoder(nnx.Module):
 
     ``positions`` default to 0..T-1 per row; with packed sequences pass positions that
     restart per document and ``segment_ids`` (0 marks padding; attention never crosses a
-    segment). ``aux`` holds ``expert_load`` [L_moe, E] and the summed ``aux_loss``.
+    segment). ``aux`` holds ``expert_load`` [L_moe, E], the summed ``aux_loss`` and
+    ``moe_dropped_pairs`` (pairs an expert-parallel capacity dropped, summed over layers).
 
     The residual stream is constrained to x[batch, length, act_embed] at every block boundary
     (``rt.partitioner``); when the partitioner lays the sequence out in another order (ring
@@ -219,7 +220,11 @@ class Decoder(nnx.Module):
                 first_layer=self.cfg.num_dense_layers,
             )
             if stats:  # a serving step keeps none
-                aux = {"expert_load": stats["load"], "aux_loss": jnp.sum(stats["aux_loss"])}
+                aux = {
+                    "expert_load": stats["load"],
+                    "aux_loss": jnp.sum(stats["aux_loss"]),
+                    "moe_dropped_pairs": jnp.sum(stats["dropped_pairs"]),
+                }
         return x_btd, aux, cache
 
 

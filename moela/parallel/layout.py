@@ -116,6 +116,7 @@ class Layout(Partitioner):
             backend=runtime.grouped_matmul,
             block=runtime.grouped_block_rows,
             dispatch=runtime.expert_dispatch,
+            capacity=runtime.expert_capacity,
         )
 
     def shardings(self, abstract_state):

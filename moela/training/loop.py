@@ -263,6 +263,7 @@ def run(cfg: Config, log=print) -> dict:
                 if cfg.model.num_moe_layers:
                     record["expert_load_max_over_mean"] = round(float((load.max(-1) / load.mean(-1)).max()), 4)
                     record["aux_loss"] = round(float(m["aux_loss"]), 6)
+                    record["moe_dropped_pairs"] = int(m["moe_dropped_pairs"])
                 history.append((step, loss))
                 metrics_log.write(record)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")

@@ -92,6 +92,7 @@ def make_train_step(
                 "z": z,
                 "aux_loss": aux["aux_loss"] / m,
                 "load": aux.get("expert_load", jnp.zeros((0, 1))),
+                "dropped": aux.get("moe_dropped_pairs", jnp.zeros((), jnp.int32)),
             }
 
         if m == 1:
@@ -119,6 +120,7 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "tokens": tokens,
             "expert_load": acc["load"],
+            "moe_dropped_pairs": acc["dropped"],
         }
         return params, rest, opt_state, metrics
 
