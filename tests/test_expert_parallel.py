@@ -377,3 +377,25 @@ def test_dispatch_bytes():
     assert dispatch_bytes("all_to_all", **kw, capacity=0.5) == round(4096 * 63 / 64 * (2 * row + 4)) + 63 * 64 * 4
     assert a2a < gather < ring and dispatch_bytes("ring", **{**kw, "n": 1}) == 0
 
+
+def test_planner_sizes_the_all_to_all_buffers():
+    """``planner.memory.expert_island_bytes``: dropless buffers cost more than capacity-1 ones, and
+    the ragged variant (no padded send buffer, n x smaller receive buffer at capacity 1) less than
+    the padded one."""
+    import dataclasses
+
+    from moela.configs import load
+    from moela.planner import memory
+
+    cfg = load("tiny", ["runtime.expert_dispatch=all_to_all"])
+    layout = memory.abstract_layout({"data": 4, "tensor": 2, "sequence": 1}, "ep_tp")
+    local = memory.local_model_config(cfg.model, layout)
+
+    def island(capacity, ragged):
+        runtime = dataclasses.replace(cfg.runtime, expert_capacity=capacity)
+        return memory.expert_island_bytes(local, runtime, layout, 128, ragged=ragged)
+
+    assert island(0.0, False) == island(0.0, None)  # an abstract mesh planned here: CPU, padded
+    for ragged in (False, True):
+        assert all(a > b for a, b in zip(island(0.0, ragged), island(1.0, ragged)))
+    assert island(0.0, True)[1] < island(0.0, False)[1] and island(1.0, True)[1] < island(1.0, False)[1]

@@ -63,7 +63,7 @@ from moela.configs.schema import Config, MeshConfig, ModelConfig, RuntimeConfig
 from moela.kernels.grouped import routed_swiglu
 from moela.model.runtime import Runtime
 from moela.model.transformer import REMAT_POLICIES, Block, abstract_model
-from moela.parallel.experts import DISPATCH
+from moela.parallel.experts import DISPATCH, buffer_rows, default_ragged
 from moela.parallel.layout import Layout, state_bytes, variable_names
 from moela.parallel.mesh import AXES, MeshError, mesh_shape
 from moela.parallel.rules import ShardingRuleError
@@ -353,7 +353,9 @@ def _routed_experts_memory(cfg: ModelConfig, runtime: RuntimeConfig, rows: int, 
     return sum(nbytes(v) for v, new in zip(leaves, fresh) if new), activation_bytes(jaxpr)
 
 
-def expert_island_bytes(local: ModelConfig, runtime: RuntimeConfig, layout: Layout, tokens: int) -> tuple[int, int]:
+def expert_island_bytes(
+    local: ModelConfig, runtime: RuntimeConfig, layout: Layout, tokens: int, ragged: bool | None = None
+) -> tuple[int, int]:
     """(per MoE layer saved, transient) bytes the expert-parallel island adds to the local trace,
     which has this device's M tokens on all E experts. Either may be negative.
 
@@ -364,7 +366,13 @@ def expert_island_bytes(local: ModelConfig, runtime: RuntimeConfig, layout: Layo
     on E/n experts plus the visitor in flight twice (x, dy, dx and the routing arrays).
     ``gather``: all-gathers the token rows of the n devices and sorts all their n·M·k pairs,
     so a device's buffers are those of n·M tokens on E/n experts, plus the gathered rows,
-    routing and cotangent [n·M, ·]."""
+    routing and cotangent [n·M, ·].
+    ``all_to_all``: the M·k sorted pairs (rows and routing) go out in a send buffer (ragged: the
+    sorted rows themselves; padded: n·C rows beside them) into a receive buffer (ragged: C rows;
+    padded: n·C), C from ``runtime.expert_capacity`` (``parallel.experts.buffer_rows``), and the
+    results come back the same way; the grouped SwiGLU runs on the received rows, one pair each, on
+    E/n experts. Autodiff keeps its residuals plus the received rows and the returned results (for
+    d(routing weights)). ``ragged`` defaults from the mesh's platform (``default_ragged``)."""
     n, e = layout.size("expert"), local.moe.num_experts
     if n == 1 or not local.num_moe_layers or layout.axis("expert") not in (layout.axis("batch"), layout.axis("length")):
         return 0, 0
@@ -375,6 +383,16 @@ def expert_island_bytes(local: ModelConfig, runtime: RuntimeConfig, layout: Layo
         # Under remat the whole block is recomputed: the island keeps nothing across layers.
         saved = tokens * (row + 8 * k) - saved_1 if runtime.remat == "none" else 0
         return saved, step_peak - peak_1 + 2 * tokens * (3 * row + 12 * k)
+    if DISPATCH.resolve(runtime.expert_dispatch) == "all_to_all":
+        pairs = tokens * k
+        ragged = default_ragged(layout.mesh) if ragged is None else ragged
+        cap = buffer_rows(pairs, n, runtime.expert_capacity, ragged)
+        recv, send = (cap, pairs) if ragged else (n * cap, pairs + n * cap)
+        one = dataclasses.replace(local, moe=dataclasses.replace(local.moe, experts_per_token=1))
+        saved_r, peak_r = _routed_experts_memory(one, runtime, recv, e // n)
+        routing = 20 * pairs  # the sorted pairs' order, token, id, destination (int32) and weight (f32)
+        kept = (recv + pairs) * row + routing if runtime.remat == "none" else 0
+        return saved_r + kept - saved_1, peak_r - peak_1 + (send + recv) * (2 * row + 4) + routing
     saved_n, peak_n = _routed_experts_memory(local, runtime, n * tokens, e // n)
     gathered = (n - 1) * tokens * (2 * row + 8 * k)
     return max(0, saved_n - saved_1), max(0, peak_n - peak_1) + gathered
