@@ -17,6 +17,7 @@ from moela.model.params import count_params
 from moela.model.runtime import Runtime
 from moela.model.transformer import abstract_model
 from moela.planner import memory as planner
+from moela.planner.cli import main as planner_main
 from moela.training.step import training_objective
 
 ONE_DEVICE = {"data": 1, "tensor": 1, "sequence": 1}
@@ -175,7 +176,7 @@ def test_mesh_parsing():
     ],
 )
 def test_cli_errors(capsys, argv, message):
-    assert planner.main(["--config", "tiny", "--seq", "64", *argv]) == 2
+    assert planner_main(["--config", "tiny", "--seq", "64", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
@@ -195,7 +196,7 @@ def test_cli_deepseek_v3(capsys):
         "--chip",
         "v5p",
     ]
-    assert planner.main(argv) == 0
+    assert planner_main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     r = json.loads(lines[-1])
     b = r["bytes"]
@@ -209,6 +210,10 @@ def test_cli_deepseek_v3(capsys):
     )
     assert r["chips"]["v5p"]["train"] == (b["train_total"] <= 95 * 2**30) and list(r["chips"]) == ["v5p"]
     assert any(line.startswith("v5p") for line in lines)
+    step = r["step_time"]  # --chip adds the step-time table: one line per term that costs time
+    assert any(line.startswith("step time on 2048 x v5p:") for line in lines) and step["step_s"] > 0
+    assert step["step_s"] == pytest.approx(sum(step["terms_s"].values()))
+    assert sum(any(line.startswith(f"  {t} ") for line in lines) for t, v in step["terms_s"].items() if v) >= 4
     # 671B bf16 weights: the experts (most of them) are split over data x tensor = 512 devices; the
     # attention up-projections over tensor only and the norms not at all, so a little more.
     total = count_params(load("deepseek_v3").model)["total"]

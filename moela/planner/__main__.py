@@ -1,8 +1,8 @@
-"""``python -m moela.planner``: the per-device memory plan (see ``moela.planner.memory``)."""
+"""``python -m moela.planner``: memory plan, step time, ``--search`` (see ``moela.planner.cli``)."""
 
 import sys
 
-from moela.planner.memory import main
+from moela.planner.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

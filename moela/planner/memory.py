@@ -43,12 +43,9 @@ backward), where it allocates more than the plan says. Leave headroom below the 
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
-import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +55,6 @@ from jax.extend import core as jcore
 from jax.sharding import AbstractMesh
 
 from moela.compat import scan_num_carry
-from moela.configs.loader import config_from_cli
 from moela.configs.schema import Config, MeshConfig, ModelConfig, RuntimeConfig
 from moela.kernels.grouped import routed_swiglu
 from moela.model.runtime import Runtime
@@ -66,25 +62,13 @@ from moela.model.transformer import REMAT_POLICIES, Block, abstract_model
 from moela.parallel.experts import DISPATCH, buffer_rows, default_ragged
 from moela.parallel.layout import Layout, state_bytes, variable_names
 from moela.parallel.mesh import AXES, MeshError, mesh_shape
-from moela.parallel.rules import ShardingRuleError
+from moela.planner.chips import Chip
 from moela.training.losses import loss_chunks
 from moela.training.optim import optimizer
 from moela.training.step import training_objective
 
 GIB = 2**30
-# Nominal HBM per chip, GiB (as the vendors state them; usable memory is somewhat less).
-CHIPS_GIB = {
-    "v4": 32,
-    "v5e": 16,
-    "v5p": 95,
-    "v6e": 32,
-    "a100-40gb": 40,
-    "a100-80gb": 80,
-    "h100": 80,
-    "h200": 141,
-    "b200": 180,
-}
-CONVENTION = "bytes per device; GiB = 2**30 bytes; chip capacities are nominal HBM"
+CONVENTION = "bytes per device; GiB = 2**30 bytes; chip capacities are the vendors' nominal HBM (moela.planner.chips)"
 ASSUMPTIONS = (
     "activations: liveness peak, in program order, of one device's gradient jaxpr on its local problem "
     "(rows/(data*microbatches), seq/sequence, tensor-split dims divided by the tensor size)",
@@ -494,12 +478,16 @@ def plan(
     }
 
 
-def fits(result: dict, chips: dict[str, int]) -> dict[str, dict]:
+def fits(result: dict, chips: dict[str, Chip]) -> dict[str, dict]:
     """Per chip: its HBM in bytes and whether the training and the serving totals fit in it."""
     b = result["bytes"]
     return {
-        name: {"hbm_bytes": gib * GIB, "train": b["train_total"] <= gib * GIB, "serve": b["serve_total"] <= gib * GIB}
-        for name, gib in chips.items()
+        name: {
+            "hbm_bytes": c.hbm_bytes,
+            "train": b["train_total"] <= c.hbm_bytes,
+            "serve": b["serve_total"] <= c.hbm_bytes,
+        }
+        for name, c in chips.items()
     }
 
 
@@ -546,46 +534,7 @@ def format_plan(result: dict, table: dict[str, dict]) -> str:
     lines.append(f"{'chip':<12}{'HBM':>8}  train  serve")
     mark = {True: "fits ", False: "NO   "}
     lines += [
-        f"{name:<12}{row['hbm_bytes'] // GIB:>4} GiB  {mark[row['train']]}  {mark[row['serve']]}".rstrip()
+        f"{name:<12}{row['hbm_bytes'] / GIB:>4.0f} GiB  {mark[row['train']]}  {mark[row['serve']]}".rstrip()
         for name, row in table.items()
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moela.planner", description="per-device memory plan")
-    parser.add_argument("--mesh", help="AXIS=SIZE,... over data, tensor, sequence (default: the config's mesh)")
-    parser.add_argument("--devices", type=int, help="device count, to resolve a -1 mesh size")
-    parser.add_argument("--strategy", help="sharding strategy (default: the config's mesh.strategy)")
-    parser.add_argument("--batch", type=int, help="global batch (default: train.global_batch_size)")
-    parser.add_argument("--seq", type=int, help="sequence length (default: train.seq_len)")
-    parser.add_argument("--chip", help=f"only this chip: {', '.join(CHIPS_GIB)}")
-    parser.add_argument("--serve-batch", type=int, help="serving rows (default: serve.max_batch)")
-    parser.add_argument("--serve-len", type=int, help="serving tokens per row (default: --seq)")
-    args, cfg = config_from_cli(parser, argv)
-    try:
-        if args.chip is not None and args.chip not in CHIPS_GIB:
-            raise PlanError(f"unknown chip {args.chip!r}; valid: {', '.join(CHIPS_GIB)}")
-        m = cfg.mesh
-        sizes = parse_mesh(args.mesh) if args.mesh else {"data": m.data, "tensor": m.tensor, "sequence": m.sequence}
-        sizes = resolve_mesh(sizes, args.devices)
-        result = plan(
-            cfg,
-            sizes,
-            args.strategy or m.strategy,
-            args.batch or cfg.train.global_batch_size,
-            args.seq or cfg.train.seq_len,
-            args.serve_batch,
-            args.serve_len,
-        )
-    except (PlanError, ShardingRuleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    table = fits(result, {args.chip: CHIPS_GIB[args.chip]} if args.chip else CHIPS_GIB)
-    print(format_plan(result, table))
-    print(json.dumps({**result, "chips": table}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
