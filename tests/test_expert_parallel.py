@@ -262,7 +262,7 @@ def kept_pairs(ids, n: int, groups: int, capacity: float, ragged: bool) -> np.nd
     pairs go in (token, slot) order per destination; padded keeps the first ``cap`` per destination,
     ragged the rows that land below ``cap`` on the receiver, after those of lower-index senders."""
     rows = M // (n * groups)
-    cap = buffer_rows(rows * K, n, capacity, ragged)
+    cap = buffer_rows(rows * K, n, capacity, ragged, most=rows * min(K, E // n))
     dest = np.asarray(ids) // (E // n)
     keep = np.zeros(dest.shape, bool)
     for g in range(groups):

@@ -139,8 +139,12 @@ def test_expert_parallel_island():
     saves; the tp strategies never enter the island."""
     mesh = {"data": 4, "tensor": 2, "sequence": 1}
     gather = planner.plan(load("tiny", ["runtime.expert_dispatch=gather"]), mesh, "ep_tp", 8, 64)["bytes"]
-    ring = planner.plan(load("tiny"), mesh, "ep_tp", 8, 64)["bytes"]
+    ring = planner.plan(load("tiny", ["runtime.expert_dispatch=ring"]), mesh, "ep_tp", 8, 64)["bytes"]
     tp = planner.plan(load("tiny"), mesh, "tp", 8, 64)["bytes"]
+    # On an accelerator "auto" is the ragged all_to_all (on this CPU it would be the ring).
+    auto = planner.plan(load("tiny"), mesh, "ep_tp", 8, 64)["bytes"]
+    assert auto == planner.plan(load("tiny", ["runtime.expert_dispatch=all_to_all"]), mesh, "ep_tp", 8, 64)["bytes"]
+    assert auto != ring
     assert gather["expert_island"] > 0 and tp["expert_island"] == 0
     assert gather["activations"] == tp["activations"] + gather["expert_island"]  # same local problem otherwise
     assert ring["activations"] == tp["activations"] + ring["expert_island"] < gather["activations"]

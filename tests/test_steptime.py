@@ -209,7 +209,8 @@ def test_search_lists_the_fastest_that_fit(capsys):
     assert all(r["train_bytes"] <= V5P.hbm_bytes for r in rows)
     best = rows[0]  # it is what the model says for that configuration
     par = moela_parallelism(best["strategy"], best["mesh"])
-    work = Workload(cfg.model, 8, 128, best["microbatches"], best["remat"], best["dispatch"], 4)
+    dispatch = best["dispatch"].split()[0]  # "-" (no expert axis), or e.g. "all_to_all c=2"
+    work = Workload(cfg.model, 8, 128, best["microbatches"], best["remat"], "auto" if dispatch == "-" else dispatch, 4)
     assert step_time(work, par, V5P)["step_s"] == pytest.approx(best["step_s"])
     assert planner_main(["--config", "tiny", "--search", "--chip", "v5p"]) == 2
     assert "--search needs --chip and --devices" in capsys.readouterr().err

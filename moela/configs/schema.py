@@ -155,11 +155,13 @@ class RuntimeConfig:
     * ``expert_dispatch``: how expert parallelism brings tokens to experts
       (``parallel.experts.DISPATCH``): ``ring`` (tokens tour the devices), ``gather`` (all-gather,
       reduce-scatter) or ``all_to_all`` (each routed pair to its expert's device and back: ragged on
-      TPU/GPU, padded to a fixed number of rows per peer on CPU).
+      TPU/GPU, padded to a fixed number of rows per peer on CPU). ``auto``: ``all_to_all`` on TPU
+      and GPU, ``ring`` on CPU (where the step-time model puts each faster: docs/step_time.md).
     * ``expert_capacity``: the ``all_to_all`` buffers' size, a multiple of the average load. 0: the
-      worst case, dropless (the ragged receive buffer then holds n·M·k rows of D for n devices of
-      M token rows each, k experts a token; the padded one M·k per peer, n·M·k in all, sent and
-      received); c > 0: c·M·k received rows (ragged), c·M·k/n per peer (padded), rounded up to 8.
+      worst case, dropless (the ragged receive buffer then holds n·M·min(k, E/n) rows of D for n
+      devices of M token rows each, k of E experts a token; the padded one M·min(k, E/n) per peer,
+      n times that in all, sent and received); c > 0: c·M·k received rows (ragged), c·M·k/n per
+      peer (padded), rounded up to 8.
       Pairs that do not fit are dropped (zero contribution) and counted (``moe_dropped_pairs``).
     * ``remat``: the rematerialisation policy of each scanned layer.
     """

@@ -12,8 +12,8 @@ Below, M = a device's token rows, k = experts per token, s = bytes per value of 
 bytes are those a device sends to other devices per MoE layer forward (``dispatch_bytes``; the
 backward sends as much again).
 
-``ring`` (default): each device's token block (rows, routing weights, ids) tours the n devices
-of X with ``ppermute``, carrying an accumulator of its output; at every stop the host's E/n
+``ring`` (``auto`` on CPU): each device's token block (rows, routing weights, ids) tours the n
+devices of X with ``ppermute``, carrying an accumulator of its output; at every stop the host's E/n
 experts add their part (``kernels.grouped.routed_swiglu`` with ``first_expert = index_X · E/n``:
 pairs of other experts sort past the groups and cost no matmul); one last move brings the
 finished block home. The backward (``jax.custom_vjp``) tours again with the output cotangent,
@@ -34,19 +34,23 @@ with one collective (rows and expert ids), the receiver runs its E/n experts' gr
 the rows it got (padding rows carry id -1, which sorts past its groups), sends the results back
 with the reverse collective, and the sender scales each by its routing weight and adds it to its
 token. About k·M·(n-1)/n rows of D·s go each way (plus 4 bytes of id per row): a ratio of about
-k/n to ring's (n-1)·M, so it wins for n > k (DeepSeek-V3 routes k = 8 over n = 64). Autodiff
-runs through it (both collectives transpose into their reverse). Two variants of one function
-(``ragged``; default from the platform of the mesh's devices, cpu -> padded):
+k/n to ring's (n-1)·M, so it wins for n > k (DeepSeek-V3 routes k = 8 over n = 64): ``auto``
+on TPU and GPU. Autodiff runs through it (both collectives transpose into their reverse). Two
+variants of one function (``ragged``; default from the platform of the mesh's devices, cpu ->
+padded):
 
 * ragged (TPU, GPU): ``jax.lax.ragged_all_to_all`` sends exactly the routed rows. The per-peer
   counts are all-gathered first (n ints a device), from which every device reads where its rows
   land on each receiver and how many the receiver takes. The receive buffer is static: dropless,
-  n·M·k rows (every device's pairs on one device's experts), n times the send buffer; with
-  ``runtime.expert_capacity`` c > 0, ceil(c·M·k) rows (c × the average), rounded up to 8.
+  n·M·min(k, E/n) rows (every device's pairs on one device's experts: a token's k experts are
+  distinct, so at most E/n of them are on one device); with ``runtime.expert_capacity`` c > 0,
+  ceil(c·M·k) rows (c × the average), rounded up to 8. At DeepSeek-V3 scale (n = 64, M = 32K
+  rows, E/n = 4) the dropless buffer is 8M rows of D: hundreds of GiB, so large expert axes set
+  a capacity (MaxText's expert-parallel DeepSeek-V3 recipe runs at capacity 1.0) or use ``ring``.
 * padded (CPU: XLA:CPU has no ragged-all-to-all, "HLO opcode ragged-all-to-all is not supported
-  by XLA:CPU"): ``jax.lax.all_to_all`` of a fixed number of rows per peer, M·k (dropless) or
-  ceil(c·M·k/n) rounded up to 8, so send and receive buffers are n·M·k rows each dropless (n times
-  the routed rows moved, padding included: CPU tests and small meshes) and c·M·k rows at c > 0.
+  by XLA:CPU"): ``jax.lax.all_to_all`` of a fixed number of rows per peer, M·min(k, E/n)
+  (dropless) or ceil(c·M·k/n) rounded up to 8, so send and receive buffers are n times that
+  each (dropless: n times the routed rows moved, padding included: CPU tests and small meshes).
 
 Pairs beyond a buffer (more rows for one peer than its capacity, or, ragged, rows that arrive
 after the receiver's buffer is full) are dropped: they contribute zero, and their count is
@@ -177,12 +181,15 @@ def _by_gather(x, w, ids, wg, wu, wd, *, axis, e_local, backend, block, capacity
     return jax.lax.psum_scatter(y, axis, scatter_dimension=0, tiled=True), None
 
 
-def buffer_rows(pairs: int, n: int, capacity: float, ragged: bool) -> int:
+def buffer_rows(pairs: int, n: int, capacity: float, ragged: bool, most: int | None = None) -> int:
     """Static rows of the ``all_to_all`` buffers for a device with ``pairs`` = M·k routed pairs on
-    an expert axis of n devices: per peer (padded) or the whole receive buffer (ragged). Capacity
-    0: the worst case (M·k per peer; n·M·k received), dropless. c > 0: c times the average
-    (c·M·k/n per peer; c·M·k received), rounded up to a multiple of 8, at most the worst case."""
-    worst = n * pairs if ragged else pairs
+    an expert axis of n devices: per peer (padded) or the whole receive buffer (ragged). ``most``:
+    the most pairs one sender can send one device, M·min(k, E/n) (a token's k experts are
+    distinct, so at most E/n of them live on one device; default M·k). Capacity 0: the worst case
+    (``most`` per peer; n·``most`` received), dropless. c > 0: c times the average (c·M·k/n per
+    peer; c·M·k received), rounded up to a multiple of 8, at most the worst case."""
+    most = pairs if most is None else most
+    worst = n * most if ragged else most
     if capacity <= 0:
         return worst
     rows = math.ceil(capacity * pairs / (1 if ragged else n))
@@ -245,7 +252,7 @@ def _by_all_to_all(x, w, ids, wg, wu, wd, *, axis, e_local, backend, block, capa
         return own(x_rd, jnp.ones_like(ids_r, jnp.float32)[:, None], ids_r[:, None], wg, wu, wd)
 
     exchange = _ragged_exchange if ragged else _padded_exchange
-    cap = buffer_rows(m * k, n, capacity, ragged)
+    cap = buffer_rows(m * k, n, capacity, ragged, most=m * min(k, e_local))
     y_pd, keep_p = exchange(
         jnp.take(x, token_p, axis=0), ids_p, dest_p, counts_n, starts_n, experts, axis=axis, n=n, cap=cap
     )
@@ -258,19 +265,30 @@ def _by_all_to_all(x, w, ids, wg, wu, wd, *, axis, e_local, backend, block, capa
 DISPATCH = Backends(
     "expert dispatch",
     {"ring": _by_ring, "gather": _by_gather, "all_to_all": _by_all_to_all},
-    auto={ANY: "ring"},
+    # Where the exchange is ragged it moves k·M·(n-1)/n rows each way against the ring's (n-1)·M,
+    # never more (planner.steptime); on CPU the padded exchange's dropless buffers move n·k·M.
+    auto={ANY: "ring", "tpu": "all_to_all", "gpu": "all_to_all"},
 )
 
 
 def dispatch_bytes(
-    dispatch: str, *, rows: int, k: int, n: int, d_model: int, itemsize: int, capacity: float = 0.0, ragged: bool = True
+    dispatch: str,
+    *,
+    rows: int,
+    k: int,
+    n: int,
+    d_model: int,
+    itemsize: int,
+    capacity: float = 0.0,
+    ragged: bool = True,
+    local_experts: int | None = None,
 ) -> int:
     """Bytes one device sends to the other devices of an expert axis of n devices in one MoE layer's
     forward (the backward sends as much again), for ``rows`` = M token rows of ``d_model`` values of
     ``itemsize`` bytes, k routed experts a token (float32 weights, int32 ids). ``all_to_all`` ragged
     counts the rows a uniform routing sends (k·M·(n-1)/n each way, at most what the capacity lets
-    through), padded the whole buffers (n-1 peers' capacity each way); both add the ids and, ragged,
-    the all-gathered counts."""
+    through), padded the whole buffers (n-1 peers' capacity each way, ``buffer_rows`` with E/n =
+    ``local_experts``); both add the ids and, ragged, the all-gathered counts."""
     row = d_model * itemsize
     name = DISPATCH.resolve(dispatch)
     if n == 1:
@@ -281,7 +299,8 @@ def dispatch_bytes(
         return (n - 1) * rows * (2 * row + 8 * k)
     pairs = rows * k
     if not ragged:
-        return (n - 1) * buffer_rows(pairs, n, capacity, False) * (2 * row + 4)
+        most = rows * min(k, local_experts or k)
+        return (n - 1) * buffer_rows(pairs, n, capacity, False, most) * (2 * row + 4)
     sent = pairs * (n - 1) / n
     if capacity > 0:
         sent = min(sent, buffer_rows(pairs, n, capacity, True) * (n - 1) / n)

@@ -34,14 +34,14 @@ def format_search(found: dict, chip: str, chips: int) -> str:
     lines = [
         f"fastest that fit on {chips} x {chip} ({found['considered']} configurations predicted, "
         f"{found['planned_exactly']} planned exactly, {found['seconds']:.1f} s):",
-        f"  {'strategy':<11}{'mesh (d,t,s)':<15}{'remat':<14}{'micro':>5}  {'dispatch':<11}{'step':>9}{'MFU':>7}"
+        f"  {'strategy':<11}{'mesh (d,t,s)':<15}{'remat':<14}{'micro':>5}  {'dispatch':<16}{'step':>9}{'MFU':>7}"
         f"{'tok/s/chip':>12}{'memory':>11}  dominant",
     ]
     for r in found["results"]:
         mesh = ",".join(str(r["mesh"][a]) for a in ("data", "tensor", "sequence"))
         lines.append(
             f"  {r['strategy']:<11}{mesh:<15}{r['remat']:<14}"
-            f"{r['microbatches']:>5}  {r['dispatch']:<11}{r['step_s']:>8.2f}s{r['mfu']:>7.1%}"
+            f"{r['microbatches']:>5}  {r['dispatch']:<16}{r['step_s']:>8.2f}s{r['mfu']:>7.1%}"
             f"{r['tokens_per_s_per_chip']:>12.0f}{r['train_bytes'] / 2**30:>7.1f} GiB  {r['dominant']}"
         )
     if not found["results"]:

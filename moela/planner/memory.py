@@ -370,7 +370,7 @@ def expert_island_bytes(
     if DISPATCH.resolve(runtime.expert_dispatch) == "all_to_all":
         pairs = tokens * k
         ragged = default_ragged(layout.mesh) if ragged is None else ragged
-        cap = buffer_rows(pairs, n, runtime.expert_capacity, ragged)
+        cap = buffer_rows(pairs, n, runtime.expert_capacity, ragged, most=tokens * min(k, e // n))
         recv, send = (cap, pairs) if ragged else (n * cap, pairs + n * cap)
         one = dataclasses.replace(local, moe=dataclasses.replace(local.moe, experts_per_token=1))
         saved_r, peak_r = _routed_experts_memory(one, runtime, recv, e // n)
@@ -416,12 +416,16 @@ def plan(
 ) -> dict:
     """The plan as a dict: ``bytes`` per device, ``saved_per_layer`` (bytes), shapes and assumptions.
 
-    ``accelerator`` plans the TPU/GPU program (``runtime.grouped_matmul`` "auto" means ragged_dot there);
-    False plans what the current backend compiles (on CPU the blocked grouped matmul), as the tests do."""
+    ``accelerator`` plans the TPU/GPU program ("auto" means ``ragged_dot`` and the ragged
+    ``all_to_all`` dispatch there); False plans what the current backend compiles (on CPU the
+    blocked grouped matmul, the ring, the padded exchange), as the tests do."""
     layout = abstract_layout(mesh, strategy)
     model, train, m, runtime = cfg.model, cfg.train, cfg.train.microbatches, cfg.runtime
-    if accelerator and runtime.grouped_matmul == "auto":
-        runtime = dataclasses.replace(runtime, grouped_matmul="ragged_dot")
+    if accelerator:  # what "auto" means on TPU (GPU alike): ragged_dot, the ragged all_to_all
+        grouped = "ragged_dot" if runtime.grouped_matmul == "auto" else runtime.grouped_matmul
+        runtime = dataclasses.replace(
+            runtime, grouped_matmul=grouped, expert_dispatch=DISPATCH.resolve(runtime.expert_dispatch, on="tpu")
+        )
         cfg = dataclasses.replace(cfg, runtime=runtime)
     rows, tokens = local_rows(layout, batch, seq, m)
     local = local_model_config(model, layout)
@@ -439,7 +443,7 @@ def plan(
     )
     counts = {"dense": model.num_dense_layers, "moe": model.num_moe_layers}
     saved = saved_per_layer(jaxpr, counts)
-    island_saved, island_transient = expert_island_bytes(local, runtime, layout, rows * tokens)
+    island_saved, island_transient = expert_island_bytes(local, runtime, layout, rows * tokens, ragged=accelerator)
     if island_saved and "moe" in saved:
         saved["moe"] += island_saved
     b["expert_island"] = island_saved * counts["moe"] + island_transient

@@ -23,7 +23,10 @@ from moela.planner.chips import Chip
 from moela.planner.steptime import BF16, REMAT, Workload, moela_parallelism, step_time, weight_elements
 
 EXPERT_STRATEGIES = ("ep_tp", "dp_tp_sp")
-DISPATCHES = ("all_to_all", "ring", "gather")
+# (dispatch, runtime.expert_capacity): the dropless exchanges, and all_to_all with buffers of twice
+# the average (its dropless receive buffer is n·M·min(k, E/n) rows; at c = 2, 2·M·k: pairs beyond
+# it are dropped and counted in moe_dropped_pairs).
+DISPATCHES = (("all_to_all", 0.0), ("all_to_all", 2.0), ("ring", 0.0), ("gather", 0.0))
 
 
 def divisors(n: int) -> list[int]:
@@ -91,7 +94,7 @@ def candidates(cfg: Config, chips: int, batch: int, seq: int):
     for strategy in STRATEGIES:
         for mesh in meshes(cfg, chips, strategy, batch, seq):
             rows = batch // mesh["data"]
-            dispatches = DISPATCHES if moe and strategy in EXPERT_STRATEGIES and mesh["data"] > 1 else ("all_to_all",)
+            dispatches = DISPATCHES if moe and strategy in EXPERT_STRATEGIES and mesh["data"] > 1 else ((None, 0.0),)
             for remat, micro, dispatch in itertools.product(REMAT, divisors(rows), dispatches):
                 if micro > 64:
                     continue
@@ -112,7 +115,7 @@ def search(cfg: Config, chip: Chip, chips: int, batch: int, seq: int, top: int =
         if (par, remat, micro, dispatch) in seen:
             continue
         seen.add((par, remat, micro, dispatch))
-        r = step_time(Workload(cfg.model, batch, seq, micro, remat, dispatch, pb), par, chip)
+        r = step_time(Workload(cfg.model, batch, seq, micro, remat, dispatch[0] or "auto", pb), par, chip)
         scored.append((r["step_s"], strategy, mesh, remat, micro, dispatch, r))
     scored.sort(key=lambda x: x[0])
     results, planned, correction = [], 0, {}
@@ -123,8 +126,8 @@ def search(cfg: Config, chip: Chip, chips: int, batch: int, seq: int, top: int =
         if remat in correction and quick * correction[remat] > 1.1 * chip.hbm_bytes:
             continue
         runtime = cfg.runtime
-        if strategy in EXPERT_STRATEGIES:
-            runtime = dataclasses.replace(runtime, expert_dispatch=dispatch)
+        if dispatch[0]:
+            runtime = dataclasses.replace(runtime, expert_dispatch=dispatch[0], expert_capacity=dispatch[1])
         c = dataclasses.replace(
             cfg,
             runtime=dataclasses.replace(runtime, remat=remat),
@@ -137,7 +140,8 @@ def search(cfg: Config, chip: Chip, chips: int, batch: int, seq: int, top: int =
         planned += 1
         correction[remat] = max(correction.get(remat, 0.0), total / quick)
         if total <= chip.hbm_bytes:
-            row = {"strategy": strategy, "mesh": mesh, "remat": remat, "microbatches": micro, "dispatch": dispatch}
+            name = "-" if not dispatch[0] else dispatch[0] + (f" c={dispatch[1]:g}" if dispatch[1] else "")
+            row = {"strategy": strategy, "mesh": mesh, "remat": remat, "microbatches": micro, "dispatch": name}
             row.update(step_s=step, mfu=r["mfu"], tokens_per_s_per_chip=r["tokens_per_s_per_chip"])
             results.append({**row, "dominant": r["dominant"], "train_bytes": total})
     return {
