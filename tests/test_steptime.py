@@ -142,6 +142,22 @@ def test_one_chip_has_no_collectives_and_compute_scales_with_the_batch():
     assert full["hfu"] > full["mfu"] and set(REMAT) == {"none", "full", "dots", "dots_no_batch"}
 
 
+def test_a_host_without_overlap_exposes_every_collective():
+    """``Chip.overlap=False`` (a CPU host: the same cores copy and compute): each collective is
+    charged in full, where a pod chip hides the FSDP and data-parallel traffic behind compute."""
+    model = load("bench").model
+    work, par = Workload(model, 8, 256, microbatches=2, remat="none"), Parallelism(data=2, fsdp=2, tensor=2)
+    hidden = step_time(work, par, V5P)
+    host = step_time(work, par, dataclasses.replace(V5P, overlap=False))
+    assert hidden["terms_s"]["fsdp"] < hidden["collectives_s"]["fsdp"]
+    assert hidden["terms_s"]["data_parallel"] < hidden["collectives_s"]["data_parallel"]
+    for term in ("fsdp", "data_parallel"):
+        assert host["terms_s"][term] == pytest.approx(host["collectives_s"][term], rel=1e-12)
+    assert host["terms_s"]["tensor_parallel"] > hidden["terms_s"]["tensor_parallel"]
+    compute = ("matmuls", "attention", "memory_bound", "optimizer")
+    assert all(host["terms_s"][k] == pytest.approx(hidden["terms_s"][k]) for k in compute)
+
+
 def test_strategies_map_onto_parallelism():
     mesh = {"data": 4, "tensor": 2, "sequence": 2}
     assert moela_parallelism("fsdp_tp_sp", mesh) == Parallelism(fsdp=4, tensor=2, sequence=2)

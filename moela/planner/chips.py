@@ -59,6 +59,7 @@ class Chip:
     attention_bwd: float = 3.5
     hbm_eff: float = 0.8
     latency: float = 10e-6
+    overlap: bool = True  # collectives run beside compute (DMA engines, NICs); not on a CPU host
 
     @property
     def chips_per_fast_domain(self) -> int:

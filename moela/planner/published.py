@@ -11,7 +11,7 @@ published step time is the honest ratio; the MFU column restates both in moela's
 
 Calibration: the two runs marked ``calibration`` (MaxText DeepSeek-V3 on 512 v5p, MaxText
 Mixtral-8x7B on v5p) were looked at while the model's assumptions were chosen; every other run is a
-check. Research notes and every quote: docs/step_time_model.md.
+check. Sources, quotes and the conventions of each: docs/step_time.md.
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def runs() -> list[Run]:
             "none",
             8192 * 4096 / (1297 * 1024),
             "NVIDIA-NeMo/Megatron-Bridge docs/performance-summary.md, 25.09 (1,297 tokens/s/GPU, 1024 H100)",
-            "TP2 PP8 VP4 EP64, MBS 1, GA 128, FP8 matmuls, dropless, selective recompute; DeepEP dispatch "
+            "25.09: TP2 PP8 VP4 EP64, MBS 1, GA 128, FP8 matmuls, dropless, selective recompute; DeepEP dispatch "
             "(fp8, node-limited) overlapped with 1F1B compute",
             microbatches=128,
             param_bytes=2,
@@ -229,23 +229,23 @@ def runs() -> list[Run]:
             "none",
             128 * 8192 / (1602 * 64),
             "NVIDIA-NeMo/Megatron-Bridge docs/performance-summary.md, 25.11 (1,602 tokens/s/GPU, 64 H100)",
-            "TP4 PP8 VP5, MBS 1, GA 64, FP8 matmuls",
+            "25.11: TP4 PP8 VP5, MBS 1, GA 64, FP8 matmuls",
             microbatches=64,
             param_bytes=2,
             fp8=True,
         ),
     ]
-    bridge = "NVIDIA-NeMo/Megatron-Bridge docs/performance-summary.md, 25.11"
+    bridge = "NVIDIA-NeMo/Megatron-Bridge docs/performance-summary.md (-archive.md for 26.04.01)"
     for name, model, chip, par, batch, seq, micro, tokens_per_gpu, note, dispatch in (
-        ("Llama 3 8B", llama31_8b, "h100", Parallelism(data=8), 128, 8192, 16, 14451, "DP8, MBS 1, GA 16", ()),
-        ("Llama 3 8B", llama31_8b, "b200", Parallelism(data=8), 128, 8192, 8, 30624, "DP8, MBS 2, GA 8", ()),
+        ("Llama 3 8B", llama31_8b, "h100", Parallelism(data=8), 128, 8192, 16, 14451, "25.11: DP8, MBS 1, GA 16", ()),
+        ("Llama 3 8B", llama31_8b, "b200", Parallelism(data=8), 128, 8192, 8, 30624, "25.11: DP8, MBS 2, GA 8", ()),
         (
             "Llama 3.1 405B", llama31_405b, "h100", Parallelism(data=8, tensor=8, pipeline=8, sequence=2, virtual=8),
-            512, 8192, 64, 292, "TP8 PP8 CP2 VP8, MBS 1, GA 64", (),
+            512, 8192, 64, 292, "25.11: TP8 PP8 CP2 VP8, MBS 1, GA 64", (),
         ),
         (
             "Llama 3.1 405B", llama31_405b, "b200", Parallelism(data=2, tensor=4, pipeline=8, sequence=2, virtual=8),
-            64, 8192, 32, 661, "TP4 PP8 CP2 VP8, MBS 1, GA 32", (),
+            64, 8192, 32, 661, "25.11: TP4 PP8 CP2 VP8, MBS 1, GA 32", (),
         ),
         (
             "DeepSeek-V3", ds, "b200", Parallelism(expert=32, pipeline=8, virtual=2), 4096, 4096, 128, 3328,

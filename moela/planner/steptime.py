@@ -244,6 +244,12 @@ def step_time(work: Workload, par: Parallelism, chip: Chip) -> dict:
     model, net = work.model, Network(chip, par)
     s = BF16 if model.compute_dtype == "bfloat16" else 4
     dispatch = resolve_dispatch(work.dispatch, chip)
+
+    def exposed(comm: float, busy: float) -> float:
+        """What a collective adds when it can run beside ``busy`` seconds of independent compute
+        (on a CPU host the same cores copy and compute: nothing hides)."""
+        return max(0.0, comm - busy) if chip.overlap else comm
+
     remat = REMAT[work.remat] if isinstance(work.remat, str) else work.remat
     m = work.microbatches
     rows = work.batch / (m * par.row_split)
@@ -272,22 +278,22 @@ def step_time(work: Workload, par: Parallelism, chip: Chip) -> dict:
         # critical path; 2 in the backward (dX), which overlap with the weight-gradient matmuls
         # (half the backward's matmul time) that do not wait for them.
         ar = net.time("all_reduce", "tensor", tokens * model.d_model * s)
-        t["tensor_parallel"] += layers * (2 * ar * (1 + remat.matmuls) + max(0.0, 2 * ar - fwd))
+        t["tensor_parallel"] += layers * (2 * ar * (1 + remat.matmuls) + exposed(2 * ar, fwd))
         raw["tensor_parallel"] += layers * 2 * ar * (2 + remat.matmuls)
         if moe and par.expert > 1:
             one = dispatch_seconds(net, dispatch, tokens, model, s, work)
             moved = layers * one * (3 + remat.matmuls)  # the backward moves twice the forward
             raw["expert_dispatch"] += moved
             busy = layers * (fwd * (3 + remat.matmuls) + attn * (1 + chip.attention_bwd + remat.attention))
-            t["expert_dispatch"] += max(0.0, moved - busy) if work.overlap_dispatch else moved
+            t["expert_dispatch"] += exposed(moved, busy) if work.overlap_dispatch else moved
         if par.sequence > 1:  # K/V hops, each hidden behind the attention block it carries
             a = model.attention
             kv = tokens * a.num_heads / par.tensor * (a.qk_head_dim + a.out_head_dim) * s
             hops = par.sequence - 1
             fwd_hop, bwd_hop = net.time("ppermute", "sequence", kv), net.time("ppermute", "sequence", 2 * kv)
             fwd_att, bwd_att = attn / par.sequence, chip.attention_bwd * attn / par.sequence
-            exposed = max(0.0, fwd_hop - fwd_att) * (1 + remat.attention) + max(0.0, bwd_hop - bwd_att)
-            t["ring_attention"] += layers * hops * exposed
+            hop = exposed(fwd_hop, fwd_att) * (1 + remat.attention) + exposed(bwd_hop, bwd_att)
+            t["ring_attention"] += layers * hops * hop
             raw["ring_attention"] += layers * hops * (fwd_hop * (1 + remat.attention) + bwd_hop)
     # The embedding gather and the LM head with its float32 softmax, on the last stage.
     vocab = model.vocab_size / par.tensor
@@ -309,13 +315,13 @@ def step_time(work: Workload, par: Parallelism, chip: Chip) -> dict:
     layer_share = 1 / max(1, model.num_layers / par.pipeline)
     fsdp = 3 * net.time("all_gather", "fsdp", (local_dense + local_experts) * pb)
     raw["fsdp"] = m * fsdp
-    exposed_fsdp = m * max(0.0, fsdp - compute_mb) + fsdp / 3 * layer_share
+    exposed_fsdp = m * exposed(fsdp, compute_mb) + (fsdp / 3 * layer_share if chip.overlap else 0.0)
     replicas = ("data", "dcn_data", "sequence")
     grads = sum(net.time("all_reduce", ax, local_experts * pb / par.fsdp) for ax in replicas)
     grads += sum(net.time("all_reduce", ax, local_dense * pb / par.fsdp) for ax in (*replicas, "expert"))
     raw["data_parallel"] = grads
     backward_mb = compute_mb * 2 / (3 + remat.matmuls)
-    exposed_dp = max(0.0, grads - backward_mb)
+    exposed_dp = exposed(grads, backward_mb)
     local_params = (local_dense + local_experts) / par.fsdp
     optimizer = local_params * (2 * pb + pb + 4 * 4) / (chip.hbm_bw * chip.hbm_eff)
     bubble = (par.pipeline - 1) / par.virtual * per_mb if par.pipeline > 1 else 0.0
