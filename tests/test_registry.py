@@ -41,7 +41,7 @@ def test_auto_means_the_platform_default():
     assert [kernels.ATTENTION.resolve("auto", on) for on in ("cpu", "tpu", "gpu")] == ["xla", "pallas", "pallas"]
     assert [PAGED.resolve("auto", on) for on in ("cpu", "tpu", "gpu")] == ["xla", "pallas", "pallas"]
     assert [GROUPED.resolve("auto", on) for on in ("cpu", "tpu", "gpu")] == ["blocked", "ragged_dot", "ragged_dot"]
-    assert {DISPATCH.resolve("auto", on) for on in ("cpu", "tpu", "gpu")} == {"ring"}
+    assert [DISPATCH.resolve("auto", on) for on in ("cpu", "tpu", "gpu")] == ["ring", "all_to_all", "all_to_all"]
     assert GROUPED.resolve("auto") == "blocked"  # this process: CPU
     assert GROUPED["auto"] is GROUPED.impls["blocked"]
 
