@@ -121,6 +121,9 @@ class ModelConfig:
     param_dtype: DType = "float32"
     compute_dtype: DType = "float32"
     max_seq_len: int = 256
+    # Multi-token prediction (DeepSeek-V3 sec. 2.2): D sequential modules after the last layer, each
+    # one decoder block (MoE when the model has experts) predicting one token further ahead; 0 = off.
+    mtp_depth: int = 0
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     rope: RopeConfig = field(default_factory=RopeConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -204,6 +207,7 @@ class TrainConfig:
     decay_embeddings: bool = False
     grad_clip: float = 1.0
     z_loss: float = 0.0
+    mtp_loss_weight: float = 0.3  # lambda: loss = main CE + lambda * mean over depths of the MTP CEs
     loss_chunk_tokens: int = 1024  # rows of logits formed at once by the chunked output-layer loss
     eval_every: int = 50
     eval_batches: int = 4

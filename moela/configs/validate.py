@@ -110,6 +110,7 @@ def validate(cfg: Config) -> Config:
         )
         _require(e.seq_aux_loss_coef >= 0, "config key 'model.moe.seq_aux_loss_coef' must be >= 0")
 
+    _require(m.mtp_depth >= 0, f"config key 'model.mtp_depth' = {m.mtp_depth} must be >= 0 (0 = no MTP modules)")
     _positive(cfg.runtime, "runtime", "grouped_block_rows")
     _require(
         cfg.runtime.expert_capacity >= 0,
@@ -119,6 +120,7 @@ def validate(cfg: Config) -> Config:
 
     t = cfg.train
     _positive(t, "train", "steps", "global_batch_size", "seq_len", "microbatches", "learning_rate", "loss_chunk_tokens")
+    _require(t.mtp_loss_weight >= 0, f"config key 'train.mtp_loss_weight' = {t.mtp_loss_weight} must be >= 0")
     _positive(t, "train", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "log_every", "eps")
     _require(
         0 <= t.warmup_steps <= t.steps,

@@ -26,102 +26,14 @@ import numpy as np
 from flax import nnx
 
 from moela.configs.schema import ModelConfig
-from moela.model.attention import ATTENTION
+from moela.model.block import REMAT_POLICIES, RESIDUAL, Block, run_blocks, stacked_blocks
 from moela.model.cache import PagedCache
-from moela.model.layers import Embed, LMHead, RMSNorm, SwiGLU
-from moela.model.moe import MoE
+from moela.model.layers import Embed, LMHead, RMSNorm
+from moela.model.mtp import mtp_modules
 from moela.model.rope import Rotary
 from moela.model.runtime import Runtime
 
-RESIDUAL = ("batch", "length", "act_embed")  # logical axes of the residual stream x [B, T, D]
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
-
-
-class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(x)); ffn is SwiGLU or MoE."""
-
-    def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs):
-        ctx = cfg.ctx
-        self.attn_norm = RMSNorm(cfg.d_model, ctx, rngs=rngs)
-        self.attn = ATTENTION[cfg.attention.kind](cfg.attention, cfg.rope, ctx, rngs=rngs)
-        self.ffn_norm = RMSNorm(cfg.d_model, ctx, rngs=rngs)
-        self.ffn = MoE(cfg.moe, ctx, rngs=rngs) if moe else SwiGLU(cfg.d_ff, ctx, rngs=rngs)
-        self.moe = moe
-
-    def __call__(
-        self, x_btd, cos, sin, segment_ids_bt, *, rt: Runtime = Runtime(), cache: PagedCache | None = None, layer=0
-    ):
-        """(x [B, T, D], MoE stats, cache)."""
-        x_btd = rt.constrain(x_btd, RESIDUAL)
-        a_btd, cache = self.attn(self.attn_norm(x_btd), cos, sin, segment_ids_bt, rt=rt, cache=cache, layer=layer)
-        x_btd = rt.constrain(x_btd + a_btd.astype(x_btd.dtype), RESIDUAL)
-        h_btd = self.ffn_norm(x_btd)
-        if self.moe:
-            y_btd, stats = self.ffn(h_btd, segment_ids_bt, rt=rt, inference=cache is not None)
-        else:
-            y_btd, stats = self.ffn(h_btd), {}
-        return rt.constrain(x_btd + y_btd.astype(x_btd.dtype), RESIDUAL), stats, cache
-
-
-def stacked_blocks(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> Block:
-    """``count`` blocks with parameters stacked on a leading ``layers`` axis."""
-
-    @nnx.split_rngs(splits=count)
-    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make(r):
-        return Block(cfg, moe, rngs=r)
-
-    return make(rngs)
-
-
-def run_blocks(
-    blocks: Block | nnx.List,
-    x_btd,
-    cos,
-    sin,
-    segment_ids_bt,
-    *,
-    rt: Runtime,
-    cache: PagedCache | None = None,
-    first_layer: int = 0,
-):
-    """Run blocks in order: stacked ones with one scan, a list (the serving layout) unrolled.
-    Returns (x, per-layer stats stacked [L, ...], cache); layer i of the cache is
-    ``first_layer + i``."""
-    if isinstance(blocks, nnx.List):
-        stats = []
-        for i, block in enumerate(blocks):
-            x_btd, s, cache = block(x_btd, cos, sin, segment_ids_bt, rt=rt, cache=cache, layer=first_layer + i)
-            stats.append(s)
-        return x_btd, jax.tree.map(lambda *a: jnp.stack(a), *stats), cache
-    graphdef, state = nnx.split(blocks)
-    if cache is None:
-
-        def body(x, layer_state):
-            x, stats, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids_bt, rt=rt)
-            return x, stats
-
-        if rt.config.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[rt.config.remat], prevent_cse=False)
-        x_btd, stats = jax.lax.scan(body, x_btd, state)
-        return x_btd, stats, None
-
-    def cached_body(carry, layer_input):
-        x, c = carry
-        layer_state, i = layer_input
-        x, stats, c = nnx.merge(graphdef, layer_state)(
-            x, cos, sin, segment_ids_bt, rt=rt, cache=c, layer=first_layer + i
-        )
-        return (x, c), stats
-
-    count = jax.tree.leaves(state)[0].shape[0]
-    (x_btd, cache), stats = jax.lax.scan(cached_body, (x_btd, cache), (state, jnp.arange(count)))
-    return x_btd, stats, cache
+__all__ = ["REMAT_POLICIES", "Block", "Decoder", "abstract_model", "init_model", "to_serving_layout"]
 
 
 class Decoder(nnx.Module):
@@ -145,6 +57,7 @@ class Decoder(nnx.Module):
         self.moe_blocks = self._blocks(True, cfg.num_moe_layers, rngs, serving_layout)
         self.final_norm = RMSNorm(cfg.d_model, cfg.ctx, rngs=rngs)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.vocab_size, cfg.ctx, rows=serving_layout, rngs=rngs)
+        self.mtp = mtp_modules(cfg, rngs)  # created last: a model without MTP draws the same weights
 
     def _blocks(self, moe: bool, count: int, rngs: nnx.Rngs, serving_layout: bool):
         if not count:
@@ -190,6 +103,42 @@ class Decoder(nnx.Module):
             x_btd = rt.constrain(x_btd[:, np.argsort(order)], RESIDUAL)
         return x_btd, aux
 
+    def mtp_features(
+        self, x_btd, tokens_bt, positions_bt=None, segment_ids_bt=None, *, rt: Runtime = Runtime()
+    ) -> tuple[list[jax.Array], dict[str, Any]]:
+        """The multi-token-prediction depths on a training batch (``model.mtp``): from the main
+        model's final-normed hidden states x [B, T, D] (``features``) and its input tokens, each
+        depth's final-normed hidden states [B, T, D] (position i of depth k scores the token k + 1
+        ahead with the shared head), and ``aux`` of their MoE blocks (``expert_load`` [D, E],
+        ``aux_loss``, ``moe_dropped_pairs``; empty without experts). Depth k reads the input token
+        k ahead of each position (0 past the end, where its loss is masked)."""
+        b, t = tokens_bt.shape
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        order = rt.partitioner.sequence_order(t)
+        h_btd = x_btd
+        if order is not None:  # the blocks run in the partitioner's order, as the main stack does
+            h_btd, positions_bt = h_btd[:, order], positions_bt[:, order]
+            segment_ids_bt = None if segment_ids_bt is None else segment_ids_bt[:, order]
+        cos, sin = Rotary(self.cfg.rope, self.cfg.attention.rope_dim).tables(positions_bt)
+        outs, stats = [], []
+        for k, module in enumerate(self.mtp, start=1):
+            ahead_bt = jnp.pad(tokens_bt[:, k:], ((0, 0), (0, min(k, t))))[:, :t]
+            if order is not None:
+                ahead_bt = ahead_bt[:, order]
+            e_btd = rt.constrain(self.embed(ahead_bt, rt=rt), RESIDUAL)
+            h_btd, s, _ = module(h_btd, e_btd, cos, sin, segment_ids_bt, rt=rt)
+            y_btd = module.final_norm(h_btd)
+            outs.append(y_btd if order is None else rt.constrain(y_btd[:, np.argsort(order)], RESIDUAL))
+            stats.append(s)
+        if not stats[0]:
+            return outs, {}
+        return outs, {
+            "expert_load": jnp.stack([s["load"] for s in stats]),
+            "aux_loss": sum(jnp.sum(s["aux_loss"]) for s in stats),
+            "moe_dropped_pairs": sum(s["dropped_pairs"] for s in stats),
+        }
+
     def serve_step(
         self, tokens_t, positions_t, cache: PagedCache, last_index_s, *, rt: Runtime = Runtime()
     ) -> tuple[jax.Array, PagedCache]:
@@ -228,13 +177,19 @@ class Decoder(nnx.Module):
         return x_btd, aux, cache
 
 
-def update_router_bias(model: Decoder, load_le, rate: float) -> None:
+def update_router_bias(model: Decoder, load_le, rate: float, mtp_load_de=None) -> None:
     """DeepSeek-V3's aux-loss-free balancing, after each optimiser step:
-    bias_e += rate * sign(mean load - load_e), per MoE layer. ``load_le`` is [L_moe, E]."""
-    if model.moe_blocks is None:
-        return
-    bias = model.moe_blocks.ffn.router.bias
-    bias[...] = bias[...] + rate * jnp.sign(jnp.mean(load_le, axis=-1, keepdims=True) - load_le)
+    bias_e += rate * sign(mean load - load_e), per MoE layer. ``load_le`` is [L_moe, E];
+    ``mtp_load_de`` [D, E] the MTP depths' MoE blocks, when the model has them."""
+
+    def step(bias, load):
+        bias[...] = bias[...] + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+
+    if model.moe_blocks is not None:
+        step(model.moe_blocks.ffn.router.bias, load_le)
+    if model.mtp is not None and mtp_load_de is not None:
+        for module, load_e in zip(model.mtp, mtp_load_de):
+            step(module.block.ffn.router.bias, load_e)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Decoder:

@@ -58,7 +58,8 @@ from moela.compat import scan_num_carry
 from moela.configs.schema import Config, MeshConfig, ModelConfig, RuntimeConfig
 from moela.kernels.grouped import routed_swiglu
 from moela.model.runtime import Runtime
-from moela.model.transformer import REMAT_POLICIES, Block, abstract_model
+from moela.model.block import REMAT_POLICIES, Block
+from moela.model.transformer import abstract_model
 from moela.parallel.experts import DISPATCH, buffer_rows, default_ragged
 from moela.parallel.layout import Layout, state_bytes, variable_names
 from moela.parallel.mesh import AXES, MeshError, mesh_shape
@@ -202,7 +203,7 @@ def gradient_jaxpr(cfg: Config, rows: int, seq: int, chunk_tokens: int):
         obj, _, _, aux = training_objective(
             graphdef, p, r, batch, z_coef=cfg.train.z_loss, chunk_tokens=chunk_tokens, rt=Runtime(cfg.runtime)
         )
-        return obj / batch["loss_mask"].size + aux["aux_loss"]
+        return obj / batch["loss_mask"].size + aux["aux_loss"] + jnp.sum(aux.get("mtp_ce", 0.0))
 
     return jax.make_jaxpr(jax.grad(loss))(params, rest, abstract_batch(rows, seq)).jaxpr
 

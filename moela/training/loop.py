@@ -260,6 +260,8 @@ def run(cfg: Config, log=print) -> dict:
                 if len(sources) > 1:
                     seen = np.sum([s["tokens"] for s in gather_state(stream.state(), len(sources))["streams"]], 0)
                     record.update({f"tokens.{src.name}": int(n) for src, n in zip(sources, seen)})
+                for k, value in enumerate(np.asarray(m["mtp_loss"]), start=1):
+                    record[f"mtp_loss_{k}"] = round(float(value), 6)
                 if cfg.model.num_moe_layers:
                     record["expert_load_max_over_mean"] = round(float((load.max(-1) / load.mean(-1)).max()), 4)
                     record["aux_loss"] = round(float(m["aux_loss"]), 6)

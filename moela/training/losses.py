@@ -105,3 +105,18 @@ def loss_chunks(batch: int, seq_len: int, target_tokens: int) -> int:
     (seq_len chunks, one position each, when even that is more)."""
     want = -(-batch * seq_len // max(target_tokens, 1))
     return next((d for d in range(max(want, 1), seq_len + 1) if seq_len % d == 0), seq_len)
+
+
+def mtp_targets(batch: dict, k: int):
+    """Targets and loss mask [B, T] of multi-token-prediction depth k (``model.mtp``): position i
+    scores the token k + 1 ahead, which is the target of position i + k, counted where both
+    positions have a real target in the same document (a packed row's segments are contiguous, so
+    an equal segment id means the same piece): masked past the row's end and across documents."""
+    targets_bt, mask_bt, seg_bt = batch["targets"], batch["loss_mask"], batch["segment_ids"]
+    t = targets_bt.shape[1]
+
+    def ahead(a_bt):
+        return jnp.pad(a_bt[:, k:], ((0, 0), (0, min(k, t))))[:, :t]
+
+    same = (ahead(seg_bt) == seg_bt) & (seg_bt > 0)
+    return ahead(targets_bt), mask_bt * ahead(mask_bt) * same.astype(mask_bt.dtype)
