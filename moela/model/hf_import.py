@@ -5,8 +5,11 @@
 SRC_DIR holds ``config.json`` and ``*.safetensors`` shards (float32, bfloat16, or
 DeepSeek-V3's block-scaled float8 with ``weight_scale_inv``). Tensors stream one at a time
 from memory-mapped shards straight into their slot of the stacked moela layout, so the
-host holds the converted model once and never a second copy. Multi-token-prediction
-layers (``model.layers.{>= num_hidden_layers}``) are skipped. An unsupported config is
+host holds the converted model once and never a second copy. Multi-token-prediction layers
+(``model.layers.{num_hidden_layers + k}``, ``num_nextn_predict_layers`` of them) become
+``model.mtp_depth`` MTP modules (``model.mtp``): ``enorm``/``hnorm``/``eh_proj``/``shared_head.norm``
+and the decoder block; their copies of the embedding and the output head must equal the main
+model's, which moela shares (``--no-mtp`` leaves the modules out). An unsupported config is
 refused with the key and the supported values before anything is read.
 
 Conventions bridged here: HF weights are [out, in], moela's [in, out] with heads split out;
@@ -18,11 +21,13 @@ rope rows of q and k_pe, which leaves every attention score unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -99,8 +104,9 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict:
     )
 
 
-def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
-    """A moela ModelConfig equal to a HF DeepSeek-V2/V3 ``config.json``; refuses what it cannot map."""
+def config_from_hf(hf: dict, dtype: str | None = None, mtp_depth: int | None = None) -> ModelConfig:
+    """A moela ModelConfig equal to a HF DeepSeek-V2/V3 ``config.json``; refuses what it cannot map.
+    ``mtp_depth`` overrides ``num_nextn_predict_layers`` (e.g. 0 for a checkpoint without them)."""
     model_type = hf.get("model_type")
     _need(
         model_type in ("deepseek_v2", "deepseek_v3"),
@@ -142,6 +148,7 @@ def config_from_hf(hf: dict, dtype: str | None = None) -> ModelConfig:
         param_dtype=dtype,
         compute_dtype=dtype,
         max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        mtp_depth=int(hf.get("num_nextn_predict_layers") or 0) if mtp_depth is None else mtp_depth,
         attention=AttentionConfig(
             kind="mla",
             num_heads=int(hf["num_attention_heads"]),
@@ -257,6 +264,7 @@ class Importer:
         self.arrays: dict[str, np.ndarray] = {}
         self.filled: dict[str, int] = {}
         self.skipped: list[str] = []
+        self.digests: dict[str, int] = {}  # the main embedding and head, and the MTP layers' copies
 
     def _index(self, tree: dict, prefix: str) -> None:
         for k, v in tree.items():
@@ -295,6 +303,8 @@ class Importer:
             "lm_head.weight": ("lm_head.w", lambda w: w.T),
         }
         if name in top:
+            if name != "model.norm.weight":
+                self.digests[name] = digest(w)
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 return
             path, fn = top[name]
@@ -304,40 +314,78 @@ class Importer:
             self.skipped.append(name)
             return
         layer, rest = int(m.group(1)), m.group(2)
-        if layer >= cfg.num_layers:  # multi-token-prediction modules
-            self.skipped.append(name)
-            return
+        if layer >= cfg.num_layers:
+            return self._mtp(name, layer - cfg.num_layers, rest, w)
         dense = layer < cfg.num_dense_layers
         group, li = ("dense_blocks", layer) if dense else ("moe_blocks", layer - cfg.num_dense_layers)
+        self._block(name, group, (li,), rest, w)
+
+    def _mtp(self, name: str, depth: int, rest: str, w: np.ndarray) -> None:
+        """A multi-token-prediction layer's tensor (``num_hidden_layers + depth``)."""
+        if depth >= self.cfg.mtp_depth:
+            self.skipped.append(name)
+            return
+        own = {
+            "enorm.weight": ("embed_norm.scale", lambda w: w),
+            "hnorm.weight": ("hidden_norm.scale", lambda w: w),
+            "eh_proj.weight": ("proj", lambda w: w.T),  # [D, 2D] over [emb; hidden] -> [2D, D]
+            "shared_head.norm.weight": ("final_norm.scale", lambda w: w),
+        }
+        shared = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+        if rest in own:
+            path, fn = own[rest]
+            return self.put(f"mtp.{depth}.{path}", fn(w))
+        if rest in shared:  # a copy of the main model's: checked in ``finish``
+            self.digests[name] = digest(w)
+            return
+        self._block(name, f"mtp.{depth}.block", (), rest, w)
+
+    def _block(self, name: str, group: str, index: tuple, rest: str, w: np.ndarray) -> None:
+        """One decoder block's tensor into ``group`` (a stack: ``index`` = (layer,); an MTP block: ())."""
+        cfg = self.cfg
         for pattern, fn in self.rules:
             mm = pattern.match(rest)
             if not mm:
                 continue
             if fn is not None:
                 for sub, value in fn(w, cfg).items():
-                    self.put(f"{group}.{sub}", value, (li,))
+                    self.put(f"{group}.{sub}", value, index)
             elif rest.startswith("mlp.experts."):
-                self._experts(group, li, rest, mm, w)
+                self._experts(group, index, rest, mm, w)
             else:
                 which = mm.group(1)
                 owner = "ffn.shared" if "shared_experts" in rest else "ffn"
-                self.put(f"{group}.{owner}.w_{which}", w.T, (li,))
+                self.put(f"{group}.{owner}.w_{which}", w.T, index)
             return
         raise UnsupportedCheckpoint(f"unrecognised tensor '{name}' in the checkpoint")
 
-    def _experts(self, group: str, li: int, rest: str, mm: re.Match, w: np.ndarray) -> None:
+    def _experts(self, group: str, index: tuple, rest: str, mm: re.Match, w: np.ndarray) -> None:
         base = f"{group}.ffn.experts"
         if rest.endswith("gate_up_proj"):
             f = w.shape[1] // 2
-            self.put(f"{base}.w_gate", w[:, :f].transpose(0, 2, 1), (li,))
-            self.put(f"{base}.w_up", w[:, f:].transpose(0, 2, 1), (li,))
+            self.put(f"{base}.w_gate", w[:, :f].transpose(0, 2, 1), index)
+            self.put(f"{base}.w_up", w[:, f:].transpose(0, 2, 1), index)
         elif rest.endswith("experts.down_proj"):
-            self.put(f"{base}.w_down", w.transpose(0, 2, 1), (li,))
+            self.put(f"{base}.w_down", w.transpose(0, 2, 1), index)
         else:
-            self.put(f"{base}.w_{mm.group(2)}", w.T, (li, int(mm.group(1))))
+            self.put(f"{base}.w_{mm.group(2)}", w.T, index + (int(mm.group(1)),))
+
+    def check_shared(self) -> None:
+        """Each MTP layer's embedding and head must be the main model's (moela shares one of each)."""
+        main = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+        if self.cfg.tie_embeddings:
+            main["shared_head.head.weight"] = "model.embed_tokens.weight"
+        for name, value in self.digests.items():
+            m = re.match(r"model\.layers\.\d+\.(.+)$", name)
+            if m and value != self.digests.get(main[m.group(1)]):
+                raise UnsupportedCheckpoint(
+                    f"'{name}' differs from the main model's '{main[m.group(1)]}'; moela's MTP modules share the "
+                    "main embedding and head (import with --no-mtp to leave the MTP layers out)"
+                )
 
     def finish(self) -> dict:
         """The filled pure-dict state; every tensor must have been written (router biases may default to 0)."""
+        self.check_shared()
         missing = [
             p
             for p in self.targets
@@ -348,6 +396,22 @@ class Importer:
         for path, (parent, key) in self.targets.items():
             parent[key] = self._slot(path)
         return self.tree
+
+
+def digest(w: np.ndarray) -> tuple:
+    """Shape, dtype and CRC-32 of an array's bytes: equal copies agree, without holding a second one."""
+    return w.shape, str(w.dtype), zlib.crc32(memoryview(np.ascontiguousarray(w)).cast("B"))
+
+
+def mtp_layers_present(src: Path, num_layers: int) -> int:
+    """How many consecutive MTP layers (``model.layers.{num_layers + k}``) the shards hold (headers only)."""
+    found = set()
+    for f in checkpoint_files(src):
+        for name in SafetensorsFile(f).keys():
+            m = re.match(r"model\.layers\.(\d+)\.", name)
+            if m and int(m.group(1)) >= num_layers:
+                found.add(int(m.group(1)) - num_layers)
+    return next(k for k in range(len(found) + 1) if k not in found)
 
 
 def iter_tensors(src: Path):
@@ -369,8 +433,15 @@ def iter_tensors(src: Path):
 
 
 def import_checkpoint(
-    src: str | Path, out: str | Path, dtype: str | None = None, log=print, overwrite: bool = False
+    src: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    log=print,
+    overwrite: bool = False,
+    mtp: bool = True,
 ) -> Config:
+    """Convert ``src`` into a moela checkpoint directory ``out``; ``mtp=False`` leaves the
+    multi-token-prediction layers out (``model.mtp_depth`` 0)."""
     src, out = Path(src), Path(out)
     if (out / "config.json").exists() and not overwrite:
         raise UnsupportedCheckpoint(
@@ -380,7 +451,15 @@ def import_checkpoint(
         hf = json.loads((src / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UnsupportedCheckpoint(f"cannot read '{src / 'config.json'}': {e}") from None
-    model_cfg = config_from_hf(hf, dtype)
+    model_cfg = config_from_hf(hf, dtype, mtp_depth=None if mtp else 0)
+    if model_cfg.mtp_depth:
+        present = mtp_layers_present(src, model_cfg.num_layers)
+        if present < model_cfg.mtp_depth:
+            log(
+                f"config.json names {model_cfg.mtp_depth} MTP layer(s) (num_nextn_predict_layers) but the shards hold "
+                f"{present}: importing {present}"
+            )
+            model_cfg = dataclasses.replace(model_cfg, mtp_depth=present)
     cfg = Config(name=f"hf-{hf['model_type']}", model=model_cfg)
     interleaved = bool(hf.get("rope_interleave", True)) or hf["model_type"] == "deepseek_v2"
     importer = Importer(model_cfg, interleaved)
@@ -412,9 +491,10 @@ def main(argv: list[str] | None = None) -> int:
         help="parameter dtype (default: the checkpoint's: bfloat16 for bf16/fp8, else float32)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing moela checkpoint in OUT_DIR")
+    parser.add_argument("--no-mtp", action="store_true", help="leave the multi-token-prediction layers out")
     args = parser.parse_args(argv)
     try:
-        import_checkpoint(args.src, args.out, args.dtype, overwrite=args.overwrite)
+        import_checkpoint(args.src, args.out, args.dtype, overwrite=args.overwrite, mtp=not args.no_mtp)
     except (UnsupportedCheckpoint, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
