@@ -77,9 +77,9 @@ def reference_objective(model, batch):
     return loss + mtp_aux["aux_loss"] + LAMBDA * jnp.mean(depth_ce), depth_ce
 
 
-@pytest.mark.parametrize("microbatches", [1, 2])
-def test_train_step_gradient_equals_autodiff_of_the_plain_mtp_loss(microbatches):
-    cfg = mtp_config(**{"train.microbatches": microbatches})
+@pytest.mark.parametrize("microbatches, remat", [(1, "none"), (2, "full")])
+def test_train_step_gradient_equals_autodiff_of_the_plain_mtp_loss(microbatches, remat):
+    cfg = mtp_config(**{"train.microbatches": microbatches, "runtime.remat": remat})
     model = init_model(cfg.model, seed=2)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch = jax.tree.map(jnp.asarray, packed_batch(cfg.model.vocab_size, seed=7))

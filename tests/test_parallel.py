@@ -26,6 +26,7 @@ B, T = 8, 32
 MODELS = {
     "mla_moe": [],
     "gqa": ["model.attention.kind=gqa", "model.attention.num_kv_heads=2", "model.moe.num_experts=0"],
+    "mla_moe_mtp": ["model.mtp_depth=1"],  # a multi-token-prediction depth: shifted tokens, one more block
 }
 CASES = [  # (mesh data, tensor, sequence), strategy
     ((8, 1, 1), "fsdp"),
@@ -65,7 +66,7 @@ def forward_loss_grads(graphdef, params, rest, batch, partitioner=ONE_DEVICE):
 
     def loss(p):
         obj, _, _, aux = training_objective(graphdef, p, rest, batch, z_coef=1e-3, chunk_tokens=64, rt=rt)
-        return obj / jnp.sum(batch["loss_mask"]) + aux["aux_loss"]
+        return obj / jnp.sum(batch["loss_mask"]) + aux["aux_loss"] + jnp.sum(aux.get("mtp_ce", 0.0)) / 100.0
 
     value, grads = jax.value_and_grad(loss)(params)
     return logits, value, grads
@@ -86,7 +87,7 @@ def single_device():
     return results
 
 
-FAST = {("mla_moe", (2, 2, 2)), ("gqa", (1, 1, 8))}  # the rest run in CI's slow step
+FAST = {("mla_moe", (2, 2, 2)), ("gqa", (1, 1, 8)), ("mla_moe_mtp", (1, 1, 8))}  # the rest run in CI's slow step
 MESH_CASES = [
     pytest.param(
         model,

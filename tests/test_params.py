@@ -28,6 +28,22 @@ def test_deepseek_v3_is_671b_total_37b_active():
     assert round(c["active"] / 1e9) in (37, 38) and 37.0e9 < c["active"] < 38.0e9  # "37B activated"
 
 
+def test_deepseek_v3_with_its_mtp_module_is_the_released_685b():
+    """The released checkpoint (685B on its model card) stores the MTP layer with its own copies of
+    the embedding and head, which moela shares: 671B + the module's 11.6B + two [N, D] copies."""
+    m = load("deepseek_v3", ["model.mtp_depth=1"]).model
+    c, main = count_params(m), count_params(load("deepseek_v3").model)
+    assert c["total"] - main["total"] == c["mtp"]
+    d, f = 7168, 2048
+    mla = d * 1536 + 1536 + 1536 * 128 * 192 + d * (512 + 64) + 512 + 512 * 128 * 256 + 128 * 128 * d
+    moe = 256 * d + 3 * d * f + 256 * 3 * d * f  # router, one shared expert, 256 routed experts
+    assert c["mtp"] == mla + moe + 2 * d + 2 * d * d + 3 * d  # + block norms, [2D -> D], the module's 3 norms
+    copies = 2 * m.vocab_size * m.d_model
+    # "685B, which includes 671B of the Main Model weights and 14B of the MTP Module weights" (its
+    # README; the stored fp8 block scales add ~0.04B more)
+    assert 684.0e9 < c["total"] + copies < 685.5e9 and 13.0e9 < c["mtp"] + copies < 14.5e9
+
+
 def test_deepseek_v2_lite_is_15_7b_total():
     c = count_params(load("deepseek_v2_lite").model)
     assert round(c["total"] / 1e8) == 157  # 15.7B total

@@ -101,27 +101,42 @@ def test_switch_network_inside_and_across_nodes():
     assert net.time("all_gather", "sequence", v) == 0.0  # a size-1 axis moves nothing
 
 
-@pytest.mark.parametrize("name", ["bench", "deepseek_v3", "tiny"])
+MTP = {
+    "tiny_mtp": ("tiny", ["model.mtp_depth=2"]),
+    "dense_mtp": ("small", ["model.mtp_depth=1", "model.moe.num_experts=0"]),
+}
+
+
+def preset(name: str):
+    return load(*MTP.get(name, (name, []))).model
+
+
+@pytest.mark.parametrize("name", ["bench", "deepseek_v3", "tiny", "tiny_mtp", "dense_mtp"])
 @pytest.mark.parametrize("tensor", [1, 2])
 def test_model_flops_equal_moela_flops(name, tensor):
     """Summed over a tensor group, the model FLOPs the step-time model attributes to its ops are
-    ``model.flops``' training FLOPs (6·N_active + causal attention scores, LM head once)."""
-    model = load(name).model
+    ``model.flops``' training FLOPs (6·N_active + causal attention scores, LM head once per output:
+    the model's and each multi-token-prediction depth's, whose blocks count like layers)."""
+    model = preset(name)
     seq, tokens = 512, 1000.0
     par = Parallelism(tensor=tensor)
     per_token = 0.0
+    mtp_moe = bool(model.num_moe_layers)
     for moe, layers in ((False, model.num_dense_layers), (True, model.num_moe_layers)):
+        layers += model.mtp_depth if moe == mtp_moe else 0
         if layers:
             ops = layer_matmuls(model, par, tokens, moe)
             per_token += layers * 3 * sum(op.model_flops for op in ops) * tensor / tokens
             per_token += layers * 3 * attention_flops(model, par, tokens, seq, CHIPS["v5p"])[0] * tensor / tokens
-    per_token += 6 * model.d_model * model.vocab_size
+    per_token += (
+        6 * model.d_model * model.vocab_size * (1 + model.mtp_depth) + 6 * model.mtp_depth * 2 * model.d_model**2
+    )
     assert per_token == pytest.approx(training_flops_per_token(model, seq)["total"], rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["bench", "deepseek_v3", "tiny", "small"])
+@pytest.mark.parametrize("name", ["bench", "deepseek_v3", "tiny", "small", "tiny_mtp", "dense_mtp"])
 def test_weight_elements_equal_the_parameter_count(name):
-    model = load(name).model
+    model = preset(name)
     counts = count_params(model)
     dense, experts, embed = weight_elements(model)
     assert experts == counts["routed_experts"]

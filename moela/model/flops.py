@@ -2,8 +2,9 @@
 
 Convention (named in every output as ``CONVENTION``): a matmul with P parameters costs
 2·P FLOPs per token forward and 4·P backward, so 6·P in training; embedding lookups cost
-0; norms and activations are not counted. Only the parameters a token touches count:
-k of E routed experts, every shared expert, the router. The attention-score term adds,
+0; norms and activations are not counted. Multi-token-prediction depths (``model.mtp_depth``)
+count like layers, with their projection and one more pass of the LM head each. Only the
+parameters a token touches count: k of E routed experts, every shared expert, the router. The attention-score term adds,
 per layer and token, 6·H·S_eff·(K + V) for QK^T and AV (MLA: K = nope + rope over the
 expanded keys, V = v_head_dim), where S_eff = (S+1)/2 with causal halving (the default) and S
 without it.
@@ -40,15 +41,17 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal_halving: boo
     head_params = counts["lm_head"] if not cfg.tie_embeddings else counts["embedding"]
     a = cfg.attention
     s_eff = (seq_len + 1) / 2 if causal_halving else seq_len
+    blocks = cfg.num_layers + cfg.mtp_depth  # each multi-token-prediction depth runs one more block
     parts = {
         "embedding": 0,
         "attention_projections": 6 * counts["attention"],
-        "attention_scores": int(round(6 * cfg.num_layers * a.num_heads * s_eff * (a.qk_head_dim + a.out_head_dim))),
+        "attention_scores": int(round(6 * blocks * a.num_heads * s_eff * (a.qk_head_dim + a.out_head_dim))),
         "dense_mlp": 6 * counts["dense_mlp"],
         "routed_experts": 6 * routed_active,
         "shared_experts": 6 * counts["shared_experts"],
         "router": 6 * counts["router"],
-        "lm_head": 6 * head_params,
+        "lm_head": 6 * head_params * (1 + cfg.mtp_depth),  # the shared head scores every MTP depth too
+        "mtp_proj": 6 * counts["mtp_proj"],
     }
     total = sum(parts.values())
     return {

@@ -127,7 +127,7 @@ class Decoder(nnx.Module):
             if order is not None:
                 ahead_bt = ahead_bt[:, order]
             e_btd = rt.constrain(self.embed(ahead_bt, rt=rt), RESIDUAL)
-            h_btd, s, _ = module(h_btd, e_btd, cos, sin, segment_ids_bt, rt=rt)
+            h_btd, s = run_mtp_module(module, h_btd, e_btd, cos, sin, segment_ids_bt, rt)
             y_btd = module.final_norm(h_btd)
             outs.append(y_btd if order is None else rt.constrain(y_btd[:, np.argsort(order)], RESIDUAL))
             stats.append(s)
@@ -175,6 +175,19 @@ class Decoder(nnx.Module):
                     "moe_dropped_pairs": jnp.sum(stats["dropped_pairs"]),
                 }
         return x_btd, aux, cache
+
+
+def run_mtp_module(module, h_btd, e_btd, cos, sin, segment_ids_bt, rt: Runtime):
+    """One MTP depth in training, rematerialised under ``runtime.remat`` as the scanned layers are."""
+    graphdef, state = nnx.split(module)
+
+    def body(state, h_btd, e_btd):
+        h_btd, stats, _ = nnx.merge(graphdef, state)(h_btd, e_btd, cos, sin, segment_ids_bt, rt=rt)
+        return h_btd, stats
+
+    if rt.config.remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[rt.config.remat], prevent_cse=False)
+    return body(state, h_btd, e_btd)
 
 
 def update_router_bias(model: Decoder, load_le, rate: float, mtp_load_de=None) -> None:

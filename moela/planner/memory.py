@@ -447,7 +447,8 @@ def plan(
     island_saved, island_transient = expert_island_bytes(local, runtime, layout, rows * tokens, ragged=accelerator)
     if island_saved and "moe" in saved:
         saved["moe"] += island_saved
-    b["expert_island"] = island_saved * counts["moe"] + island_transient
+    island_blocks = counts["moe"] + (model.mtp_depth if counts["moe"] else 0)  # MTP blocks are MoE blocks too
+    b["expert_island"] = island_saved * island_blocks + island_transient
     b["activations"] = activation_bytes(jaxpr) + b["expert_island"]
     b["activations_saved"] = sum(saved[k] * counts[k] for k in saved)
     b["fsdp_gather"] = gathered_layer_bytes(local, counts) if layout.axis("embed") else 0

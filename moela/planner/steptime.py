@@ -255,6 +255,7 @@ def step_time(work: Workload, par: Parallelism, chip: Chip) -> dict:
     rows = work.batch / (m * par.row_split)
     tokens = rows * work.seq / par.sequence  # local tokens of one microbatch
     stage = {"dense": model.num_dense_layers / par.pipeline, "moe": model.num_moe_layers / par.pipeline}
+    stage["moe" if model.num_moe_layers else "dense"] += model.mtp_depth  # MTP blocks, on the last stage
     t = dict.fromkeys(
         ("matmuls", "attention", "memory_bound", "tensor_parallel", "expert_dispatch", "ring_attention"), 0.0
     )
@@ -295,14 +296,16 @@ def step_time(work: Workload, par: Parallelism, chip: Chip) -> dict:
             hop = exposed(fwd_hop, fwd_att) * (1 + remat.attention) + exposed(bwd_hop, bwd_att)
             t["ring_attention"] += layers * hops * hop
             raw["ring_attention"] += layers * hops * (fwd_hop * (1 + remat.attention) + bwd_hop)
-    # The embedding gather and the LM head with its float32 softmax, on the last stage.
-    vocab = model.vocab_size / par.tensor
+    # The embedding gather and the LM head with its float32 softmax, on the last stage, once for
+    # the model and once per MTP depth (each with its [2D -> D] projection).
+    vocab, heads = model.vocab_size / par.tensor, 1 + model.mtp_depth
     head = Matmul("lm_head", tokens, model.d_model, vocab, model.d_model * vocab, 0)
-    t["matmuls"] += 3 * matmul_time(head, chip, s, work.fp8)
-    hw_flops += 3 * head.flops
+    proj = Matmul("mtp_proj", tokens, 2 * model.d_model, model.d_model, 2 * model.d_model**2, 0)
+    t["matmuls"] += 3 * (heads * matmul_time(head, chip, s, work.fp8) + model.mtp_depth * matmul_time(proj, chip, s))
+    hw_flops += 3 * (heads * head.flops + model.mtp_depth * proj.flops)
     loss_bytes = tokens * (3 * 4 * vocab + 2 * model.d_model * s)  # f32 logits out, softmax, gradient
-    t["memory_bound"] += loss_bytes / (chip.hbm_bw * chip.hbm_eff)
-    t["tensor_parallel"] += net.time("all_reduce", "tensor", tokens * model.d_model * s)
+    t["memory_bound"] += heads * loss_bytes / (chip.hbm_bw * chip.hbm_eff)
+    t["tensor_parallel"] += heads * net.time("all_reduce", "tensor", tokens * model.d_model * s)
     compute_mb = t["matmuls"] + t["attention"] + t["memory_bound"]
     per_mb = sum(t.values())
 
@@ -411,8 +414,11 @@ def weight_elements(model: ModelConfig) -> tuple[float, float, float]:
         attn = d * (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
     attn += a.num_heads * a.out_head_dim * d
     e = model.moe
-    dense = model.num_layers * attn + model.num_dense_layers * 3 * d * model.d_ff
-    dense += model.num_moe_layers * (d * e.num_experts + 3 * d * e.d_ff * e.num_shared_experts)
-    experts = model.num_moe_layers * e.num_experts * 3 * d * e.d_ff
+    # Multi-token-prediction depths: one block each (MoE when the model has experts) + [2D -> D].
+    moe_blocks = model.num_moe_layers + (model.mtp_depth if model.num_moe_layers else 0)
+    dense_blocks = model.num_dense_layers + (0 if model.num_moe_layers else model.mtp_depth)
+    dense = (model.num_layers + model.mtp_depth) * attn + dense_blocks * 3 * d * model.d_ff
+    dense += moe_blocks * (d * e.num_experts + 3 * d * e.d_ff * e.num_shared_experts) + model.mtp_depth * 2 * d * d
+    experts = moe_blocks * e.num_experts * 3 * d * e.d_ff
     embed = model.vocab_size * d * (1 if model.tie_embeddings else 2)
     return dense, experts, embed
