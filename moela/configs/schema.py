@@ -282,6 +282,9 @@ class ServeConfig:
     seed: int = 0
     eos_id: int = -1  # -1: the tokenizer's end-of-sequence id (none without a tokenizer)
     cache_dtype: DType = "float32"
+    # Speculative decoding with the model's MTP module as the draft: tokens drafted per sequence and
+    # step, verified by one forward of the model (0 = off; needs model.mtp_depth >= 1).
+    speculative_tokens: int = 0
 
 
 @dataclass(frozen=True)

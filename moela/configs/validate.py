@@ -187,4 +187,18 @@ def validate(cfg: Config) -> Config:
     _require(s.temperature >= 0, f"config key 'serve.temperature' = {s.temperature} must be >= 0")
     _require(0 < s.top_p <= 1, f"config key 'serve.top_p' = {s.top_p} must be in (0, 1]")
     _require(s.top_k >= 0, f"config key 'serve.top_k' = {s.top_k} must be >= 0 (0 = off)")
+    _require(
+        s.speculative_tokens >= 0,
+        f"config key 'serve.speculative_tokens' = {s.speculative_tokens} must be >= 0 (0 = no speculation)",
+    )
+    _require(
+        s.speculative_tokens == 0 or m.mtp_depth >= 1,
+        f"config key 'serve.speculative_tokens' = {s.speculative_tokens} needs an MTP module to draft with, "
+        "but model.mtp_depth = 0; valid: serve.speculative_tokens=0, or a model trained or imported with MTP",
+    )
+    _require(
+        s.speculative_tokens < s.max_batched_tokens,
+        f"config key 'serve.speculative_tokens' = {s.speculative_tokens} must be below serve.max_batched_tokens = "
+        f"{s.max_batched_tokens} (a step verifies 1 + speculative_tokens tokens a sequence)",
+    )
     return cfg

@@ -7,7 +7,9 @@ handful of compiled shapes serve any mix of requests; the device runs the model'
 over the batch (``Decoder.serve_step``: the attention layers write the new cache rows and read
 the paged cache), samples one token per sequence that reached its end, and returns those
 tokens. The pool is donated to the step, so the cache is updated in place. The engine holds no
-model math of its own.
+model math of its own. With ``serve.speculative_tokens`` > 0 the step also verifies the drafts
+each sequence carries and proposes the next ones with the model's MTP module
+(``inference.speculative``), so a step may return several tokens of one sequence.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from moela.configs.schema import Config
 from moela.inference.pages import PageAllocator
 from moela.inference.sampling import SamplingArrays, sample
 from moela.inference.scheduler import Chunk, Request, Scheduler, Sequence
+from moela.inference.speculative import Drafts, speculative_step
 from moela.model.cache import PagedCache, init_pool, kv_heads
 from moela.model.runtime import ONE_DEVICE, Partitioner, Runtime
 from moela.model.transformer import Decoder, to_serving_layout
@@ -95,10 +98,16 @@ class CompiledStep:
     graphdef: nnx.GraphDef
     rt: Runtime
     fn: Callable
+    speculative: Callable  # the verify-accept-draft step (compiled on first use)
 
     @classmethod
     def of(cls, graphdef, rt: Runtime) -> CompiledStep:
-        return cls(graphdef, rt, jax.jit(partial(_device_step, graphdef=graphdef, rt=rt), donate_argnums=(1,)))
+        return cls(
+            graphdef,
+            rt,
+            jax.jit(partial(_device_step, graphdef=graphdef, rt=rt), donate_argnums=(1,)),
+            jax.jit(partial(speculative_step, graphdef=graphdef, rt=rt), donate_argnums=(1, 2)),
+        )
 
 
 class Engine:
@@ -124,13 +133,24 @@ class Engine:
         s = cfg.serve
         self.page_size, self.max_seq_len = s.page_size, cfg.model.max_seq_len
         self.allocator = PageAllocator(s.num_pages, s.page_size)
-        self.scheduler = Scheduler(self.allocator, s.max_batch, s.max_batched_tokens)
+        self.k = s.speculative_tokens
+        if self.k and model.mtp is None:
+            raise ValueError(
+                f"serve.speculative_tokens = {self.k} drafts with the model's MTP module, but this model has none "
+                "(model.mtp_depth = 0); valid: serve.speculative_tokens=0, or a model trained or imported with MTP"
+            )
+        self.scheduler = Scheduler(self.allocator, s.max_batch, s.max_batched_tokens, lookahead=max(self.k - 1, 0))
         eos = s.eos_id if s.eos_id >= 0 else (tokenizer.eos_id if tokenizer is not None else -1)
         self.eos_id = eos
         # the pool [L, N, P, G, W]: a GQA cache's kv heads split like the model's, MLA's one replicated
         heads = "act_kv_heads" if kv_heads(cfg.model) > 1 else None
         pool_sharding = self.rt.partitioner.sharding((None, None, None, heads, None))
-        self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding)
+        extra = 1 if self.k else 0  # the draft module's cache layer
+        self.pool = init_pool(cfg.model, s.num_pages, s.page_size, s.cache_dtype, pool_sharding, extra_layers=extra)
+        # the drafts' distributions, one row per running sequence (sampled requests need them to verify)
+        self.q_buf = jnp.zeros((s.max_batch, self.k, cfg.model.vocab_size), jnp.float32) if self.k else None
+        self._q_rows: dict[int, int] = {}
+        self.speculation = {"verify_steps": 0, "emitted": 0, "proposed": [0] * self.k, "accepted": [0] * self.k}
         graphdef, self.weights = nnx.split(to_serving_layout(model))
         if step is not None and (step.graphdef != graphdef or step.rt != self.rt):
             raise ValueError("step= was compiled for another model graph or runtime")
@@ -155,7 +175,7 @@ class Engine:
         for i, c in enumerate(chunks):
             seq, req = c.seq, c.seq.request
             stop = c.start + c.length
-            tokens[at : at + c.length] = seq.tokens[c.start : stop]
+            tokens[at : at + c.length] = c.tokens
             positions[at : at + c.length] = np.arange(c.start, stop)
             slots[at : at + c.length] = self.allocator.slots(seq.seq_id, c.start, stop)
             pages = self.allocator.pages[seq.seq_id]
@@ -169,8 +189,30 @@ class Engine:
         batch = Batch(tokens, positions, slots, kv_lens, page_table, cu, np.int32(len(chunks)), last)
         return batch, params
 
+    def pack_drafts(self, chunks: list[Chunk], batch: Batch) -> Drafts:
+        """The speculative inputs of ``chunks`` (``inference.speculative.Drafts``)."""
+        s = batch.kv_lens.shape[0]
+        running = {seq.seq_id for seq in self.scheduler.running}
+        for seq_id in [i for i in self._q_rows if i not in running]:  # finished or preempted
+            del self._q_rows[seq_id]
+        free = sorted(set(range(self.q_buf.shape[0])) - set(self._q_rows.values()))
+        tokens, count = np.zeros((s, self.k), np.int32), np.zeros(s, np.int32)
+        follow, limit, samples = np.zeros(s, np.int32), np.zeros(s, np.int32), np.zeros(s, bool)
+        rows = np.full(s, self.q_buf.shape[0], np.int32)
+        for i, c in enumerate(chunks):
+            seq = c.seq
+            tokens[i, : c.drafts], count[i] = seq.drafts[: c.drafts], c.drafts
+            samples[i], limit[i] = c.samples, seq.limit
+            if not c.samples:
+                follow[i] = seq.tokens[c.start + c.length]
+            if seq.seq_id not in self._q_rows:
+                self._q_rows[seq.seq_id] = free.pop(0)
+            rows[i] = self._q_rows[seq.seq_id]
+        base_last = np.asarray(batch.last_index) - count
+        return Drafts(tokens, count, base_last.astype(np.int32), follow, samples, limit, rows)
+
     def step(self) -> list[tuple[Sequence, int]]:
-        """Run one step; returns (sequence, new token) for every sequence that sampled."""
+        """Run one step; returns (sequence, new token) for every token a sequence gained, in order."""
         chunks = self.scheduler.plan()
         if not chunks:
             raise RuntimeError(
@@ -178,11 +220,37 @@ class Engine:
                 f"({self.allocator.free} of {self.allocator.num_pages} pages free)"
             )
         batch, params = self.pack(chunks)
+        self.steps += 1
+        if self.k:
+            return self._speculative(chunks, batch, params)
         tokens_dev, self.pool = self.compiled.fn(self.weights, self.pool, batch, params)
         tokens = np.asarray(tokens_dev)
         self.scheduler.advance(chunks)
-        self.steps += 1
         return [(c.seq, int(tokens[i])) for i, c in enumerate(chunks) if c.samples]
+
+    def _speculative(self, chunks: list[Chunk], batch: Batch, params: SamplingArrays) -> list[tuple[Sequence, int]]:
+        drafts = self.pack_drafts(chunks, batch)
+        accepted, drawn, proposed, self.pool, self.q_buf = self.compiled.speculative(
+            self.weights, self.pool, self.q_buf, batch, params, drafts
+        )
+        accepted, drawn, proposed = (np.asarray(a) for a in (accepted, drawn, proposed))
+        self.scheduler.advance(chunks, [int(a) for a in accepted])
+        out, stats = [], self.speculation
+        for i, c in enumerate(chunks):
+            if not c.samples:
+                continue
+            seq, a = c.seq, int(accepted[i])
+            if c.drafts:
+                stats["verify_steps"] += 1
+                stats["emitted"] += a + 1
+                for j in range(c.drafts):
+                    stats["proposed"][j] += 1
+                    stats["accepted"][j] += int(j < a)
+            out += [(seq, t) for t in seq.drafts[:a]] + [(seq, int(drawn[i]))]
+            # the new drafts; d_j scores position b + 1 + j (b: the last accepted position)
+            b = c.start + c.length - c.drafts + a - 1
+            seq.drafts = [int(t) for t in proposed[i][: max(0, min(self.k, seq.limit - b - 2))]]
+        return out
 
     # -- requests -------------------------------------------------------------------------
     def check(self, req: Request) -> str | None:
@@ -210,7 +278,8 @@ class Engine:
         problem = self.check(req)
         if problem:
             raise ValueError(f"request {req.id!r}: {problem}")
-        seq = Sequence(self._next_id, req, arrival=self._next_id)
+        limit = min(len(req.tokens) + req.max_tokens, self.max_seq_len)
+        seq = Sequence(self._next_id, req, arrival=self._next_id, limit=limit)
         self._next_id += 1
         self.scheduler.add(seq)
         return seq
@@ -238,13 +307,17 @@ class Engine:
         for req in requests:
             self.submit(req)
         while self.scheduler.busy:
+            finished: set[int] = set()
             for seq, token in self.step():
+                if seq.seq_id in finished:  # tokens a step accepted past the sequence's end
+                    continue
                 now = time.perf_counter()
                 seq.token_times.append(now)
                 done = self._finished(seq, token)
                 if done is None:
                     continue
                 reason, tokens, text = done
+                finished.add(seq.seq_id)
                 self.scheduler.finish(seq)
                 times = seq.token_times
                 tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None

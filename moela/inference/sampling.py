@@ -67,3 +67,25 @@ def sample(logits_sv, params: SamplingArrays):
         return jnp.where(params.temperature > 0, drawn_s, greedy_s)
 
     return jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda _: greedy_s, None)
+
+
+def filtered_probs(logits_v, temperature, top_k, top_p):
+    """[V] the distribution ``_filtered_draw`` draws from, in vocabulary order: softmax(logits /
+    temperature) over the top-k ∩ top-p set, zero elsewhere (speculative decoding compares the
+    target's and the draft's)."""
+    v = logits_v.shape[0]
+    scaled_v = logits_v / jnp.maximum(temperature, 1e-6)
+    sorted_v, order_v = jax.lax.top_k(scaled_v, v)
+    rank_v = jnp.arange(v)
+    keep_v = rank_v < jnp.where(top_k > 0, top_k, v)
+    probs_v = jax.nn.softmax(jnp.where(keep_v, sorted_v, -jnp.inf))
+    before_v = jnp.cumsum(probs_v) - probs_v
+    keep_v = keep_v & ((before_v < top_p) | (rank_v == 0))
+    kept_v = jnp.where(keep_v, probs_v, 0.0)
+    return jnp.zeros(v, jnp.float32).at[order_v].set(kept_v / jnp.sum(kept_v))
+
+
+def row_key(seed, index, stream: int):
+    """The key of one row's ``stream`` of draws for the token at generated ``index`` (speculative
+    decoding: 1 acceptance tests, 2 residual and bonus draws, 3 draft draws)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), index), stream)

@@ -11,7 +11,12 @@ When a running sequence needs a page and none is free, the *newest* running sequ
 preempted: its pages are freed and it goes back to the front of the queue with the tokens it
 has generated, to be recomputed (re-prefilled over prompt + generated tokens) when pages
 free up. Recomputation replays exactly (sampling draws depend only on seed and token
-index), so a preempted request's output is the one it would have had.
+index), so a preempted request's output is the one it would have had (with speculative decoding:
+exactly for greedy requests, in distribution for sampled ones, whose draws depend on the drafts).
+
+With speculative decoding a decoding sequence also carries the drafts proposed for it: its chunk
+is its last token and the drafts, trimmed to the step's token budget, and its pages cover the
+positions the next drafts will be written at (``lookahead``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class Sequence:
     preemptions: int = 0
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     token_times: list[float] = dataclasses.field(default_factory=list)
+    drafts: list[int] = dataclasses.field(default_factory=list)  # speculative: proposed next tokens
+    limit: int = 0  # the longest the sequence may grow (prompt + max_tokens, within the context)
 
     @property
     def tokens(self) -> list[int]:
@@ -67,23 +74,33 @@ class Sequence:
 
 @dataclasses.dataclass(frozen=True)
 class Chunk:
-    """Positions ``start .. start + length - 1`` of ``seq`` run this step; ``samples`` when the
-    chunk reaches the sequence's end, so its last logits give the next token."""
+    """Positions ``start .. start + length - 1`` of ``seq`` run this step, the last ``drafts`` of
+    them the sequence's drafts; ``samples`` when the chunk reaches the sequence's end (drafts
+    included), so its logits give the next token."""
 
     seq: Sequence
     start: int
     length: int
+    drafts: int = 0
 
     @property
     def samples(self) -> bool:
-        return self.start + self.length == self.seq.length
+        return self.start + self.length == self.seq.length + self.drafts
+
+    @property
+    def tokens(self) -> list[int]:
+        return (self.seq.tokens + self.seq.drafts[: self.drafts])[self.start : self.start + self.length]
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, max_seqs: int, max_tokens: int):
+    """``lookahead``: pages a sampling chunk reserves past its end (speculative decoding writes
+    the draft module's rows there), never past the sequence's ``limit``."""
+
+    def __init__(self, allocator: PageAllocator, max_seqs: int, max_tokens: int, lookahead: int = 0):
         if max_seqs < 1 or max_tokens < 1:
             raise ValueError(f"a step needs room for a sequence and a token; got {max_seqs} seqs, {max_tokens} tokens")
         self.allocator, self.max_seqs, self.max_tokens = allocator, max_seqs, max_tokens
+        self.lookahead = lookahead
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in arrival order
         self.preemptions = 0
@@ -99,6 +116,7 @@ class Scheduler:
         self.running.remove(seq)
         self.allocator.release(seq.seq_id)
         seq.computed = 0
+        seq.drafts = []
         seq.preemptions += 1
         self.preemptions += 1
         keys = [s.arrival for s in self.waiting]
@@ -110,33 +128,42 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(chunks) < self.max_seqs:
             seq = self.running[i]
-            length = min(seq.remaining, budget)
-            while not self.allocator.can_hold(seq.seq_id, seq.computed + length):
+            del seq.drafts[max(0, budget - seq.remaining) :]  # drafts that do not fit the budget
+            length = min(seq.remaining + len(seq.drafts), budget)
+            while not self.allocator.can_hold(seq.seq_id, self._rows(seq, seq.computed + length)):
                 self._preempt(self.running[-1])
                 if seq not in self.running:
                     break
             if seq not in self.running:
                 break  # it was the newest: everything after it is gone too
-            self.allocator.reserve(seq.seq_id, seq.computed + length)
-            chunks.append(Chunk(seq, seq.computed, length))
+            self.allocator.reserve(seq.seq_id, self._rows(seq, seq.computed + length))
+            chunks.append(Chunk(seq, seq.computed, length, len(seq.drafts)))
             budget -= length
             i += 1
         while self.waiting and budget > 0 and len(chunks) < self.max_seqs:
             seq = self.waiting[0]
             length = min(seq.remaining, budget)
-            if not self.allocator.can_hold(seq.seq_id, length):
+            if not self.allocator.can_hold(seq.seq_id, self._rows(seq, length)):
                 break
             self.waiting.popleft()
-            self.allocator.reserve(seq.seq_id, length)
+            self.allocator.reserve(seq.seq_id, self._rows(seq, length))
             self.running.insert(bisect.bisect([s.arrival for s in self.running], seq.arrival), seq)
             chunks.append(Chunk(seq, 0, length))
             budget -= length
         return chunks
 
-    def advance(self, chunks: list[Chunk]) -> None:
-        """Record that ``chunks`` ran: their rows are now in the cache."""
-        for chunk in chunks:
-            chunk.seq.computed = chunk.start + chunk.length
+    def _rows(self, seq: Sequence, end: int) -> int:
+        """Cache rows a chunk ending at ``end`` needs: past it the lookahead when it samples."""
+        if not self.lookahead or end < seq.length + len(seq.drafts):
+            return end
+        return max(end, min(end + self.lookahead, seq.limit))
+
+    def advance(self, chunks: list[Chunk], accepted: list[int] | None = None) -> None:
+        """Record that ``chunks`` ran: their rows are now in the cache, except those of drafts that
+        were not accepted (``accepted[i]`` of chunk i's drafts were)."""
+        for i, chunk in enumerate(chunks):
+            rejected = chunk.drafts - (accepted[i] if accepted is not None else 0)
+            chunk.seq.computed = chunk.start + chunk.length - rejected
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -79,9 +79,12 @@ def bytes_per_token(cfg: ModelConfig, dtype: str = "float32") -> dict[str, int]:
     return {"stored": stored, "expanded_kv": expanded}
 
 
-def init_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype: str = "float32", sharding=None):
-    """A zeroed pool [L, N, P, G, W], created in place on ``sharding`` when given."""
+def init_pool(
+    cfg: ModelConfig, num_pages: int, page_size: int, dtype: str = "float32", sharding=None, extra_layers: int = 0
+):
+    """A zeroed pool [L, N, P, G, W], created in place on ``sharding`` when given. ``extra_layers``
+    adds layers after the model's (the MTP draft's, for speculative decoding)."""
     if dtype not in CACHE_DTYPES:
         raise ValueError(f"cache dtype {dtype!r} not supported; valid: {', '.join(CACHE_DTYPES)}")
-    shape = (cfg.num_layers, num_pages, page_size, kv_heads(cfg), row_format(cfg).width)
+    shape = (cfg.num_layers + extra_layers, num_pages, page_size, kv_heads(cfg), row_format(cfg).width)
     return jax.jit(lambda: jnp.zeros(shape, CACHE_DTYPES[dtype]), out_shardings=sharding)()

@@ -146,9 +146,37 @@ class Decoder(nnx.Module):
         prompts, one sequence after another): tokens and positions [T], the cache view of the
         step, and the packed index of each sequence's last token [S]. Returns (logits [S, N]
         float32 at those tokens, the cache with the step's rows written in every layer)."""
+        x_td, cache = self.serve_hidden(tokens_t, positions_t, cache, rt=rt)
+        return self.logits(x_td[last_index_s]), cache
+
+    def serve_hidden(self, tokens_t, positions_t, cache: PagedCache, *, rt: Runtime = Runtime()):
+        """``serve_step`` before the head: (final-normed hidden states [T, D] of every packed token,
+        the cache). Speculative decoding scores several positions a sequence and feeds the states
+        to the MTP draft."""
         real_bt = cache.real_tokens[None].astype(jnp.int32)  # padding: slot -1, routed nowhere
         x_btd, _, cache = self._layers(tokens_t[None], positions_t[None], real_bt, rt, cache)
-        return self.logits(self.final_norm(x_btd[0, last_index_s])), cache
+        return self.final_norm(x_btd[0]), cache
+
+    def mtp_serve_step(
+        self, h_td, next_t, positions_t, cache: PagedCache, *, depth: int = 0, rt: Runtime = Runtime()
+    ) -> tuple[jax.Array, PagedCache]:
+        """MTP module ``depth`` over a packed ragged batch, its attention reading and writing cache
+        layer ``num_layers + depth``: position i takes the hidden state h_i [T, D] (the model's
+        final-normed state, or the module's own previous output) and the token after it, next_i [T].
+        Returns (the module's output [T, D] before its final norm: ``mtp_logits`` scores the token
+        after next from it, the cache)."""
+        module = self.mtp[depth]
+        real_bt = cache.real_tokens[None].astype(jnp.int32)
+        cos, sin = Rotary(self.cfg.rope, self.cfg.attention.rope_dim).tables(positions_t[None])
+        e_btd = self.embed(next_t[None], rt=rt)
+        g_btd, _, cache = module(
+            h_td[None], e_btd, cos, sin, real_bt, rt=rt, cache=cache, layer=self.cfg.num_layers + depth
+        )
+        return g_btd[0], cache
+
+    def mtp_logits(self, g_td, depth: int = 0):
+        """Float32 logits [..., N] of MTP module ``depth``'s output states (its final norm, the shared head)."""
+        return self.logits(self.mtp[depth].final_norm(g_td))
 
     def _layers(self, tokens_bt, positions_bt, segment_ids_bt, rt: Runtime, cache: PagedCache | None):
         """Embedding and every block: (x [B, T, D] before the final norm, aux, cache)."""
