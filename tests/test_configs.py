@@ -12,7 +12,7 @@ from moela.configs import Config, ConfigError, RuntimeConfig, apply_overrides, l
 from moela.configs.loader import from_dict, to_dict
 from moela.configs.migrate import MOVED
 
-PRESETS = ["tiny", "small", "bench", "deepseek_v3", "deepseek_v2_lite"]
+PRESETS = ["tiny", "tiny_mtp", "small", "bench", "deepseek_v3", "deepseek_v2_lite"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

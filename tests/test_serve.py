@@ -216,3 +216,25 @@ def test_unusable_paths_stop_before_the_model_loads_and_leave_nothing(checkpoint
     run(ckpt, empty, tmp_path / "o.jsonl")
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["requests"] == 0 and summary["errors"] == 0
+
+
+def test_serve_speculates_with_the_mtp_module_and_reports_acceptance(tmp_path, capsys):
+    """A checkpoint with an MTP module serves with serve.speculative_tokens: the greedy tokens are
+    the plain loop's and the summary reports each draft position's acceptance rate; without a
+    module the key is refused before the model loads."""
+    cfg = load("tiny", ["model.mtp_depth=1"])
+    model = init_model(cfg.model, seed=3)
+    save_params(tmp_path / "mtp", cfg, nnx.state(model))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "f", "tokens": [9, 10], "max_tokens": 6}\n{"id": "g", "tokens": [3], "max_tokens": 5}\n')
+    run(tmp_path / "mtp", prompts, tmp_path / "o.jsonl", "--set", "serve.speculative_tokens=2")
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    spec = summary["speculation"]
+    assert spec["speculative_tokens"] == 2 and len(spec["acceptance_rate"]) == 2 and spec["verify_steps"] > 0
+    assert 1.0 <= spec["tokens_per_verify_step"] <= 3.0
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())}
+    assert records["f"]["tokens"] == greedy_reference(model, [9, 10], 6)
+    save_params(tmp_path / "plain", load("tiny"), nnx.state(init_model(load("tiny").model)))
+    argv = ["--prompts", str(prompts), "--out", str(tmp_path / "x.jsonl"), "--set", "serve.speculative_tokens=2"]
+    assert serve.main(["--checkpoint", str(tmp_path / "plain"), *argv]) == 2
+    assert "needs an MTP module" in capsys.readouterr().err and not (tmp_path / "x.jsonl").exists()

@@ -169,6 +169,7 @@ def serve(args) -> dict:
         bar.close()
         writer.close()
     wall = time.perf_counter() - start
+    speculation = engine.speculation_summary()
     return {
         "requests": len(requests),
         "errors": errors,
@@ -185,6 +186,7 @@ def serve(args) -> dict:
         "num_pages": engine.allocator.num_pages,
         "preemptions": engine.scheduler.preemptions,
         "compiled_shapes": len(engine.compiled_shapes),
+        **({"speculation": speculation} if speculation else {}),
         "out": str(out),
     }
 

@@ -252,6 +252,20 @@ class Engine:
             seq.drafts = [int(t) for t in proposed[i][: max(0, min(self.k, seq.limit - b - 2))]]
         return out
 
+    def speculation_summary(self) -> dict | None:
+        """Speculative decoding so far: drafts per step, the acceptance rate of each draft position
+        (accepted / proposed), and tokens emitted per verification step (1 + accepted drafts);
+        None when speculation is off."""
+        if not self.k:
+            return None
+        s = self.speculation
+        return {
+            "speculative_tokens": self.k,
+            "verify_steps": s["verify_steps"],
+            "acceptance_rate": [round(a / p, 4) if p else None for a, p in zip(s["accepted"], s["proposed"])],
+            "tokens_per_verify_step": round(s["emitted"] / s["verify_steps"], 4) if s["verify_steps"] else None,
+        }
+
     # -- requests -------------------------------------------------------------------------
     def check(self, req: Request) -> str | None:
         """Why ``req`` cannot run here, or None."""
