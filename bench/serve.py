@@ -3,6 +3,10 @@ memory-bandwidth roofline, transformers' DeepseekV3 ``generate`` and a no-cache 
 
     python bench/serve.py [--batches 1,8,32,64] [--prompt-len 128] [--decode-steps 16]
                           [--rounds 3] [--no-torch] [--no-nocache] [--nocache-tokens 256]
+    python bench/serve.py --speculative runs/small_mtp --batches 1,8 [--drafts 0,1,2,3]
+
+With ``--speculative CHECKPOINT`` (a run trained with ``model.mtp_depth``) it compares greedy
+decode tokens/s with and without speculative decoding instead (``bench/speculative.py``).
 
 Prints one JSON line per measurement:
 
@@ -26,6 +30,7 @@ import dataclasses
 import json
 import statistics
 import time
+from pathlib import Path
 
 from moela.parallel.host import active_allocator, fast_allocator
 
@@ -41,6 +46,8 @@ from moela.model.cache import bytes_per_token
 from moela.inference.engine import Engine, greedy_reference
 from moela.inference.scheduler import Request
 from moela.model.transformer import init_model
+
+import speculative
 
 
 def emit(kind: str, **fields) -> dict:
@@ -169,7 +176,21 @@ def main() -> None:
     parser.add_argument("--nocache-tokens", type=int, default=256)
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-nocache", action="store_true")
+    parser.add_argument("--speculative", type=Path, help="a checkpoint with MTP: compare decoding with drafts")
+    parser.add_argument("--drafts", default="0,1,2,3", help="draft counts for --speculative")
     args = parser.parse_args()
+    if args.speculative is not None:
+        speculative.compare(
+            argparse.Namespace(
+                checkpoint=args.speculative,
+                batches=args.batches,
+                drafts=args.drafts,
+                new_tokens=64,
+                prompt_len=32,
+                rounds=args.rounds,
+            )
+        )
+        return
     cfg = load("bench")
     model = init_model(cfg.model, seed=0)
     bandwidth = measure_bandwidth()

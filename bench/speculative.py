@@ -63,16 +63,25 @@ def run(model, cfg, prompts, new_tokens: int, drafts: int, step=None):
     return sum(len(r.tokens) - 1 for r in results) / (last - first), results, engine
 
 
-def main() -> None:
-    fast_allocator()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, type=Path)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--drafts", default="0,1,2,3")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+
+
+def main() -> None:
+    fast_allocator()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    add_arguments(parser)
+    compare(parser.parse_args())
+
+
+def compare(args) -> None:
+    """The comparison the module docstring describes, from parsed arguments (``bench/serve.py
+    --speculative CHECKPOINT`` calls it too)."""
     cfg, model = load_model(args.checkpoint)
     settings = [int(d) for d in args.drafts.split(",")]
     if 0 not in settings:

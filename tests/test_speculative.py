@@ -157,3 +157,27 @@ def test_speculation_needs_an_mtp_module():
     cfg = load("tiny", ["model.mtp_depth=1", "serve.speculative_tokens=2"])
     with pytest.raises(ValueError, match="this model has none"):
         Engine(init_model(load("tiny").model), cfg)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_speculation_equals_one_device(stride_model, tmp_path):
+    """The draft module runs under the serving layout's shardings too (tensor parallel over 2)."""
+    from moela.configs.schema import MeshConfig
+    from moela.model.checkpoint import load_model, save_params
+    from moela.parallel.layout import Layout
+    from moela.parallel.mesh import build_mesh
+
+    cfg, model = stride_model
+    cfg = serve(cfg, speculative_tokens=2, page_size=8, num_pages=32, max_batch=4)
+    save_params(tmp_path, cfg, nnx.state(model))
+    layout = Layout.of(build_mesh(MeshConfig(data=1, tensor=2, sequence=1), jax.devices()[:2]), "tp")
+    _, sharded = load_model(tmp_path, partitioner=layout)
+    rng = np.random.default_rng(2)
+    reqs = [
+        Request(str(i), [int(t) for t in stride_batch(rng, 1, n)["inputs"][0]], max_tokens=10, index=i)
+        for i, n in enumerate((3, 11, 6))
+    ]
+    want = Engine(model, cfg).generate(reqs)
+    engine = Engine(sharded, cfg, partitioner=layout)
+    assert [r.tokens for r in engine.generate(reqs)] == [r.tokens for r in want]
+    assert engine.speculation["accepted"][0] > 0
