@@ -18,6 +18,17 @@ from moela.training.optim import optimizer
 from moela.training.step import make_train_step
 
 
+def timed(fn, *args, repeats: int = 5) -> float:
+    """Median seconds of ``fn(*args)`` over ``repeats`` calls after one untimed (compiling) call."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+
 def synthetic_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Uniform random tokens, one document per row: the batch every training-step benchmark times."""
     tokens = np.random.default_rng(seed).integers(0, vocab_size, (batch, seq + 1)).astype(np.int32)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 from moela.parallel.host import fast_allocator
 
@@ -26,15 +25,7 @@ from moela.model.moe import MoE
 from moela.model.runtime import Runtime
 from moela.training.metrics import measure_matmul_flops
 
-
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+from harness import timed
 
 
 def calibrate() -> float:

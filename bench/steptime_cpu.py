@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from harness import synthetic_batch
+from harness import synthetic_batch, timed
 from moela.configs import load
 from moela.configs.schema import MeshConfig
 from moela.parallel import sharded
@@ -40,16 +40,6 @@ from moela.training.optim import optimizer
 from moela.training.step import make_train_step
 
 CONFIGS = {"1 device dp": ((1, 1, 1), "dp"), "8 devices dp": ((8, 1, 1), "dp"), "8 devices ep_tp": ((4, 2, 1), "ep_tp")}
-
-
-def timed(fn, *args, reps: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def measure_chip(n: int) -> Chip:
