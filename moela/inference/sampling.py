@@ -39,8 +39,9 @@ class SamplingArrays:
         )
 
 
-def _filtered_draw(logits_v, temperature, top_k, top_p, seed, index):
-    """One row: a token drawn from softmax(logits / temperature) over the top-k ∩ top-p set."""
+def _kept(logits_v, temperature, top_k, top_p):
+    """(scaled logits sorted descending [V], their vocabulary ids [V], which of them the top-k ∩
+    top-p filter keeps [V]): the one filter every draw and distribution here uses."""
     v = logits_v.shape[0]
     scaled_v = logits_v / jnp.maximum(temperature, 1e-6)
     sorted_v, order_v = jax.lax.top_k(scaled_v, v)  # descending
@@ -48,7 +49,13 @@ def _filtered_draw(logits_v, temperature, top_k, top_p, seed, index):
     keep_v = rank_v < jnp.where(top_k > 0, top_k, v)
     probs_v = jax.nn.softmax(jnp.where(keep_v, sorted_v, -jnp.inf))
     before_v = jnp.cumsum(probs_v) - probs_v  # mass of the strictly better tokens
-    keep_v = keep_v & ((before_v < top_p) | (rank_v == 0))
+    return sorted_v, order_v, keep_v & ((before_v < top_p) | (rank_v == 0))
+
+
+def _filtered_draw(logits_v, temperature, top_k, top_p, seed, index):
+    """One row: a token drawn from softmax(logits / temperature) over the top-k ∩ top-p set."""
+    v = logits_v.shape[0]
+    sorted_v, order_v, keep_v = _kept(logits_v, temperature, top_k, top_p)
     key = jax.random.fold_in(jax.random.key(seed), index)
     gumbel_v = jax.random.gumbel(key, (v,), jnp.float32)
     choice = jnp.argmax(jnp.where(keep_v, sorted_v + gumbel_v, -jnp.inf))
@@ -73,16 +80,9 @@ def filtered_probs(logits_v, temperature, top_k, top_p):
     """[V] the distribution ``_filtered_draw`` draws from, in vocabulary order: softmax(logits /
     temperature) over the top-k ∩ top-p set, zero elsewhere (speculative decoding compares the
     target's and the draft's)."""
-    v = logits_v.shape[0]
-    scaled_v = logits_v / jnp.maximum(temperature, 1e-6)
-    sorted_v, order_v = jax.lax.top_k(scaled_v, v)
-    rank_v = jnp.arange(v)
-    keep_v = rank_v < jnp.where(top_k > 0, top_k, v)
-    probs_v = jax.nn.softmax(jnp.where(keep_v, sorted_v, -jnp.inf))
-    before_v = jnp.cumsum(probs_v) - probs_v
-    keep_v = keep_v & ((before_v < top_p) | (rank_v == 0))
-    kept_v = jnp.where(keep_v, probs_v, 0.0)
-    return jnp.zeros(v, jnp.float32).at[order_v].set(kept_v / jnp.sum(kept_v))
+    sorted_v, order_v, keep_v = _kept(logits_v, temperature, top_k, top_p)
+    kept_v = jax.nn.softmax(jnp.where(keep_v, sorted_v, -jnp.inf))
+    return jnp.zeros(logits_v.shape[0], jnp.float32).at[order_v].set(kept_v)
 
 
 def row_key(seed, index, stream: int):
